@@ -1,0 +1,46 @@
+"""The ``vlmflow`` command line: a thin shell over the library.
+
+Each subcommand lives in its own module under :mod:`vlmflow.cli` and registers itself on the Typer
+app; heavy imports (torch, transformers) happen inside the commands, so ``vlmflow --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import typer
+
+app = typer.Typer(
+    name="vlmflow",
+    help="Cross-modal information flow in multimodal LLMs: attention knockout and logit lens.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# One module per command group; each defines ``register(app)``.
+_COMMAND_MODULES = ("flows", "tiny", "gqa", "organism")
+
+
+def _register_all() -> None:
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"vlmflow.cli.{name}").register(app)
+
+
+_register_all()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (defaults to ``sys.argv[1:]``) and return the exit code.
+
+    >>> main(["--help"])  # doctest: +SKIP
+    0
+    """
+    try:
+        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except SystemExit as exc:  # typer/click exit with a code
+        return int(exc.code or 0)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    return 0

@@ -1,0 +1,45 @@
+"""Exception types raised by vlmflow.
+
+Two kinds of problem are kept apart on purpose:
+
+* :class:`ConfigError` — the run as asked for cannot be done (unknown model family, an attention
+  backend that would ignore the knockout mask, a bad flow name). Raised before any work starts.
+* :class:`SampleError` — one sample cannot be processed (image missing, question not found in the
+  prompt, empty related-patch set). A long run records it as an error row and goes on.
+
+Every message names the bad value and, where there is a finite set, what would be valid.
+"""
+
+from __future__ import annotations
+
+
+class VlmflowError(Exception):
+    """Base class of every error vlmflow raises on purpose."""
+
+
+class ConfigError(VlmflowError, ValueError):
+    """The requested run is invalid as a whole; nothing should be computed.
+
+    >>> raise ConfigError("unknown flow group 'pixels'; valid: image, question, last")
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.ConfigError: unknown flow group 'pixels'; valid: image, question, last
+    """
+
+
+class UnsupportedModelError(ConfigError):
+    """No adapter supports this model, or the adapter refuses it (and says why)."""
+
+
+class SampleError(VlmflowError, ValueError):
+    """One sample cannot be processed; ``stage`` says where it failed.
+
+    >>> err = SampleError("image file not found: 'x.jpg'", stage="image")
+    >>> err.stage
+    'image'
+    """
+
+    def __init__(self, reason: str, *, stage: str = "prepare") -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason

@@ -1,0 +1,142 @@
+"""Position groups and flows: the vocabulary of every knockout.
+
+A :class:`Group` names a set of positions in one sample's language-model sequence (all image
+tokens, the question tokens, the last position, ...). A :class:`Flow` ``source->target`` is the
+information moving from ``source`` positions to ``target`` positions; *knocking it out* means the
+target positions (attention query rows) may not attend to the source positions (key columns).
+:class:`PositionGroups` holds where each group sits for one sample.
+
+Strings from users become :class:`Flow` objects once, at the edge (CLI, config) with
+:meth:`Flow.parse`; past that point nothing is parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from vlmflow.errors import ConfigError, SampleError
+
+
+class Group(StrEnum):
+    """Named position groups. Values are what users type in a flow (``"image->last"``)."""
+
+    IMAGE = "image"  # every image token in the LM sequence (for LLaVA-NeXT: base, grid and newlines)
+    QUESTION = "question"  # tokens of the question text (not the system prompt, role tags or suffix)
+    LAST = "last"  # the final prompt position, which predicts the first answer token
+    RELATED = "related"  # image tokens whose patch overlaps a box of the question's objects
+    OTHER = "other"  # image tokens minus related minus newline tokens (the paper's "other patches")
+    PADDING = "padding"  # image tokens whose patch holds only padding (pad-to-square, anyres fill)
+    OTHER_CONTENT = "other_content"  # OTHER minus PADDING: non-related patches that show the image
+    IMAGE_BASE = "image_base"  # LLaVA-NeXT: tokens of the low-resolution base view
+    IMAGE_GRID = "image_grid"  # LLaVA-NeXT: tokens of the high-resolution grid (newlines excluded)
+    IMAGE_NEWLINE = "image_newline"  # LLaVA-NeXT: one learned newline token per grid row
+    TRUE_OPTION = "true_option"  # tokens of the true option word(s) inside the question
+    FALSE_OPTION = "false_option"  # tokens of the false option word(s) inside the question
+    OBJECT_WORD = "object_word"  # tokens of the central object's name inside the question
+    SYSTEM = "system"  # everything before the image (system prompt, role tag)
+    SUFFIX = "suffix"  # text tokens after the question and before the last position
+    RANDOM = "random"  # size-matched random control: as many non-related patches as RELATED
+
+    @classmethod
+    def parse(cls, text: str) -> Group:
+        """Parse a group name (case-insensitive; ``-`` and spaces read as ``_``).
+
+        >>> Group.parse("Other Content")
+        <Group.OTHER_CONTENT: 'other_content'>
+        """
+        key = text.strip().lower().replace("-", "_").replace(" ", "_")
+        try:
+            return cls(key)
+        except ValueError:
+            valid = ", ".join(g.value for g in cls)
+            raise ConfigError(f"unknown position group {text!r}; valid: {valid}") from None
+
+
+@dataclass(frozen=True, order=True)
+class Flow:
+    """Information moving from ``source`` to ``target``; knocked out as "target may not attend to source".
+
+    >>> f = Flow.parse("image->question")
+    >>> f.source, f.target
+    (<Group.IMAGE: 'image'>, <Group.QUESTION: 'question'>)
+    >>> str(f), f.label
+    ('image->question', 'image ↛ question')
+    """
+
+    source: Group
+    target: Group
+
+    def __str__(self) -> str:
+        return f"{self.source.value}->{self.target.value}"
+
+    @property
+    def label(self) -> str:
+        """Human-readable label with the paper's "does not flow to" arrow."""
+        return f"{self.source.value} ↛ {self.target.value}"
+
+    @classmethod
+    def parse(cls, text: str) -> Flow:
+        """Parse ``"source->target"``. Used at the CLI/config edge only."""
+        source, sep, target = text.partition("->")
+        if not sep or not source.strip() or not target.strip():
+            raise ConfigError(f"expected a flow written 'source->target' (e.g. 'image->last'), got {text!r}")
+        return cls(Group.parse(source), Group.parse(target))
+
+
+#: The six flows of the paper, in the order of its figures.
+PAPER_FLOWS: tuple[Flow, ...] = (
+    Flow(Group.QUESTION, Group.LAST),
+    Flow(Group.IMAGE, Group.LAST),
+    Flow(Group.LAST, Group.LAST),
+    Flow(Group.IMAGE, Group.QUESTION),
+    Flow(Group.RELATED, Group.QUESTION),
+    Flow(Group.OTHER, Group.QUESTION),
+)
+
+
+@dataclass(frozen=True)
+class PositionGroups:
+    """Where each :class:`Group` sits in one sample's language-model sequence.
+
+    ``positions`` maps a group to sorted, unique 0-based sequence positions. ``missing`` maps a
+    group that could not be resolved for this sample to the reason (e.g. no option words in a
+    QueryAttr question); asking for it raises :class:`SampleError` with that reason.
+
+    >>> g = PositionGroups(5, {Group.IMAGE: (1, 2), Group.LAST: (4,)})
+    >>> g[Group.IMAGE]
+    (1, 2)
+    >>> g[Group.QUESTION]
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.SampleError: position group 'question' is not available for this sample
+    """
+
+    seq_len: int
+    positions: Mapping[Group, tuple[int, ...]]
+    missing: Mapping[Group, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for group, pos in self.positions.items():
+            if any(p < 0 or p >= self.seq_len for p in pos):
+                raise SampleError(
+                    f"group {group.value!r} has positions outside the sequence of length {self.seq_len}",
+                    stage="groups",
+                )
+            if list(pos) != sorted(set(pos)):
+                raise SampleError(f"group {group.value!r} positions are not sorted and unique", stage="groups")
+
+    def __getitem__(self, group: Group) -> tuple[int, ...]:
+        if group in self.positions:
+            return self.positions[group]
+        reason = self.missing.get(group)
+        detail = f": {reason}" if reason else ""
+        raise SampleError(f"position group {group.value!r} is not available for this sample{detail}", stage="groups")
+
+    def __contains__(self, group: object) -> bool:
+        return group in self.positions
+
+    def sizes(self) -> dict[str, int]:
+        """Number of positions per available group, keyed by group name."""
+        return {g.value: len(p) for g, p in self.positions.items()}

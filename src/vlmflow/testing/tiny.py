@@ -1,0 +1,129 @@
+"""Tiny random-weight LLaVA checkpoints, built offline, for tests, docs and benchmarks.
+
+:func:`build_tiny_llava` makes a real ``LlavaForConditionalGeneration`` (CLIP vision tower,
+projector, Llama decoder) with a processor laid out like ``llava-hf/llava-1.5-7b-hf`` (CLIP image
+processor with shortest-edge resize and centre crop, ``LlavaProcessor`` with ``patch_size`` and
+``num_additional_image_tokens=1``), and can save it with ``save_pretrained`` so it loads back
+through exactly the path a user's checkpoint takes (:func:`vlmflow.load_model`).
+
+The CLI exposes it as ``vlmflow tiny-model PATH``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from vlmflow.testing.tokenizers import TokenizerKind, build_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyLlavaConfig:
+    """Shape of a tiny LLaVA. Defaults give ~16 image tokens and a ~60-token prompt.
+
+    Attributes:
+        tokenizer: tokenizer style, see :mod:`vlmflow.testing.tokenizers`.
+        layers / hidden / heads / kv_heads / intermediate: the Llama decoder.
+        image_size / patch_size: the CLIP view (``(image_size // patch_size) ** 2`` image tokens).
+        vision_layers / vision_hidden: the CLIP tower.
+        attn_implementation: ``"sdpa"`` or ``"eager"``.
+        seed: weight initialisation seed.
+    """
+
+    tokenizer: TokenizerKind = "sentencepiece"
+    layers: int = 4
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    image_size: int = 32
+    patch_size: int = 8
+    vision_layers: int = 2
+    vision_hidden: int = 32
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+
+def build_tiny_llava(
+    config: TinyLlavaConfig = TinyLlavaConfig(), path: str | Path | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build a tiny random LLaVA and its processor; save both to ``path`` when given.
+
+    >>> model, processor = build_tiny_llava(TinyLlavaConfig(layers=2))
+    >>> model.config.text_config.num_hidden_layers
+    2
+    """
+    tokenizer = build_tokenizer(config.tokenizer)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    llava_config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=config.vision_hidden,
+            intermediate_size=config.vision_hidden * 2,
+            num_hidden_layers=config.vision_layers,
+            num_attention_heads=4,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden,
+            intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=(config.image_size // config.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = LlavaForConditionalGeneration(llava_config)
+    _widen_init(model)
+    model.eval()
+    model.config._attn_implementation = config.attn_implementation  # noqa: SLF001
+    if path is not None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    return model, processor
+
+
+def _widen_init(model: torch.nn.Module) -> None:
+    """Scale up initial weights so a random tiny model has peaked, input-dependent outputs.
+
+    HF initialises with std 0.02, which makes tiny models nearly input-independent; knockout
+    effects would then be ~1e-7 and an equivalence test could not tell a real knockout from none.
+    """
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "embed_positions" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * (1.0 / param.shape[1] ** 0.5))
