@@ -1,0 +1,100 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, 2-layer projector, Llama decoder.
+
+Real targets: ``llava-hf/llava-1.5-7b-hf`` and ``llava-hf/llava-1.5-13b-hf``; the shipped organism
+and the tiny test models use the same class.
+
+Image preprocessing follows the original LLaVA-1.5 (``image_aspect_ratio="pad"``): the image is
+padded to a square with the processor's mean colour (``expand2square``) and then resized; the HF
+checkpoints' processors would otherwise resize the short side and centre-crop, cutting off a
+quarter of a 4:3 GQA image. ``image_mode`` may be set to ``"resize"`` (squash) or ``"crop"`` (the HF
+processor's own behaviour) to study the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.registry import register_adapter
+from vlmflow.errors import ConfigError
+
+IMAGE_MODES = ("pad", "resize", "crop")
+
+
+def expand_to_square(image: Image.Image, color: tuple[int, int, int]) -> Image.Image:
+    """Pad ``image`` to a square, centred, with ``color`` (LLaVA's ``expand2square``).
+
+    >>> expand_to_square(Image.new("RGB", (4, 2)), (1, 2, 3)).size
+    (4, 4)
+    """
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), color)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def processor_view(processor: Any) -> tuple[int, int]:
+    """``(view_size, patch_size)`` of a LLaVA processor: the square side the tower sees, the patch."""
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None)
+    if getattr(ip, "do_center_crop", False) and crop:
+        side = int(crop["height"] if isinstance(crop, Mapping) else crop.height)
+    else:
+        size = ip.size
+        side = int(size["shortest_edge"] if "shortest_edge" in size else size["height"])
+    return side, int(processor.patch_size)
+
+
+@register_adapter
+class LlavaAdapter(VLMAdapter):
+    """LLaVA-1.5 family (``LlavaForConditionalGeneration``), vicuna_v1 prompt, pad-to-square images."""
+
+    family = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+    default_template = "vicuna_v1"
+    description = "LLaVA-1.5 (CLIP + Llama); pad-to-square + resize, 576 image tokens at 336/14"
+
+    def model_class(self) -> type[nn.Module]:
+        return LlavaForConditionalGeneration
+
+    def image_token(self, processor: Any) -> str:
+        return str(processor.image_token)
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def _mode(self, options: Mapping[str, Any]) -> str:
+        mode = str(options.get("image_mode", "pad"))
+        if mode not in IMAGE_MODES:
+            raise ConfigError(f"unknown image_mode {mode!r} for LLaVA; valid: {', '.join(IMAGE_MODES)}")
+        return mode
+
+    def preprocess_image(self, image: Image.Image, processor: Any, options: Mapping[str, Any]) -> Image.Image:
+        image = image.convert("RGB")
+        mode = self._mode(options)
+        if mode == "pad":
+            mean = processor.image_processor.image_mean
+            return expand_to_square(image, tuple(int(255 * m) for m in mean))
+        if mode == "resize":
+            side, _ = processor_view(processor)
+            resample = processor.image_processor.resample
+            return image.resize((side, side), resample=Image.Resampling(int(resample)))
+        return image
+
+    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
+        from vlmflow.positions.patches import llava_geometry
+
+        side, patch = processor_view(processor)
+        geometry = llava_geometry(encoded.image_size, mode=self._mode(options), view_size=side, patch_size=patch)
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)

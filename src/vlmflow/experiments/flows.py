@@ -1,0 +1,198 @@
+"""The paper's information-flow experiment for one prepared sample.
+
+Per sample: one clean forward with greedy decoding gives the baseline answer token ``a`` and its
+probability ``p_base`` (softmax over the full vocabulary at the last position); the sample is kept
+when the decoded answer, stripped and lower-cased, equals the gold answer (or always, with
+``keep_all``). Then, for every flow and every window centre, the knockout's probability of the same
+token gives ``rel_change = 100 * (p_blocked - p_base) / p_base``, the log-probability difference and
+whether the greedy token changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from vlmflow.errors import ConfigError, SampleError
+from vlmflow.experiments.prepare import PreparedSample
+from vlmflow.experiments.windows import default_window, sweep
+from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, clean_run, fast_logits
+from vlmflow.knockout.reference import reference_logits
+from vlmflow.knockout.spec import Knockout
+from vlmflow.loading import LoadedModel
+from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group, PositionGroups
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["fast", "reference"]
+ENGINES = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """How to run the flow experiment.
+
+    Attributes:
+        flows: the flows to knock out (default: the paper's six).
+        window: layers per window (``None``: the paper's rule for the model depth, 7 for 32 layers).
+        keep_all: keep samples the model answers wrongly (the paper keeps only correct ones).
+        engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
+        max_new_tokens: greedy tokens generated for the baseline answer.
+        max_fold_queries: bound on query rows per folded layer call (memory/speed trade-off).
+
+    >>> FlowSettings(window=9).flows[0]
+    Flow(source=<Group.QUESTION: 'question'>, target=<Group.LAST: 'last'>)
+    """
+
+    flows: tuple[Flow, ...] = PAPER_FLOWS
+    window: int | None = None
+    keep_all: bool = False
+    engine: Engine = "fast"
+    max_new_tokens: int = 12
+    max_fold_queries: int = DEFAULT_FOLD_QUERIES
+
+    def __post_init__(self) -> None:
+        if not self.flows:
+            raise ConfigError("no flows given; pass at least one flow such as 'image->last'")
+        if len(set(self.flows)) != len(self.flows):
+            raise ConfigError(f"duplicate flows in {[str(f) for f in self.flows]}")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"window must be a positive number of layers, got {self.window}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def window_for(self, n_layers: int) -> int:
+        return self.window if self.window is not None else default_window(n_layers)
+
+
+@dataclass
+class SampleResult:
+    """Rows produced for one sample: its ``samples`` row and its ``flows`` rows."""
+
+    sample: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    clean: CleanRun | None = None
+
+
+def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None:
+    """Raise :class:`SampleError` (stage ``groups``) if a flow's group is missing for this sample."""
+    for flow in flows:
+        for group in (flow.source, flow.target):
+            groups[group]  # raises with the reason
+
+
+def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, dict[str, Any]]:
+    """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
+    tokenizer = loaded.tokenizer
+    clean = clean_run(
+        loaded.model,
+        loaded.adapter,
+        prepared.encoded,
+        capture_from=capture_from,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if not bool(torch.isfinite(clean.logits).all()):
+        raise SampleError("the clean forward produced non-finite logits", stage="forward")
+    log_probs = torch.log_softmax(clean.logits, dim=-1)
+    answer_id = int(torch.argmax(clean.logits))
+    generated = clean.generated if clean.generated is not None else torch.tensor([answer_id])
+    prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    sample = prepared.sample
+    correct = prediction.lower() == sample.answer.strip().lower()
+    row = {
+        "sample_id": sample.sample_id,
+        "task": sample.task.value if sample.task else "",
+        "image_id": sample.image_id,
+        "question": sample.question,
+        "answer": sample.answer,
+        "prediction": prediction,
+        "correct": correct,
+        "kept": bool(correct or settings.keep_all),
+        "answer_token_id": answer_id,
+        "answer_token": str(tokenizer.convert_ids_to_tokens(answer_id)),
+        "p_base": float(log_probs[answer_id].exp()),
+        "seq_len": prepared.encoded.seq_len,
+        "n_image_tokens": len(prepared.groups[Group.IMAGE]),
+        "group_sizes": json.dumps(prepared.groups.sizes(), sort_keys=True),
+    }
+    return clean, row
+
+
+def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> SampleResult:
+    """Run the flow experiment on one prepared sample (baseline, then every flow x window)."""
+    groups = prepared.groups
+    check_flows_available(groups, settings.flows)
+    n_layers = loaded.n_layers
+    k = settings.window_for(n_layers)
+    windows = sweep(k, n_layers)
+    plan: list[tuple[Flow, int, Knockout]] = []
+    for flow in settings.flows:
+        for center, layers in windows:
+            plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
+        _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
+    capture_from = min(knockout.first_target for _, _, knockout in plan)
+    clean, sample_row = baseline(loaded, prepared, settings, capture_from)
+    result = SampleResult(sample=sample_row, clean=clean)
+    if not sample_row["kept"]:
+        return result
+    knockouts = [knockout for _, _, knockout in plan]
+    if settings.engine == "fast":
+        logits = fast_logits(
+            loaded.model, loaded.adapter, prepared.encoded, clean, knockouts, max_fold_queries=settings.max_fold_queries
+        )
+    else:
+        logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+    if not bool(torch.isfinite(logits).all()):
+        raise SampleError("a knockout forward produced non-finite logits", stage="knockout")
+    answer_id = sample_row["answer_token_id"]
+    logp_base = torch.log_softmax(clean.logits.cpu(), dim=-1)[answer_id]
+    logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
+    top = torch.argmax(logits, dim=-1)
+    p_base = float(logp_base.exp())
+    for i, (flow, center, knockout) in enumerate(plan):
+        p_blocked = float(logp[i].exp())
+        target, source = knockout.edges[0]
+        result.rows.append(
+            {
+                "sample_id": prepared.sample.sample_id,
+                "task": sample_row["task"],
+                "flow": str(flow),
+                "layer": center,
+                "layers_blocked": list(knockout.layers),
+                "window": k,
+                "p_base": p_base,
+                "p_blocked": p_blocked,
+                "rel_change": 100.0 * (p_blocked - p_base) / p_base,
+                "logprob_diff": float(logp[i] - logp_base),
+                "answer_changed": int(top[i]) != answer_id,
+                "answer_token_id": answer_id,
+                "blocked_token_id": int(top[i]),
+                "n_source": len(source),
+                "n_target": len(target),
+                "engine": settings.engine,
+            }
+        )
+    return result
+
+
+def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, flow: Flow, knockout: Knockout) -> None:
+    """A flow whose edges do not exist in the clean model (sources after targets) would be a no-op."""
+    encoded = prepared.encoded
+    targets = torch.as_tensor(knockout.edges[0][0])
+    allowed = loaded.adapter.base_allowed(knockout.first_layer, targets.to(loaded.device), encoded.seq_len, encoded)
+    blocked = knockout.blocked_rows(targets.to(loaded.device), encoded.seq_len)
+    if not bool((allowed & blocked).any()):
+        raise SampleError(
+            f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "
+            f"{flow.source.value} positions), so its knockout would change nothing",
+            stage="knockout",
+        )

@@ -1,0 +1,267 @@
+"""The fast, exact knockout engine.
+
+Why it is exact: with causal attention, a knockout whose first target position is ``t0`` cannot
+change anything at positions ``< t0`` (they never attend to later positions), and it cannot change
+anything in layers below its first blocked layer ``a``. So the result of a knockout is determined by
+
+* the clean keys/values of positions ``< t0`` in every layer (unchanged), and
+* the clean hidden states of positions ``>= t0`` entering layer ``a`` (unchanged),
+
+and only the suffix ``t0..n-1`` has to be recomputed, from layer ``a`` up. One clean forward
+(vision tower once, baseline logits, greedy answer) provides both.
+
+Many knockouts (all windows of all flows with the same ``t0``) run together "folded" into the query
+axis of a single batch row: variant ``v``'s suffix occupies query rows ``[v*S, (v+1)*S)``; every
+variant attends to the shared clean prefix keys/values (one copy per layer call, never one per
+variant) and, through a block-diagonal mask, only to its own suffix keys. Variants start at their
+own first layer: at layer ``l`` only the variants whose window has started are computed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmflow.adapters.base import Encoded, VLMAdapter
+from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
+from vlmflow.knockout.spec import Knockout, check_layers
+
+#: Default bound on query rows per folded layer call (keeps [query, key] score matrices small).
+DEFAULT_FOLD_QUERIES = 1024
+
+
+@dataclass
+class CleanRun:
+    """What one clean forward leaves for the fast engine and the metrics.
+
+    Attributes:
+        logits: ``[vocab]`` float32 last-position logits of the clean model.
+        start: first position whose per-layer hidden states were kept.
+        hidden: per layer ``l``, the hidden states entering layer ``l`` at positions ``start..n-1``:
+            ``[n - start, d_model]``.
+        keys / values: per layer, the clean post-RoPE keys/values of positions ``0..n-1``:
+            ``[1, kv_heads, n, head_dim]``.
+        generated: greedy answer token ids (``[new_tokens]``), when generation was asked for.
+    """
+
+    logits: torch.Tensor
+    start: int
+    hidden: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    generated: torch.Tensor | None = None
+
+
+class _PrefixKV:
+    """A read-only stand-in for a KV cache: returns ``[prefix ; new]`` keys/values for one layer.
+
+    The attention module calls ``update(k, v, layer_idx)`` after RoPE; the shared prefix tensors
+    ``[1, kv_heads, t0, head_dim]`` are concatenated with the new ones (one copy per call).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys.shape[-2])
+
+
+@torch.no_grad()
+def clean_run(
+    model: nn.Module,
+    adapter: VLMAdapter,
+    encoded: Encoded,
+    *,
+    capture_from: int,
+    max_new_tokens: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> CleanRun:
+    """One clean prefill (plus greedy decoding when ``max_new_tokens > 0``) that keeps, per layer,
+    the hidden states at positions ``>= capture_from`` and the keys/values of all positions.
+
+    Forward pre-hooks on the decoder layers read the layer inputs during the prefill only; they are
+    removed in ``finally``.
+    """
+    from transformers import DynamicCache
+
+    layers = adapter.decoder_layers(model)
+    n = encoded.seq_len
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index not in captured and hidden.shape[-2] == n:
+                captured[index] = hidden[0, capture_from:].detach().clone()  # [n - start, d_model]
+
+        return hook
+
+    cache = DynamicCache(config=adapter.language_model(model).config)
+    try:
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        if max_new_tokens > 0:
+            out = model.generate(
+                **encoded.inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+                past_key_values=cache,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            logits = out.logits[0][0].float()
+            generated = out.sequences[0, n:].cpu()
+        else:
+            out = model(**encoded.inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1].float()
+            generated = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(captured) != len(layers):
+        raise RuntimeError(f"captured hidden states of {len(captured)} of {len(layers)} layers during the prefill")
+    keys = [cache.layers[i].keys[..., :n, :] for i in range(len(layers))]
+    values = [cache.layers[i].values[..., :n, :] for i in range(len(layers))]
+    return CleanRun(
+        logits=logits,
+        start=capture_from,
+        hidden=[captured[i] for i in range(len(layers))],
+        keys=keys,
+        values=values,
+        generated=generated,
+    )
+
+
+@torch.no_grad()
+def fast_logits(
+    model: nn.Module,
+    adapter: VLMAdapter,
+    encoded: Encoded,
+    clean: CleanRun,
+    knockouts: Sequence[Knockout],
+    *,
+    max_fold_queries: int = DEFAULT_FOLD_QUERIES,
+) -> torch.Tensor:
+    """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
+
+    Knockouts with the same first target run folded together; ``max_fold_queries`` bounds the
+    query rows of one layer call (more variants are split into chunks of similar start layer).
+    """
+    adapter.check_attention_backend(model)
+    n_layers = adapter.n_layers(model)
+    check_layers(knockouts, n_layers, adapter.n_heads(model))
+    vocab = clean.logits.shape[-1]
+    result = torch.empty(len(knockouts), vocab, dtype=torch.float32)
+    by_t0: dict[int, list[int]] = defaultdict(list)
+    for index, knockout in enumerate(knockouts):
+        if knockout.is_empty:
+            result[index] = clean.logits.cpu()
+        else:
+            by_t0[knockout.first_target].append(index)
+    for t0, indices in by_t0.items():
+        if t0 < clean.start:
+            raise ValueError(f"clean run kept hidden states from position {clean.start}, knockout needs {t0}")
+        suffix = encoded.seq_len - t0
+        per_call = max(1, max_fold_queries // suffix)
+        ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
+        for lo in range(0, len(ordered), per_call):
+            chunk = ordered[lo : lo + per_call]
+            logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0)
+            result[chunk] = logits.cpu()
+    return result
+
+
+def _run_folded(
+    model: nn.Module,
+    adapter: VLMAdapter,
+    encoded: Encoded,
+    clean: CleanRun,
+    variants: Sequence[Knockout],
+    t0: int,
+) -> torch.Tensor:
+    """Run ``variants`` (sorted by first layer, same ``t0``) folded into one batch row."""
+    n = encoded.seq_len
+    n_layers = adapter.n_layers(model)
+    impl = adapter.attention_implementation(model)
+    dtype = next(model.parameters()).dtype
+    device = clean.hidden[0].device
+    suffix = n - t0
+    n_var = len(variants)
+    rows = torch.arange(t0, n, device=device)  # [S] absolute query positions
+    blocked = torch.stack([v.blocked_rows(rows, n) for v in variants])  # [V, S, n]
+    starts = [v.first_layer for v in variants]
+    heads_sel = _head_selection(adapter, model, variants, device)  # [V, H] bool or None
+    full_positions = adapter.position_ids(model, encoded)
+    offset = t0 - clean.start
+    d_model = clean.hidden[0].shape[-1]
+    hidden = torch.empty(n_var, suffix, d_model, dtype=clean.hidden[0].dtype, device=device)
+    active = 0
+    for layer in range(starts[0], n_layers):
+        while active < n_var and starts[active] <= layer:
+            hidden[active] = clean.hidden[layer][offset:]  # the variant's window starts here
+            active += 1
+        k = active
+        base = adapter.base_allowed(layer, rows, n, encoded)  # [S, n]
+        in_window = torch.tensor([layer in v.layers for v in variants[:k]], device=device)  # [k]
+        blk = blocked[:k] & in_window[:, None, None]  # [k, S, n]
+        if heads_sel is None:
+            allowed = _fold_mask(base, blk, t0)[None, None]  # [1, 1, kS, t0 + kS]
+        else:
+            # Per head: the blocked edges apply only in the selected heads of each variant.
+            per_head = blk[:, None] & heads_sel[:k, :, None, None]  # [k, H, S, n]
+            allowed = torch.stack(
+                [_fold_mask(base, per_head[:, h], t0) for h in range(per_head.shape[1])]
+            )[None]  # [1, H, kS, t0 + kS]
+        check_no_empty_rows(allowed.reshape(-1, allowed.shape[-1]), rows.repeat(k * allowed.shape[1]))
+        mask = to_kernel_mask(allowed, impl, dtype)
+        index = rows.repeat(k)  # [kS] absolute positions of the folded queries
+        pos = adapter.select_positions(full_positions, index)
+        x = hidden[:k].reshape(1, k * suffix, d_model)
+        pe = adapter.rotary(model, x, pos)
+        cache = _PrefixKV(clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])
+        x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
+        hidden[:k] = x.reshape(k, suffix, d_model)
+    last = hidden[:, -1]  # [V, d_model]: the final prompt position of each variant
+    logits = adapter.unembed(model)(adapter.final_norm(model)(last))
+    return logits.float()
+
+
+def _fold_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tensor:
+    """Folded allowed mask ``[k*S, t0 + k*S]`` for ``k`` variants.
+
+    ``base`` ``[S, n]``: clean allowed edges of the suffix rows; ``blocked`` ``[k, S, n]``.
+    Columns ``< t0`` are the shared prefix; then each variant's own ``S`` suffix keys, visible only
+    to that variant's queries (block diagonal).
+    """
+    k, suffix, _ = blocked.shape
+    allowed = base[None] & ~blocked  # [k, S, n]
+    prefix = allowed[..., :t0].reshape(k * suffix, t0)
+    own = allowed[..., t0:]  # [k, S, S]
+    diag = torch.block_diag(*own) if k > 1 else own[0]  # [kS, kS]
+    return torch.cat([prefix, diag], dim=1)
+
+
+def _head_selection(adapter: VLMAdapter, model: nn.Module, variants: Sequence[Knockout], device: torch.device) -> torch.Tensor | None:
+    if all(v.heads is None for v in variants):
+        return None
+    n_heads = adapter.n_heads(model)
+    sel = torch.zeros(len(variants), n_heads, dtype=torch.bool, device=device)
+    for i, v in enumerate(variants):
+        if v.heads is None:
+            sel[i] = True
+        else:
+            sel[i, list(v.heads)] = True
+    return sel

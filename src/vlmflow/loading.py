@@ -1,0 +1,217 @@
+"""Load a VLM checkpoint (HF id or local directory) with its processor and adapter.
+
+Offline by default: nothing reaches the network unless ``allow_hub=True``. Weights are read only
+from safetensors files, and ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmflow.adapters.base import VLMAdapter
+from vlmflow.adapters.registry import adapter_for_architecture
+from vlmflow.errors import ConfigError
+from vlmflow.prompts import PromptTemplate, get_template
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIDECAR = "vlmflow.json"  # optional per-checkpoint settings: prompt_template, image_mode
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for vlmflow: the HF model, its processor, the family adapter and the prompt.
+
+    Attributes:
+        model: the transformers model, in eval mode.
+        processor: its HF processor.
+        adapter: the family adapter (:class:`vlmflow.adapters.base.VLMAdapter`).
+        template: the prompt template used to build prompts.
+        options: family options (e.g. ``image_mode``) from the checkpoint sidecar and the caller.
+        info: provenance recorded with every run (name, revision, dtype, device, ...).
+    """
+
+    model: nn.Module
+    processor: Any
+    adapter: VLMAdapter
+    template: PromptTemplate
+    options: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"|"bfloat16"|"float16"`` -> torch dtype (clear error otherwise)."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+    allow_hub: bool = False,
+    trust_remote_code: bool = False,
+    template: str | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Load a checkpoint through transformers and pick its family adapter.
+
+    Args:
+        name_or_path: a local directory or a Hugging Face model id (from the local cache unless
+            ``allow_hub``).
+        dtype: ``float32`` (default, exact comparisons), ``bfloat16`` or ``float16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
+        revision: a hub revision (branch, tag or commit).
+        allow_hub: allow downloads from the Hugging Face hub.
+        trust_remote_code: allow custom modelling code shipped with the checkpoint.
+        template: prompt template name; default: the checkpoint's ``vlmflow.json``, else the family's.
+        options: family options such as ``{"image_mode": "pad"}``; override the sidecar.
+
+    >>> from vlmflow.testing.tiny import build_tiny_llava
+    >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
+    >>> loaded = load_model("tiny-llava-doc", device="cpu")      # doctest: +SKIP
+    >>> loaded.adapter.family                                   # doctest: +SKIP
+    'llava'
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    torch_dtype = parse_dtype(dtype)
+    torch_device = resolve_device(device)
+    source = str(name_or_path)
+    local = Path(source).is_dir()
+    common: dict[str, Any] = {
+        "revision": revision,
+        "local_files_only": not allow_hub,
+        "trust_remote_code": trust_remote_code,
+    }
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        hint = "" if allow_hub or local else " (offline mode: pass allow_hub=True / --allow-hub to download it)"
+        raise ConfigError(f"cannot load model config from {source!r}{hint}: {exc}") from exc
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures:
+        raise ConfigError(f"model {source!r} has no 'architectures' in its config; cannot pick an adapter")
+    adapter = adapter_for_architecture(architectures[0])
+    sidecar = _read_sidecar(source, common)
+    # Everything in the sidecar except the template name is a family option (e.g. image_mode).
+    merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
+    merged_options.update(options or {})
+    template_name = template or sidecar.get("prompt_template") or adapter.default_template
+
+    log.info("loading %s (%s) as %s on %s", source, architectures[0], dtype, torch_device)
+    model = adapter.model_class().from_pretrained(
+        source,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+        **common,
+    )
+    model.to(torch_device)
+    model.eval()
+    adapter.check_attention_backend(model)
+    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = adapter.prepare_processor(processor, merged_options)
+    info = {
+        "model": source,
+        "family": adapter.family,
+        "architecture": architectures[0],
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
+        "dtype": dtype,
+        "device": str(torch_device),
+        "attn_implementation": attn_implementation,
+        "n_layers": adapter.n_layers(model),
+        "prompt_template": template_name,
+        "options": dict(merged_options),
+    }
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        adapter=adapter,
+        template=get_template(template_name),
+        options=merged_options,
+        info=info,
+    )
+
+
+def _read_sidecar(source: str, common: Mapping[str, Any]) -> dict[str, Any]:
+    path = Path(source) / SIDECAR
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(
+                source,
+                SIDECAR,
+                revision=common.get("revision"),
+                local_files_only=common.get("local_files_only", True),
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except (OSError, ValueError):
+            found = None
+        if not found:
+            return {}
+        path = Path(found)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path.name} of {source!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name} of {source!r} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _fingerprint(directory: str) -> str:
+    """A short hash of a local checkpoint: config plus the names and sizes of its weight files."""
+    root = Path(directory)
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in root.iterdir() if p.is_file()):
+        path = root / name
+        if name.endswith(".json"):
+            digest.update(name.encode() + path.read_bytes())
+        elif name.endswith(".safetensors"):
+            digest.update(f"{name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
