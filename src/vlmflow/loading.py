@@ -61,12 +61,18 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """``"float32"|"bfloat16"|"float16"`` -> torch dtype (clear error otherwise)."""
+def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """``"float32"|"bfloat16"|"float16"`` -> torch dtype; ``"auto"``: bfloat16 on CUDA, else float32.
+
+    >>> parse_dtype("auto", torch.device("cpu"))
+    torch.float32
+    """
+    if name == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     try:
         return DTYPES[name]
     except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +91,7 @@ def resolve_device(name: str) -> torch.device:
 def load_model(
     name_or_path: str | Path,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     attn_implementation: str = "sdpa",
     revision: str | None = None,
@@ -99,7 +105,7 @@ def load_model(
     Args:
         name_or_path: a local directory or a Hugging Face model id (from the local cache unless
             ``allow_hub``).
-        dtype: ``float32`` (default, exact comparisons), ``bfloat16`` or ``float16``.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
         revision: a hub revision (branch, tag or commit).
@@ -116,8 +122,8 @@ def load_model(
     """
     from transformers import AutoConfig, AutoProcessor
 
-    torch_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
     source = str(name_or_path)
     local = Path(source).is_dir()
     common: dict[str, Any] = {
@@ -159,7 +165,7 @@ def load_model(
         "architecture": architectures[0],
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
-        "dtype": dtype,
+        "dtype": str(torch_dtype).removeprefix("torch."),
         "device": str(torch_device),
         "attn_implementation": attn_implementation,
         "n_layers": adapter.n_layers(model),

@@ -1,9 +1,78 @@
-"""CLI commands: `vlmflow flows ...` (being written)."""
+"""``vlmflow flows``: run attention-knockout flows over a dataset into a run directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.positions.groups import PAPER_FLOWS, Flow
+
+
+def flows(
+    model: str = typer.Option(..., "--model", "-m", help="HF model id or local checkpoint directory."),
+    data: str = typer.Option(..., "--data", "-d", help="Task CSV (released GQA layout) or gqa:TASK (packaged GQA files)."),
+    images: Path | None = typer.Option(None, "--images", help="Folder with the images ({img_id}.jpg/.png). Default: beside the CSV."),
+    flow: list[str] | None = typer.Option(
+        None, "--flow", "-f", help="Flow 'source->target' (repeatable). Default: the paper's six flows."
+    ),
+    window: int | None = typer.Option(None, "--window", "-k", help="Layers per window. Default: 7 for 32 layers, 9 for 40."),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent folder of run directories."),
+    name: str | None = typer.Option(None, "--name", help="Run directory name (default: derived from the spec)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N samples."),
+    keep_all: bool = typer.Option(False, "--keep-all", help="Keep wrongly answered samples too (the paper drops them)."),
+    engine: str = typer.Option("fast", "--engine", help="fast (exact, batched) or reference (one forward per window)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
+    allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
+    template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
+    image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the flow figure when done."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    """Knock out attention flows in windows of layers and record how the answer probability changes."""
+    setup_logging(verbose)
+    from vlmflow.experiments.flows import FlowSettings
+    from vlmflow.experiments.runner import DataSpec, FlowRunSpec, ModelSpec, run_flows_to_store
+
+    parsed = tuple(Flow.parse(f) for f in flow) if flow else PAPER_FLOWS
+    options = (("image_mode", image_mode),) if image_mode else ()
+    spec = FlowRunSpec(
+        model=ModelSpec(
+            name=model,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn,
+            revision=revision,
+            allow_hub=allow_hub,
+            template=template,
+            options=options,
+        ),
+        data=DataSpec(data=data, images=str(images) if images else None, limit=limit),
+        settings=FlowSettings(
+            flows=parsed, window=window, keep_all=keep_all, engine=engine, max_new_tokens=max_new_tokens
+        ),
+        name=name,
+    )
+    with progress_bar("samples") as update:
+        outcome = run_flows_to_store(spec, out, progress=update)
+    summary = outcome.summary
+    console.print(
+        f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
+        f"{summary['errors']} errors"
+    )
+    console.print(f"run directory: [bold]{outcome.path}[/]")
+    if plot and summary["flow_rows"]:
+        from vlmflow.cli.plot import write_flow_figures
+
+        for path in write_flow_figures(outcome.path):
+            console.print(f"figure: {path}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``flows`` to ``app``."""
+    app.command("flows")(flows)

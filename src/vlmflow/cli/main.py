@@ -37,10 +37,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["--help"])  # doctest: +SKIP
     0
     """
+    import click
+
+    from vlmflow.errors import VlmflowError
+
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except SystemExit as exc:  # typer/click exit with a code
-        return int(exc.code or 0)
-    except typer.Exit as exc:
+        result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except VlmflowError as exc:
+        from vlmflow.cli.common import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    return 0
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+def entry_point() -> None:
+    """Console-script entry: exit with :func:`main`'s return code."""
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""Run the flow experiment over a dataset into a resumable run directory.
+
+Configuration problems (unreadable data file, unknown model family, a flow that names an unknown
+group, a missing images folder) stop the run before any sample is computed. Per-sample problems
+become rows of the ``errors`` table and the run goes on. Results are committed sample by sample, so
+an interrupted run resumes where it stopped; rerunning the same spec skips finished samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vlmflow.data.sample import Sample
+from vlmflow.errors import ConfigError, SampleError
+from vlmflow.experiments.flows import FlowSettings, analyse_sample
+from vlmflow.experiments.prepare import open_image, prepare_sample
+from vlmflow.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load the model (the identity part of a run spec).
+
+    >>> ModelSpec("llava-hf/llava-1.5-7b-hf").dtype
+    'auto'
+    """
+
+    name: str
+    dtype: str = "auto"
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+    revision: str | None = None
+    allow_hub: bool = False
+    template: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def load(self) -> LoadedModel:
+        return load_model(
+            self.name,
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            revision=self.revision,
+            allow_hub=self.allow_hub,
+            template=self.template,
+            options=dict(self.options),
+        )
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which samples: a task CSV (or ``gqa:TASK``), the images folder, and an optional limit."""
+
+    data: str
+    images: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class FlowRunSpec:
+    """Everything that defines a flow run; its hash names the run directory."""
+
+    model: ModelSpec
+    data: DataSpec
+    settings: FlowSettings = field(default_factory=FlowSettings)
+    name: str | None = None
+
+    def identity(self, loaded: LoadedModel | None = None) -> dict[str, Any]:
+        """The part of the spec that must match for a run directory to be resumed."""
+        settings = asdict(self.settings)
+        settings["flows"] = [str(f) for f in self.settings.flows]
+        model = asdict(self.model)
+        model.pop("device")  # where it runs is provenance, not identity
+        model.pop("allow_hub")
+        model["options"] = dict(self.model.options)
+        if loaded is not None:
+            model["resolved_dtype"] = loaded.info["dtype"]
+            model["prompt_template"] = loaded.info["prompt_template"]
+            model["fingerprint"] = loaded.info["fingerprint"]
+        return {
+            "experiment": "flows",
+            "schema_version": SCHEMA_VERSION,
+            "model": model,
+            "data": asdict(self.data),
+            "settings": settings,
+        }
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+        return f"{_slug(self.model.name)}-{_slug(self.data.data)}-{digest}"
+
+
+@dataclass
+class RunOutcome:
+    """Where the run is, and its summary (also written to ``summary.json``)."""
+
+    path: Path
+    summary: dict[str, Any]
+
+
+def _slug(text: str) -> str:
+    stem = Path(str(text).rstrip("/")).name or str(text)
+    stem = re.sub(r"\.csv$", "", stem)
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", stem).strip("-")[:40] or "run"
+
+
+def provenance(loaded: LoadedModel) -> dict[str, Any]:
+    """Versions, device and time, recorded with the run but not part of its identity."""
+    versions = {}
+    for package in ("vlmflow", "torch", "transformers", "tokenizers", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": loaded.info.get("device"),
+        "model_info": loaded.info,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]:
+    """Read the samples and resolve the images folder; raise :class:`ConfigError` on bad config.
+
+    Returns the samples (limited), error rows for malformed lines, and the images folder.
+    """
+    from vlmflow.data.datasets import load_samples
+
+    result, _task = load_samples(spec.data)
+    samples = result.samples[: spec.limit] if spec.limit else result.samples
+    errors = [
+        {"sample_id": f"line:{err.line}", "stage": "read", "reason": err.reason} for err in result.errors
+    ]
+    if spec.images is not None:
+        images = Path(spec.images)
+    else:
+        images = Path(spec.data).parent if Path(spec.data).is_file() else Path(".")
+    if not images.is_dir():
+        raise ConfigError(f"images folder {str(images)!r} does not exist (pass --images DIR)")
+    if not samples:
+        raise ConfigError(f"no samples could be read from {spec.data!r} ({len(errors)} malformed rows)")
+    return samples, errors, images
+
+
+def iter_samples(
+    loaded: LoadedModel,
+    samples: list[Sample],
+    images: Path,
+    settings: FlowSettings,
+    skip: set[str],
+) -> Iterator[dict[str, list[dict[str, Any]]]]:
+    """Yield, per sample not in ``skip``, the tables to commit (``samples`` + ``flows``, or ``errors``)."""
+    for sample in samples:
+        if sample.sample_id in skip:
+            continue
+        try:
+            image = open_image(sample, images)
+            prepared = prepare_sample(loaded, sample, image)
+            result = analyse_sample(loaded, prepared, settings)
+        except SampleError as exc:
+            log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
+            yield {"errors": [{"sample_id": sample.sample_id, "stage": exc.stage, "reason": exc.reason}]}
+            continue
+        yield {"samples": [result.sample], "flows": result.rows}
+
+
+def run_flows_to_store(
+    spec: FlowRunSpec,
+    out: Path | str,
+    *,
+    progress: ProgressCallback | None = None,
+    loaded: LoadedModel | None = None,
+) -> RunOutcome:
+    """Run ``spec`` into ``out/<run name>`` (resuming if it exists) and return where it is.
+
+    >>> spec = FlowRunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
+    >>> run_flows_to_store(spec, "runs").path                                          # doctest: +SKIP
+    PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
+    """
+    from vlmflow.results.store import RunStore
+
+    samples, read_errors, images = load_data(spec.data)
+    loaded = loaded or spec.model.load()
+    path = Path(out) / spec.run_name()
+    stored_spec = {**spec.identity(loaded), "provenance": provenance(loaded)}
+    store = RunStore.open(path, stored_spec)
+    done = store.done_sample_ids()
+    fresh_read_errors = [e for e in read_errors if e["sample_id"] not in done]
+    if fresh_read_errors:
+        store.commit({"errors": fresh_read_errors})
+    todo = [s for s in samples if s.sample_id not in done]
+    log.info("%s: %d samples, %d already done", path, len(samples), len(samples) - len(todo))
+    started = time.perf_counter()
+    count = 0
+    if progress:
+        progress(0, len(todo), "starting")
+    for tables in iter_samples(loaded, todo, images, spec.settings, skip=set()):
+        store.commit(tables)
+        count += 1
+        if progress:
+            progress(count, len(todo), "")
+    elapsed = time.perf_counter() - started
+    summary = summarise(store, elapsed, computed=count)
+    store.finalize(summary)
+    return RunOutcome(path=path, summary=summary)
+
+
+def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
+    """Counts and accuracy of a run directory (all committed samples, not only this session's)."""
+    samples = store.read("samples")
+    errors = store.read("errors")
+    flows = store.read("flows")
+    n = len(samples)
+    summary: dict[str, Any] = {
+        "samples": n,
+        "correct": int(samples["correct"].sum()) if n else 0,
+        "kept": int(samples["kept"].sum()) if n else 0,
+        "errors": len(errors),
+        "flow_rows": len(flows),
+        "accuracy": float(samples["correct"].mean()) if n else None,
+        "computed_this_session": computed,
+        "seconds_this_session": round(elapsed, 3),
+    }
+    if len(errors):
+        summary["errors_by_stage"] = {str(k): int(v) for k, v in errors["stage"].value_counts().items()}
+    if len(flows):
+        kept_ids = set(samples.loc[samples["kept"], "sample_id"])
+        kept = flows[flows["sample_id"].isin(kept_ids)]
+        per_flow: dict[str, Mapping[str, Any]] = {}
+        for flow, frame in kept.groupby("flow"):
+            curve = frame.groupby("layer")["rel_change"].mean()
+            per_flow[str(flow)] = {
+                "min_mean_rel_change": float(curve.min()),
+                "layer_of_min": int(curve.idxmin()),
+            }
+        summary["flows"] = per_flow
+    return summary

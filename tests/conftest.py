@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random LLaVA checkpoints saved to disk and loaded back like a user's.
+
+Everything runs offline on CPU: checkpoints are built from configs (random weights) with offline
+tokenizers, saved with ``save_pretrained`` and loaded through :func:`vlmflow.load_model`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+#: Model shapes the engine is checked on: SentencePiece + grouped-query attention, byte-level BPE +
+#: multi-head attention with 7-px patches, word-level + one KV head and more layers.
+TINY_SHAPES: dict[str, TinyLlavaConfig] = {
+    "sp-gqa": TinyLlavaConfig(tokenizer="sentencepiece", layers=4, hidden=64, heads=4, kv_heads=2),
+    "bpe-mha": TinyLlavaConfig(
+        tokenizer="bytelevel", layers=5, hidden=48, heads=3, kv_heads=3, image_size=28, patch_size=7, seed=1
+    ),
+    "word-mqa": TinyLlavaConfig(
+        tokenizer="word", layers=6, hidden=32, heads=2, kv_heads=1, intermediate=64, image_size=24, patch_size=4, seed=2
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_checkpoint(shape_name)`` -> directory of a saved tiny LLaVA (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{name}")
+            build_tiny_llava(TINY_SHAPES[name], path)
+            cache[name] = path
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_checkpoint: Callable[[str], Path]) -> Callable[..., object]:
+    """``tiny_loaded(shape, impl)`` -> a :class:`vlmflow.loading.LoadedModel` (cached per session)."""
+    from vlmflow.loading import load_model
+
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(name: str, impl: str = "sdpa") -> object:
+        key = (name, impl)
+        if key not in cache:
+            cache[key] = load_model(tiny_checkpoint(name), device="cpu", dtype="float32", attn_implementation=impl)
+        return cache[key]
+
+    return get
+
+
+def make_scene_sample(sample_id: str = "q1"):  # noqa: ANN201 - test helper
+    """A non-square image (40x30: pad-to-square adds padding patches) with one boxed object."""
+    from PIL import Image, ImageDraw
+
+    from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
+
+    image = Image.new("RGB", (40, 30), (30, 120, 30))
+    ImageDraw.Draw(image).rectangle((6, 8, 17, 19), fill=(220, 20, 20))
+    sample = Sample(
+        sample_id=sample_id,
+        image_id="img1",
+        question="Is the square red or blue?",
+        answer="red",
+        task=TaskType.CHOOSE_ATTR,
+        true_option="red",
+        false_option="blue",
+        objects=(SceneObject("square", "1", Box(6, 8, 12, 12)),),
+        image_size=(40, 30),
+    )
+    return sample, image
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_loaded: Callable[..., object]) -> Callable[..., tuple]:
+    """``tiny_prepared(shape, impl)`` -> ``(loaded, prepared)`` for the scene sample."""
+    from vlmflow.experiments.prepare import prepare_sample
+
+    def get(name: str, impl: str = "sdpa") -> tuple:
+        loaded = tiny_loaded(name, impl)
+        sample, image = make_scene_sample()
+        return loaded, prepare_sample(loaded, sample, image)
+
+    return get
