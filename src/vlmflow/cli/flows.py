@@ -37,11 +37,11 @@ def flows(
     """Knock out attention flows in windows of layers and record how the answer probability changes."""
     setup_logging(verbose)
     from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, FlowRunSpec, ModelSpec, run_flows_to_store
+    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 
     parsed = tuple(Flow.parse(f) for f in flow) if flow else PAPER_FLOWS
     options = (("image_mode", image_mode),) if image_mode else ()
-    spec = FlowRunSpec(
+    spec = RunSpec(
         model=ModelSpec(
             name=model,
             dtype=dtype,
@@ -53,13 +53,13 @@ def flows(
             options=options,
         ),
         data=DataSpec(data=data, images=str(images) if images else None, limit=limit),
-        settings=FlowSettings(
+        experiment=FlowSettings(
             flows=parsed, window=window, keep_all=keep_all, engine=engine, max_new_tokens=max_new_tokens
         ),
         name=name,
     )
     with progress_bar("samples") as update:
-        outcome = run_flows_to_store(spec, out, progress=update)
+        outcome = run_to_store(spec, out, progress=update)
     summary = outcome.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "

@@ -68,8 +68,25 @@ class FlowSettings:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
+    name = "flows"
+
     def window_for(self, n_layers: int) -> int:
         return self.window if self.window is not None else default_window(n_layers)
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able settings that define the run (flows as ``"src->tgt"`` strings)."""
+        return {
+            "flows": [str(f) for f in self.flows],
+            "window": self.window,
+            "keep_all": self.keep_all,
+            "engine": self.engine,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+        """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
+        result = analyse_sample(loaded, prepared, self)
+        return {"samples": [result.sample], "flows": result.rows}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Run the flow experiment over a dataset into a resumable run directory.
+"""Run an experiment (flows, lens, ...) over a dataset into a resumable run directory.
 
 Configuration problems (unreadable data file, unknown model family, a flow that names an unknown
 group, a missing images folder) stop the run before any sample is computed. Per-sample problems
@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, SampleError
-from vlmflow.experiments.flows import FlowSettings, analyse_sample
-from vlmflow.experiments.prepare import open_image, prepare_sample
+from vlmflow.experiments.flows import FlowSettings
+from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
 from vlmflow.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -76,19 +76,31 @@ class DataSpec:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
 
 
+class Experiment(Protocol):
+    """What the runner needs from an experiment's settings (see :class:`FlowSettings`)."""
+
+    name: str  # "flows", "lens", ...
+
+    def identity(self) -> dict[str, Any]:
+        """JSON-able settings that must match for a run directory to be resumed."""
+        ...
+
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+        """Tables to commit for one sample (always including its ``samples`` row)."""
+        ...
+
+
 @dataclass(frozen=True)
-class FlowRunSpec:
-    """Everything that defines a flow run; its hash names the run directory."""
+class RunSpec:
+    """Everything that defines a run: model, data and experiment; its hash names the run directory."""
 
     model: ModelSpec
     data: DataSpec
-    settings: FlowSettings = field(default_factory=FlowSettings)
+    experiment: Experiment = field(default_factory=FlowSettings)
     name: str | None = None
 
     def identity(self, loaded: LoadedModel | None = None) -> dict[str, Any]:
         """The part of the spec that must match for a run directory to be resumed."""
-        settings = asdict(self.settings)
-        settings["flows"] = [str(f) for f in self.settings.flows]
         model = asdict(self.model)
         model.pop("device")  # where it runs is provenance, not identity
         model.pop("allow_hub")
@@ -98,11 +110,11 @@ class FlowRunSpec:
             model["prompt_template"] = loaded.info["prompt_template"]
             model["fingerprint"] = loaded.info["fingerprint"]
         return {
-            "experiment": "flows",
+            "experiment": self.experiment.name,
             "schema_version": SCHEMA_VERSION,
             "model": model,
             "data": asdict(self.data),
-            "settings": settings,
+            "settings": self.experiment.identity(),
         }
 
     def run_name(self) -> str:
@@ -172,26 +184,23 @@ def iter_samples(
     loaded: LoadedModel,
     samples: list[Sample],
     images: Path,
-    settings: FlowSettings,
-    skip: set[str],
+    experiment: Experiment,
 ) -> Iterator[dict[str, list[dict[str, Any]]]]:
-    """Yield, per sample not in ``skip``, the tables to commit (``samples`` + ``flows``, or ``errors``)."""
+    """Yield, per sample, the tables to commit (the experiment's tables, or an ``errors`` row)."""
     for sample in samples:
-        if sample.sample_id in skip:
-            continue
         try:
             image = open_image(sample, images)
             prepared = prepare_sample(loaded, sample, image)
-            result = analyse_sample(loaded, prepared, settings)
+            tables = experiment.analyse(loaded, prepared)
         except SampleError as exc:
             log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
             yield {"errors": [{"sample_id": sample.sample_id, "stage": exc.stage, "reason": exc.reason}]}
             continue
-        yield {"samples": [result.sample], "flows": result.rows}
+        yield tables
 
 
-def run_flows_to_store(
-    spec: FlowRunSpec,
+def run_to_store(
+    spec: RunSpec,
     out: Path | str,
     *,
     progress: ProgressCallback | None = None,
@@ -199,8 +208,8 @@ def run_flows_to_store(
 ) -> RunOutcome:
     """Run ``spec`` into ``out/<run name>`` (resuming if it exists) and return where it is.
 
-    >>> spec = FlowRunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
-    >>> run_flows_to_store(spec, "runs").path                                          # doctest: +SKIP
+    >>> spec = RunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
+    >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
     PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
     """
     from vlmflow.results.store import RunStore
@@ -220,7 +229,7 @@ def run_flows_to_store(
     count = 0
     if progress:
         progress(0, len(todo), "starting")
-    for tables in iter_samples(loaded, todo, images, spec.settings, skip=set()):
+    for tables in iter_samples(loaded, todo, images, spec.experiment):
         store.commit(tables)
         count += 1
         if progress:
@@ -235,21 +244,21 @@ def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
     """Counts and accuracy of a run directory (all committed samples, not only this session's)."""
     samples = store.read("samples")
     errors = store.read("errors")
-    flows = store.read("flows")
+    flows = store.read("flows") if "flows" in store.tables() else None
     n = len(samples)
     summary: dict[str, Any] = {
         "samples": n,
         "correct": int(samples["correct"].sum()) if n else 0,
         "kept": int(samples["kept"].sum()) if n else 0,
         "errors": len(errors),
-        "flow_rows": len(flows),
+        "flow_rows": 0 if flows is None else len(flows),
         "accuracy": float(samples["correct"].mean()) if n else None,
         "computed_this_session": computed,
         "seconds_this_session": round(elapsed, 3),
     }
     if len(errors):
         summary["errors_by_stage"] = {str(k): int(v) for k, v in errors["stage"].value_counts().items()}
-    if len(flows):
+    if flows is not None and len(flows):
         kept_ids = set(samples.loc[samples["kept"], "sample_id"])
         kept = flows[flows["sample_id"].isin(kept_ids)]
         per_flow: dict[str, Mapping[str, Any]] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -25,6 +26,9 @@ from transformers import (
 )
 
 from vlmflow.testing.tokenizers import TokenizerKind, build_tokenizer
+
+if TYPE_CHECKING:
+    from vlmflow.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -127,3 +131,29 @@ def _widen_init(model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if param.dim() == 2 and "embed_positions" not in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * (1.0 / param.shape[1] ** 0.5))
+
+
+def loaded_from_objects(
+    model: torch.nn.Module, processor: LlavaProcessor, *, template: str = "vicuna_v1", options: dict | None = None
+) -> LoadedModel:
+    """Wrap an in-memory model and processor as a :class:`~vlmflow.loading.LoadedModel`.
+
+    For benchmarks and tests that build a model without saving it; user code loads checkpoints
+    with :func:`vlmflow.loading.load_model`, which goes through ``from_pretrained``.
+    """
+    from vlmflow.adapters.registry import adapter_for_model
+    from vlmflow.loading import LoadedModel as _LoadedModel
+    from vlmflow.prompts import get_template
+
+    adapter = adapter_for_model(model)
+    adapter.check_attention_backend(model)
+    info = {
+        "model": "in-memory",
+        "family": adapter.family,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(model.parameters()).device),
+        "n_layers": adapter.n_layers(model),
+        "prompt_template": template,
+        "fingerprint": None,
+    }
+    return _LoadedModel(model, processor, adapter, get_template(template), dict(options or {}), info)
