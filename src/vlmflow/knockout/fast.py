@@ -43,7 +43,7 @@ class CleanRun:
         logits: ``[vocab]`` float32 last-position logits of the clean model.
         start: first position whose per-layer hidden states were kept.
         hidden: per layer ``l``, the hidden states entering layer ``l`` at positions ``start..n-1``:
-            ``[n - start, d_model]``.
+            ``[n - start, d_model]``; ``hidden[L]`` is the last layer's output (before the final norm).
         keys / values: per layer, the clean post-RoPE keys/values of positions ``0..n-1``:
             ``[1, kv_heads, n, head_dim]``.
         generated: greedy answer token ids (``[new_tokens]``), when generation was asked for.
@@ -97,6 +97,8 @@ def clean_run(
     n = encoded.seq_len
     captured: dict[int, torch.Tensor] = {}
     handles = []
+    # Layer inputs 0..L-1 come from the decoder layers; the final norm's input is layer L's output.
+    hooked = [*layers, adapter.final_norm(model)]
 
     def make_hook(index: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -108,8 +110,8 @@ def clean_run(
 
     cache = DynamicCache(config=adapter.language_model(model).config)
     try:
-        for index, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+        for index, module in enumerate(hooked):
+            handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
         if max_new_tokens > 0:
             out = model.generate(
                 **encoded.inputs,
@@ -131,14 +133,14 @@ def clean_run(
     finally:
         for handle in handles:
             handle.remove()
-    if len(captured) != len(layers):
-        raise RuntimeError(f"captured hidden states of {len(captured)} of {len(layers)} layers during the prefill")
+    if len(captured) != len(hooked):
+        raise RuntimeError(f"captured hidden states at {len(captured)} of {len(hooked)} layer boundaries during the prefill")
     keys = [cache.layers[i].keys[..., :n, :] for i in range(len(layers))]
     values = [cache.layers[i].values[..., :n, :] for i in range(len(layers))]
     return CleanRun(
         logits=logits,
         start=capture_from,
-        hidden=[captured[i] for i in range(len(layers))],
+        hidden=[captured[i] for i in range(len(hooked))],
         keys=keys,
         values=values,
         generated=generated,
