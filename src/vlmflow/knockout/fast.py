@@ -15,6 +15,10 @@ axis of a single batch row: variant ``v``'s suffix occupies query rows ``[v*S, (
 variant attends to the shared clean prefix keys/values (one copy per layer call, never one per
 variant) and, through a block-diagonal mask, only to its own suffix keys. Variants start at their
 own first layer: at layer ``l`` only the variants whose window has started are computed.
+
+Module-level ablations (:class:`~vlmflow.knockout.ablation.Ablation`) obey the same rule (nothing
+changes before their first position or below their first layer) and run folded next to knockouts:
+their replacements are applied to their own query rows by :func:`~vlmflow.knockout.ablation.folded_ablation`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,18 @@ import torch
 from torch import nn
 
 from vlmflow.adapters.base import Encoded, VLMAdapter
+from vlmflow.knockout.ablation import (
+    Ablation,
+    AblationValues,
+    check_ablations,
+    folded_ablation,
+    replacement_values,
+)
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
 from vlmflow.knockout.spec import Knockout, check_layers
+
+#: What the fast engine runs: blocked attention edges or a module-level ablation.
+Intervention = Knockout | Ablation
 
 #: Default bound on query rows per folded layer call (keeps [query, key] score matrices small).
 DEFAULT_FOLD_QUERIES = 1024
@@ -153,18 +167,24 @@ def fast_logits(
     adapter: VLMAdapter,
     encoded: Encoded,
     clean: CleanRun,
-    knockouts: Sequence[Knockout],
+    knockouts: Sequence[Intervention],
     *,
     max_fold_queries: int = DEFAULT_FOLD_QUERIES,
 ) -> torch.Tensor:
     """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
 
-    Knockouts with the same first target run folded together; ``max_fold_queries`` bounds the
-    query rows of one layer call (more variants are split into chunks of similar start layer).
+    Knockouts (and ablations) with the same first target run folded together; ``max_fold_queries``
+    bounds the query rows of one layer call (more variants are split into chunks of similar start
+    layer). Mean ablations cost one extra clean forward for their replacement values.
     """
     adapter.check_attention_backend(model)
     n_layers = adapter.n_layers(model)
-    check_layers(knockouts, n_layers, adapter.n_heads(model))
+    check_layers([k for k in knockouts if isinstance(k, Knockout)], n_layers, adapter.n_heads(model))
+    ablation_index = [i for i, k in enumerate(knockouts) if isinstance(k, Ablation)]
+    check_ablations([knockouts[i] for i in ablation_index], n_layers, encoded.seq_len)
+    values = dict(
+        zip(ablation_index, replacement_values(model, adapter, encoded, [knockouts[i] for i in ablation_index]), strict=True)
+    )
     vocab = clean.logits.shape[-1]
     result = torch.empty(len(knockouts), vocab, dtype=torch.float32)
     by_t0: dict[int, list[int]] = defaultdict(list)
@@ -181,7 +201,8 @@ def fast_logits(
         ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
         for lo in range(0, len(ordered), per_call):
             chunk = ordered[lo : lo + per_call]
-            logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0)
+            chunk_values = {j: values[i] for j, i in enumerate(chunk) if i in values}
+            logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0, chunk_values)
             result[chunk] = logits.cpu()
     return result
 
@@ -191,10 +212,14 @@ def _run_folded(
     adapter: VLMAdapter,
     encoded: Encoded,
     clean: CleanRun,
-    variants: Sequence[Knockout],
+    variants: Sequence[Intervention],
     t0: int,
+    values: dict[int, AblationValues] | None = None,
 ) -> torch.Tensor:
-    """Run ``variants`` (sorted by first layer, same ``t0``) folded into one batch row."""
+    """Run ``variants`` (sorted by first layer, same ``t0``) folded into one batch row.
+
+    ``values`` maps the index of each :class:`Ablation` variant to its replacement vectors.
+    """
     n = encoded.seq_len
     n_layers = adapter.n_layers(model)
     impl = adapter.attention_implementation(model)
@@ -203,7 +228,10 @@ def _run_folded(
     suffix = n - t0
     n_var = len(variants)
     rows = torch.arange(t0, n, device=device)  # [S] absolute query positions
-    blocked = torch.stack([v.blocked_rows(rows, n) for v in variants])  # [V, S, n]
+    no_edges = torch.zeros(suffix, n, dtype=torch.bool, device=device)
+    blocked = torch.stack(
+        [v.blocked_rows(rows, n) if isinstance(v, Knockout) else no_edges for v in variants]
+    )  # [V, S, n]; ablations block no edge
     starts = [v.first_layer for v in variants]
     heads_sel = _head_selection(adapter, model, variants, device)  # [V, H] bool or None
     full_positions = adapter.position_ids(model, encoded)
@@ -217,7 +245,9 @@ def _run_folded(
             active += 1
         k = active
         base = adapter.base_allowed(layer, rows, n, encoded)  # [S, n]
-        in_window = torch.tensor([layer in v.layers for v in variants[:k]], device=device)  # [k]
+        in_window = torch.tensor(
+            [isinstance(v, Knockout) and layer in v.layers for v in variants[:k]], device=device
+        )  # [k]
         blk = blocked[:k] & in_window[:, None, None]  # [k, S, n]
         if heads_sel is None:
             allowed = _fold_mask(base, blk, t0)[None, None]  # [1, 1, kS, t0 + kS]
@@ -234,7 +264,8 @@ def _run_folded(
         x = hidden[:k].reshape(1, k * suffix, d_model)
         pe = adapter.rotary(model, x, pos)
         cache = _PrefixKV(clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])
-        x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
+        with folded_ablation(model, adapter, layer, variants[:k], values or {}, t0, suffix):
+            x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
         hidden[:k] = x.reshape(k, suffix, d_model)
     last = hidden[:, -1]  # [V, d_model]: the final prompt position of each variant
     logits = adapter.unembed(model)(adapter.final_norm(model)(last))
@@ -256,13 +287,13 @@ def _fold_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tens
     return torch.cat([prefix, diag], dim=1)
 
 
-def _head_selection(adapter: VLMAdapter, model: nn.Module, variants: Sequence[Knockout], device: torch.device) -> torch.Tensor | None:
-    if all(v.heads is None for v in variants):
+def _head_selection(adapter: VLMAdapter, model: nn.Module, variants: Sequence[Intervention], device: torch.device) -> torch.Tensor | None:
+    if all(not isinstance(v, Knockout) or v.heads is None for v in variants):
         return None
     n_heads = adapter.n_heads(model)
     sel = torch.zeros(len(variants), n_heads, dtype=torch.bool, device=device)
     for i, v in enumerate(variants):
-        if v.heads is None:
+        if not isinstance(v, Knockout) or v.heads is None:
             sel[i] = True
         else:
             sel[i, list(v.heads)] = True
