@@ -170,16 +170,17 @@ def test_hooks_are_removed_after_an_exception_and_partial_sequences_are_refused(
     loaded, prepared = tiny_prepared("sp-gqa")
     ablation = Ablation.for_group(prepared.groups, Group.IMAGE, Site.ATTENTION, [0, 1])
     values = replacement_values(loaded.model, loaded.adapter, prepared.encoded, [ablation])[0]
-    assert _hook_count(loaded) == 0
+    # transformers may keep its own output-recording hooks installed; count ours on top of them.
+    before = _hook_count(loaded)
     with pytest.raises(RuntimeError, match="boom"), module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values):
-        assert _hook_count(loaded) == 2
+        assert _hook_count(loaded) == before + 2
         raise RuntimeError("boom")
-    assert _hook_count(loaded) == 0
+    assert _hook_count(loaded) == before
     with module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values), pytest.raises(
         AblationHookError, match="query positions"
     ):
         loaded.model.generate(**prepared.encoded.inputs, max_new_tokens=2, do_sample=False)
-    assert _hook_count(loaded) == 0
+    assert _hook_count(loaded) == before
 
 
 def test_out_of_range_ablations_are_refused_by_both_paths(tiny_prepared):
