@@ -104,7 +104,7 @@ def load_model(
 
     Args:
         name_or_path: a local directory or a Hugging Face model id (from the local cache unless
-            ``allow_hub``).
+            ``allow_hub``); ``"organism"`` names the organism shipped with the package.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
@@ -122,6 +122,9 @@ def load_model(
     """
     from transformers import AutoConfig, AutoProcessor
 
+    from vlmflow.organism import resolve_model_name
+
+    name_or_path = resolve_model_name(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
     source = str(name_or_path)

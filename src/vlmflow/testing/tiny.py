@@ -23,6 +23,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerFast,
 )
 
 from vlmflow.testing.tokenizers import TokenizerKind, build_tokenizer
@@ -42,6 +43,8 @@ class TinyLlavaConfig:
         vision_layers / vision_hidden: the CLIP tower.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         seed: weight initialisation seed.
+        widen_init: rescale the initial weights so a random model has peaked outputs (for tests of
+            random models); ``False`` keeps transformers' initialisation (for training).
     """
 
     tokenizer: TokenizerKind = "sentencepiece"
@@ -56,18 +59,24 @@ class TinyLlavaConfig:
     vision_hidden: int = 32
     attn_implementation: str = "sdpa"
     seed: int = 0
+    widen_init: bool = True
 
 
 def build_tiny_llava(
-    config: TinyLlavaConfig = TinyLlavaConfig(), path: str | Path | None = None
+    config: TinyLlavaConfig = TinyLlavaConfig(),
+    path: str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build a tiny random LLaVA and its processor; save both to ``path`` when given.
+
+    ``tokenizer`` replaces the one ``config.tokenizer`` names (it must have an ``<image>`` token).
 
     >>> model, processor = build_tiny_llava(TinyLlavaConfig(layers=2))
     >>> model.config.text_config.num_hidden_layers
     2
     """
-    tokenizer = build_tokenizer(config.tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.tokenizer)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
@@ -109,7 +118,8 @@ def build_tiny_llava(
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = LlavaForConditionalGeneration(llava_config)
-    _widen_init(model)
+    if config.widen_init:
+        _widen_init(model)
     model.eval()
     model.config._attn_implementation = config.attn_implementation  # noqa: SLF001
     if path is not None:
