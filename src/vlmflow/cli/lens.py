@@ -103,6 +103,8 @@ def lens(
     console.print(f"run directory: [bold]{outcome.path}[/]")
     _print_first_top1(outcome.path)
     if plot:
+        from vlmflow.plots.lens import write_lens_figures
+
         for path in write_lens_figures(outcome.path, flows_run=flows_run):
             console.print(f"figure: {path}")
 
@@ -125,48 +127,6 @@ def _print_first_top1(run_dir: Path) -> None:
                 parts.append(f"{form} {entry['median_first_top1']:g} ({entry['reach_top1']}/{entry['samples']})")
         if parts:
             console.print(f"first top-1 layer, median over samples, {readout}: " + ", ".join(parts))
-
-
-def write_lens_figures(run_dir: Path, *, flows_run: Path | None = None) -> list[Path]:
-    """Write the lens figures of ``run_dir`` into ``run_dir/figures``; return their paths.
-
-    ``lens_<readout>.{png,pdf}`` (the paper's figure per readout), ``lens_<group>_positions.png`` for
-    extra groups, ``attention_<target>.png`` when attention was recorded, and
-    ``flows_over_lens.{png,pdf}`` when ``flows_run`` (or this run itself) has a ``flows`` table.
-    """
-    from vlmflow.experiments.lens import Readout
-    from vlmflow.plots.attention import plot_attention_mass
-    from vlmflow.plots.lens import plot_flows_over_lens, plot_lens, plot_lens_positions
-    from vlmflow.results.store import RunStore
-
-    store = RunStore.load(run_dir)
-    tables = store.tables()
-    if "lens" not in tables:
-        return []
-    folder = Path(run_dir) / "figures"
-    folder.mkdir(exist_ok=True)
-    written: list[Path] = []
-
-    def save(fig: Any, stem: str, pdf: bool = False) -> None:
-        for suffix in (".png", ".pdf") if pdf else (".png",):
-            path = folder / f"{stem}{suffix}"
-            fig.savefig(path, dpi=150)
-            written.append(path)
-
-    frame = store.read("lens")
-    readouts = [r for r in Readout if r.value in set(frame["readout"])]
-    for readout in readouts:
-        save(plot_lens(frame, readout), f"lens_{readout.value}", pdf=True)
-    for group in sorted(set(frame["group"]) - {Group.LAST.value}):
-        save(plot_lens_positions(frame, group, readout=readouts[-1]), f"lens_{group}_positions")
-    if "attention" in tables:
-        attention = store.read("attention")
-        for target in dict.fromkeys(attention["target"]):
-            save(plot_attention_mass(attention, target), f"attention_{target}")
-    flows_store = RunStore.load(flows_run) if flows_run is not None else store
-    if "flows" in flows_store.tables():
-        save(plot_flows_over_lens(flows_store.read("flows"), frame, readouts[0]), "flows_over_lens", pdf=True)
-    return written
 
 
 def register(app: typer.Typer) -> None:
