@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vlmflow.cli.common import console, err_console, progress_bar, setup_logging
+from vlmflow.cli.common import console, progress_bar, setup_logging
 
 
 def demo(
@@ -26,7 +26,7 @@ def demo(
     from vlmflow.organism.demo import DEMO_SEED, DEMO_WINDOW, run_demo
 
     if torch.get_num_threads() > 4:
-        torch.set_num_threads(4)  # a 1.5 M-parameter model gains nothing from more threads
+        torch.set_num_threads(4)  # a 1 M-parameter model gains nothing from more threads
     with progress_bar("samples") as update:
         result = run_demo(
             out,
@@ -35,32 +35,14 @@ def demo(
             window=DEMO_WINDOW if window is None else window,
             model=model,
             progress=update,
+            plot=plot,
         )
-    figures: list[Path] = []
-    if plot:
-        figures = _write_figures(result.runs)
     json_path, md_path = result.summary_files
-    console.print(md_path.read_text(), highlight=False)
-    console.print(f"demo directory: [bold]{result.path}[/]")
-    console.print(f"summary: {md_path} and {json_path}")
-    for path in figures:
-        console.print(f"figure: {path}")
-
-
-def _write_figures(runs: dict[str, dict[str, Path]]) -> list[Path]:
-    from vlmflow.cli.lens import write_lens_figures
-
-    try:
-        from vlmflow.cli.plot import write_flow_figures
-    except ImportError:
-        write_flow_figures = None
-        err_console.print("[yellow]flow figures need 'vlmflow plot', which this installation lacks[/]")
-    written: list[Path] = []
-    for run in runs.values():
-        if write_flow_figures is not None:
-            written += write_flow_figures(run["flows"])
-        written += [p for p in write_lens_figures(run["lens"], flows_run=run["flows"]) if p.suffix == ".png"]
-    return written
+    console.print(md_path.read_text(), soft_wrap=True, highlight=False, markup=False)
+    console.print(f"demo directory: [bold]{result.path}[/]", soft_wrap=True)
+    console.print(f"summary: {md_path} and {json_path}", highlight=False, soft_wrap=True)
+    for path in result.figures:
+        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

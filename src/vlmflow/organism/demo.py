@@ -10,8 +10,9 @@ Layout of the demo directory::
 
     OUT/
       scenes/             scenes_<Task>.csv and the PNG images
-      flows_<Task>/       a flows run directory per task
-      lens_<Task>/        a lens run directory per task
+      flows_<Task>/       a flows run directory per task (figures/flows_<Task>.png: the six flows)
+      lens_<Task>/        a lens run directory per task (figures/lens_raw.png, lens_normed.png,
+                          flows_over_lens.png)
       summary.json, summary.md
 
 >>> result = run_demo("runs/demo")      # doctest: +SKIP
@@ -35,6 +36,8 @@ from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 from vlmflow.loading import LoadedModel
 from vlmflow.organism import ALIAS
+from vlmflow.plots.flows import write_flow_figures
+from vlmflow.plots.lens import write_lens_figures
 from vlmflow.positions.groups import PAPER_FLOWS
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class DemoResult:
     scenes: Path
     runs: dict[str, dict[str, Path]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    figures: list[Path] = field(default_factory=list)
 
     @property
     def summary_files(self) -> tuple[Path, Path]:
@@ -71,6 +75,7 @@ def run_demo(
     tasks: tuple[TaskType, ...] = tuple(TaskType),
     progress: ProgressCallback | None = None,
     loaded: LoadedModel | None = None,
+    plot: bool = True,
 ) -> DemoResult:
     """Generate scenes, run flows and lens per task on ``model``, write the summary.
 
@@ -83,6 +88,7 @@ def run_demo(
         tasks: task types to run.
         progress: ``update(done, total, message)``, counted in samples over all runs.
         loaded: an already loaded model (then ``model`` only names it in the run specs).
+        plot: write the figures (PNG) into each run's ``figures`` folder.
     """
     out = Path(out)
     scenes = out / "scenes"
@@ -108,6 +114,10 @@ def run_demo(
             outcome = run_to_store(spec, out, progress=update, loaded=loaded)
             result.runs[task.value][name] = outcome.path
             done += per_task
+        if plot:
+            runs = result.runs[task.value]
+            result.figures += write_flow_figures(runs["flows"], formats=("png",))
+            result.figures += write_lens_figures(runs["lens"], flows_run=runs["flows"], formats=("png",))
     result.summary = summarise_demo(result, loaded)
     json_path, md_path = result.summary_files
     json_path.write_text(json.dumps(result.summary, indent=2) + "\n")
