@@ -86,7 +86,7 @@ class SceneShape:
 class Scene:
     """Objects on a grid. ``objects`` have distinct shapes and distinct cells.
 
-    >>> s = Scene((SceneShape("star", "red", "large", 1, 2, 12, 2, 2, "0"),))
+    >>> s = Scene((SceneShape("square", "red", "large", 1, 2, 12, 2, 2, "0"),))
     >>> s.box(s.objects[0])
     Box(x=34, y=18, w=12, h=12)
     >>> s.horizontal_side(s.objects[0])
