@@ -12,7 +12,7 @@ logit lens can follow both forms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
@@ -86,18 +86,6 @@ def build_organism(shape: OrganismShape = OrganismShape(), seed: int = 0) -> tup
     >>> model.config.text_config.num_hidden_layers, processor.patch_size
     (2, 16)
     """
-    config = TinyLlavaConfig(
-        tokenizer="word",
-        layers=shape.layers,
-        hidden=shape.hidden,
-        heads=shape.heads,
-        kv_heads=shape.kv_heads,
-        intermediate=shape.intermediate,
-        image_size=shape.image_size,
-        patch_size=shape.patch_size,
-        vision_layers=shape.vision_layers,
-        vision_hidden=shape.vision_hidden,
-        seed=seed,
-        widen_init=False,
-    )
+    # OrganismShape's fields are a subset of TinyLlavaConfig's, with the same meaning.
+    config = TinyLlavaConfig(tokenizer="word", seed=seed, widen_init=False, **asdict(shape))
     return build_tiny_llava(config, tokenizer=build_organism_tokenizer())
