@@ -21,6 +21,7 @@ def train_command(
     vision_steps: int | None = typer.Option(None, "--vision-steps", help="Vision-stage steps (default: the recipe's)."),
     minutes: float | None = typer.Option(None, "--minutes", help="Stop the question stage after this many minutes in all."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: the recipe's)."),
+    eval_per_task: int | None = typer.Option(None, "--eval-per-task", help="Held-out questions per task type (default: the recipe's)."),
     log_file: Path | None = typer.Option(None, "--log", help="Log file (default: OUT/train.log)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the log."),
 ) -> None:
@@ -31,7 +32,7 @@ def train_command(
     from vlmflow.organism.train import RECIPE_FILE, Recipe, train
 
     recipe = Recipe(seed=seed)
-    overrides = {"steps": steps, "vision_steps": vision_steps, "threads": threads}
+    overrides = {"steps": steps, "vision_steps": vision_steps, "threads": threads, "eval_per_task": eval_per_task}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file or out / "train.log", mode="w")

@@ -370,7 +370,7 @@ def _question_stage(model, probes, encoder, capture, recipe, held_out, out, proc
             rate = seen / max(1e-9, time.perf_counter() - stage_start)
             log.info(
                 "step %d loss %.4f (answer %.4f eos %.4f patch %.4f bind %.4f) %.1f q/s",
-                step, float(loss), float(answer_loss), float(eos_loss), float(aux_loss), float(bind_loss), rate,
+                step, loss.item(), answer_loss.item(), eos_loss.item(), aux_loss.item(), bind_loss.item(), rate,
             )
         if (step + 1) % recipe.eval_every == 0 or last_step or out_of_time:
             table = evaluate(model, encoder, held_out)
@@ -379,7 +379,7 @@ def _question_stage(model, probes, encoder, capture, recipe, held_out, out, proc
                 "stage": "questions",
                 "step": step + 1,
                 "minutes": round((time.perf_counter() - started) / 60, 2),
-                "loss": round(float(loss), 4),
+                "loss": round(loss.item(), 4),
                 "accuracy": {k: v["accuracy"] for k, v in table.items()},
             }
             history.append(entry)
@@ -389,7 +389,7 @@ def _question_stage(model, probes, encoder, capture, recipe, held_out, out, proc
                 save_checkpoint(model, processor, out)
                 _write_recipe(out, recipe, best, time.perf_counter() - started, history)
         if progress:
-            progress(recipe.vision_steps + step + 1, total, f"questions {float(answer_loss):.3f} worst {best_key[0]:.0f}%")
+            progress(recipe.vision_steps + step + 1, total, f"questions {answer_loss.item():.3f} worst {best_key[0]:.0f}%")
         if out_of_time:
             log.info("stopping at step %d: %.1f minutes reached", step + 1, max_minutes)
             break
