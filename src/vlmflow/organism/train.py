@@ -293,47 +293,86 @@ def train(
             "pair": Probes(recipe.shape.hidden, PAIR_HEADS),
         }
     )
-    capture = _Capture(model.model.multi_modal_projector)
-    started = time.perf_counter()
-    history: list[dict[str, Any]] = []
-    total = recipe.vision_steps + recipe.steps
+    session = _Session(recipe, out, model, processor, encoder, probes, _Capture(model.model.multi_modal_projector), progress)
     try:
-        _vision_stage(model, probes, encoder, capture, recipe, history, progress, total)
-        best = _question_stage(model, probes, encoder, capture, recipe, held_out, out, processor, history, progress, total, started, max_minutes)
+        _vision_stage(session)
+        best = _question_stage(session, held_out, max_minutes)
     finally:
-        capture.remove()
-    seconds = time.perf_counter() - started
-    _write_recipe(out, recipe, best, seconds, history)
-    return TrainResult(path=out, table=best, seconds=seconds, history=history)
+        session.capture.remove()
+    seconds = time.perf_counter() - session.started
+    _write_recipe(out, recipe, best, seconds, session.history)
+    return TrainResult(path=out, table=best, seconds=seconds, history=session.history)
 
 
-def _vision_stage(model, probes, encoder, capture, recipe, history, progress, total) -> None:  # type: ignore[no-untyped-def]
-    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *probes["patch"].parameters()]
+@dataclass
+class _Session:
+    """What the two stages of one training run share."""
+
+    recipe: Recipe
+    out: Path
+    model: nn.Module
+    processor: Any
+    encoder: BatchEncoder
+    probes: nn.ModuleDict
+    capture: _Capture
+    progress: ProgressCallback | None
+    started: float = field(default_factory=time.perf_counter)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, done: int, message: str) -> None:
+        if self.progress:
+            self.progress(done, self.recipe.vision_steps + self.recipe.steps, message)
+
+
+def _vision_stage(s: _Session) -> None:
+    recipe, model = s.recipe, s.model
+    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *s.probes["patch"].parameters()]
     optimizer = torch.optim.AdamW(vision, lr=recipe.vision_lr, weight_decay=recipe.weight_decay)
     for step in range(recipe.vision_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe.vision_steps, recipe.vision_lr, min(50, recipe.vision_steps // 4 + 1), 0.1)
         scenes = vision_scenes(recipe.seed, step, recipe.vision_batch)
-        model.model.get_image_features(pixel_values=encoder.pixels([s.render() for s in scenes]))
-        loss, parts = probes["patch"].loss(capture.value, patch_targets(scenes))
+        model.model.get_image_features(pixel_values=s.encoder.pixels([scene.render() for scene in scenes]))
+        loss, parts = s.probes["patch"].loss(s.capture.value, patch_targets(scenes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == recipe.vision_steps - 1:
             log.info("vision step %d loss %.4f %s", step, loss.item(), {k: round(v, 3) for k, v in parts.items()})
-            history.append({"stage": "vision", "step": step, "loss": round(loss.item(), 4)})
-        if progress:
-            progress(step + 1, total, f"vision {loss.item():.3f}")
+            s.history.append({"stage": "vision", "step": step, "loss": round(loss.item(), 4)})
+        s.report(step + 1, f"vision {loss.item():.3f}")
 
 
-def _question_stage(model, probes, encoder, capture, recipe, held_out, out, processor, history, progress, total, started, max_minutes):  # type: ignore[no-untyped-def]
-    params = [*model.parameters(), *probes.parameters()]
+def _question_loss(
+    s: _Session, questions: Sequence[SceneQuestion], shape_ids: dict[int, str], color_ids: dict[int, str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The question-stage loss of one batch, and its parts (answer, eos, patch, bind)."""
+    recipe, model, encoder, probes = s.recipe, s.model, s.encoder, s.probes
+    batch = encoder.encode(questions, with_answers=True)
+    outputs = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, use_cache=False, output_hidden_states=True)
+    first, second = logits_at_answer(model, outputs.last_hidden_state, batch.last)
+    answer_loss = nn.functional.cross_entropy(first, batch.answer_ids)
+    eos_loss = nn.functional.cross_entropy(second, torch.full_like(batch.answer_ids, encoder.eos_id))
+    aux_loss, _ = probes["patch"].loss(s.capture.value, patch_targets([q.scene for q in questions]))
+    rows, positions, labels = word_targets(batch, shape_ids, color_ids)
+    bound = outputs.hidden_states[recipe.bind_layer][rows, positions]  # [n shape words, d]
+    bind_loss, _ = probes["word"].loss(bound, {k: labels[k] for k in probes["word"].heads})
+    related = outputs.hidden_states[recipe.bind_layer + 1][rows, positions]
+    pair_loss, _ = probes["pair"].loss(related, {k: labels[k] for k in PAIR_HEADS})
+    bind_loss = bind_loss + pair_loss
+    loss = answer_loss + recipe.eos_weight * eos_loss + recipe.aux_weight * aux_loss + recipe.bind_weight * bind_loss
+    return loss, {"answer": answer_loss, "eos": eos_loss, "patch": aux_loss, "bind": bind_loss}
+
+
+def _question_stage(s: _Session, held_out: Sequence[SceneQuestion], max_minutes: float | None) -> dict[str, dict[str, Any]]:
+    recipe, model, encoder = s.recipe, s.model, s.encoder
+    params = [*model.parameters(), *s.probes.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr
     )
-    shape_ids = {int(encoder.tokenizer.convert_tokens_to_ids(s)): s for s in SHAPES}
+    shape_ids = {int(encoder.tokenizer.convert_tokens_to_ids(x)): x for x in SHAPES}
     color_ids = {int(encoder.tokenizer.convert_tokens_to_ids(c)): c for c in COLORS}
     table = evaluate(model, encoder, held_out)
     best: dict[str, dict[str, Any]] = table
@@ -344,52 +383,35 @@ def _question_stage(model, probes, encoder, capture, recipe, held_out, out, proc
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, recipe.steps, recipe.lr, recipe.warmup, recipe.final_lr_ratio)
         questions = training_questions(recipe.seed, step, recipe.batch, task_weights(table if step else None))
-        batch = encoder.encode(questions, with_answers=True)
-        outputs = model.model(
-            input_ids=batch.input_ids, pixel_values=batch.pixel_values, use_cache=False, output_hidden_states=True
-        )
-        first, second = logits_at_answer(model, outputs.last_hidden_state, batch.last)
-        answer_loss = nn.functional.cross_entropy(first, batch.answer_ids)
-        eos_loss = nn.functional.cross_entropy(second, torch.full_like(batch.answer_ids, encoder.eos_id))
-        aux_loss, _ = probes["patch"].loss(capture.value, patch_targets([q.scene for q in questions]))
-        rows, positions, labels = word_targets(batch, shape_ids, color_ids)
-        bound = outputs.hidden_states[recipe.bind_layer][rows, positions]  # [n shape words, d]
-        bind_loss, _ = probes["word"].loss(bound, {k: labels[k] for k in probes["word"].heads})
-        related = outputs.hidden_states[recipe.bind_layer + 1][rows, positions]
-        pair_loss, _ = probes["pair"].loss(related, {k: labels[k] for k in PAIR_HEADS})
-        bind_loss = bind_loss + pair_loss
-        loss = answer_loss + recipe.eos_weight * eos_loss + recipe.aux_weight * aux_loss + recipe.bind_weight * bind_loss
+        loss, parts = _question_loss(s, questions, shape_ids, color_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         seen += len(questions)
         last_step = step == recipe.steps - 1
-        out_of_time = max_minutes is not None and time.perf_counter() - started > 60 * max_minutes
+        out_of_time = max_minutes is not None and time.perf_counter() - s.started > 60 * max_minutes
         if step % 50 == 0:
             rate = seen / max(1e-9, time.perf_counter() - stage_start)
-            log.info(
-                "step %d loss %.4f (answer %.4f eos %.4f patch %.4f bind %.4f) %.1f q/s",
-                step, loss.item(), answer_loss.item(), eos_loss.item(), aux_loss.item(), bind_loss.item(), rate,
-            )
+            details = " ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
+            log.info("step %d loss %.4f (%s) %.1f q/s", step, loss.item(), details, rate)
         if (step + 1) % recipe.eval_every == 0 or last_step or out_of_time:
             table = evaluate(model, encoder, held_out)
             key = (worst_task(table), table["all"]["accuracy"])
             entry = {
                 "stage": "questions",
                 "step": step + 1,
-                "minutes": round((time.perf_counter() - started) / 60, 2),
+                "minutes": round((time.perf_counter() - s.started) / 60, 2),
                 "loss": round(loss.item(), 4),
                 "accuracy": {k: v["accuracy"] for k, v in table.items()},
             }
-            history.append(entry)
+            s.history.append(entry)
             log.info("eval step %d: %s", step + 1, entry["accuracy"])
             if key > best_key:
                 best_key, best = key, table
-                save_checkpoint(model, processor, out)
-                _write_recipe(out, recipe, best, time.perf_counter() - started, history)
-        if progress:
-            progress(recipe.vision_steps + step + 1, total, f"questions {answer_loss.item():.3f} worst {best_key[0]:.0f}%")
+                save_checkpoint(model, s.processor, s.out)
+                _write_recipe(s.out, recipe, best, time.perf_counter() - s.started, s.history)
+        s.report(recipe.vision_steps + step + 1, f"questions {parts['answer'].item():.3f} worst {best_key[0]:.0f}%")
         if out_of_time:
             log.info("stopping at step %d: %.1f minutes reached", step + 1, max_minutes)
             break
