@@ -39,15 +39,17 @@ def train_command(
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     library_log = logging.getLogger("vlmflow")
-    previous_level = library_log.level
+    previous = (library_log.level, library_log.propagate)
     library_log.addHandler(handler)
     library_log.setLevel(logging.INFO)
+    library_log.propagate = verbose  # the progress bar speaks on the console; details go to the log file
     try:
         with progress_bar("steps") as update:
             result = train(recipe, out, progress=update, max_minutes=minutes)
     finally:
         library_log.removeHandler(handler)
-        library_log.setLevel(previous_level)
+        library_log.setLevel(previous[0])
+        library_log.propagate = previous[1]
         handler.close()
     _print_table(result.table)
     console.print(f"trained in {result.seconds / 60:.1f} min; checkpoint: [bold]{out}[/] (recipe and table in {RECIPE_FILE})")
