@@ -66,6 +66,11 @@ def flows(
         f"{summary['errors']} errors"
     )
     console.print(f"run directory: [bold]{run.path}[/]")
+    if summary["samples"] and not summary["kept"]:
+        console.print(
+            "no sample was answered correctly, so no flows were computed (the paper keeps only correct "
+            "answers); --keep-all computes them for every sample"
+        )
     if plot and summary["flow_rows"]:
         from vlmflow.plots.flows import write_flow_figures
 
