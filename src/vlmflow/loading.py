@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,6 @@ def load_model(
     >>> loaded.adapter.family                                   # doctest: +SKIP
     'llava'
     """
-    from transformers import AutoConfig, AutoProcessor
-
     if attn_implementation not in MASKABLE_ATTENTION:
         # Kernels such as flash-attention never see an explicit mask: a knockout would silently do nothing.
         raise ConfigError(
@@ -135,7 +134,52 @@ def load_model(
         )
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
-    source = str(name_or_path)
+    with hub_access(allow_hub):
+        return _load(
+            str(name_or_path), torch_dtype, torch_device, attn_implementation, revision, allow_hub, trust_remote_code, template, options
+        )
+
+
+@contextmanager
+def hub_access(allowed: bool) -> Iterator[None]:
+    """Inside the block, the Hugging Face hub libraries make no network request unless ``allowed``.
+
+    ``local_files_only`` alone is not enough: huggingface_hub also fetches metadata of its own when it
+    builds request headers for a hub id (even one served from the local cache). Its offline switch
+    stops every request; it is set for the block and restored afterwards.
+
+    >>> with hub_access(False):
+    ...     from huggingface_hub import constants
+    ...     constants.HF_HUB_OFFLINE
+    True
+    """
+    if allowed:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _load(
+    source: str,
+    torch_dtype: torch.dtype,
+    torch_device: torch.device,
+    attn_implementation: str,
+    revision: str | None,
+    allow_hub: bool,
+    trust_remote_code: bool,
+    template: str | None,
+    options: Mapping[str, Any] | None,
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoProcessor
+
+    dtype = str(torch_dtype).removeprefix("torch.")
     local = Path(source).is_dir()
     common: dict[str, Any] = {
         "revision": revision,
@@ -188,7 +232,7 @@ def load_model(
         "architecture": architectures[0],
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": dtype,
         "device": str(torch_device),
         "attn_implementation": attn_implementation,
         "n_layers": adapter.n_layers(model),
