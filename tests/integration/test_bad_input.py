@@ -203,6 +203,20 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
         fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts[:3])
 
 
+def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
+    """A tokenizer that gives no character offsets leaves the question with no tokens."""
+    import numpy as np
+
+    from vlmflow.positions.build import build_position_groups
+
+    loaded, prepared = tiny_prepared("sp-gqa")
+    encoded = replace(prepared.encoded, offsets=np.zeros_like(prepared.encoded.offsets))
+    start, end = encoded.question_span
+    with pytest.raises(SampleError, match=rf"question text 'Is the square red or blue\?' not found in the prompt's tokens: no token's character offsets overlap characters {start}\.\.{end}") as info:
+        build_position_groups(encoded, loaded.adapter.image_token_id(loaded.model), None, prepared.sample)
+    assert info.value.stage == "groups"
+
+
 def test_image_token_count_mismatch_is_a_sample_error_and_stops_a_run(tiny_checkpoint, tmp_path):
     from vlmflow.loading import load_model
 
