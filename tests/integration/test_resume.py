@@ -13,6 +13,7 @@ import collections
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,17 @@ def test_same_spec_skips_done_samples_and_a_different_spec_is_refused(tiny_check
     assert "Use another output directory or run name" in message
     assert main([*args, "--limit", "4", "--window", "3"]) == 2
     assert "settings.window: stored None, now 3" in " ".join(capsys.readouterr().err.split())
+    # The same path with other content is another dataset.
+    edited = tmp_path / "edited.csv"
+    edited.write_text(csv.read_text().replace("Is the square", "Is that square", 1))
+    edited_args = [a if a != str(csv) else str(edited) for a in args]
+    for image in csv.parent.glob("*.png"):
+        (tmp_path / image.name).write_bytes(image.read_bytes())
+    assert main([*edited_args, "--name", "edited", "--limit", "4"]) == 0
+    edited.write_text(csv.read_text())
+    capsys.readouterr()
+    assert main([*edited_args, "--name", "edited", "--limit", "4"]) == 2
+    assert re.search(r"data\.sha256: stored '[0-9a-f]{16}', now '[0-9a-f]{16}'", " ".join(capsys.readouterr().err.split()))
     # The same spec again: nothing is recomputed, nothing changes.
     assert main([*args, "--limit", "4"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -123,7 +123,7 @@ class RunSpec:
             "experiment": self.experiment.name,
             "schema_version": SCHEMA_VERSION,
             "model": model,
-            "data": asdict(self.data),
+            "data": {**asdict(self.data), "sha256": data_digest(self.data.data)},
             "settings": self.experiment.identity(),
         }
 
@@ -147,6 +147,28 @@ def _slug(text: str) -> str:
     stem = Path(str(text).rstrip("/")).name or str(text)
     stem = re.sub(r"\.csv$", "", stem)
     return re.sub(r"[^A-Za-z0-9_.]+", "-", stem).strip("-")[:40] or "run"
+
+
+def data_digest(data: str) -> str | None:
+    """First 16 hex digits of the sha256 of the data file's bytes (``gqa:TASK``: the packaged file).
+
+    Part of a run's identity, so an edited CSV under the same path is another run, not a resume
+    that would mix rows of two datasets. ``None`` when ``data`` names nothing readable (the data
+    reader then says why).
+    """
+    from vlmflow.data.datasets import GQA_SCHEME, released_file
+    from vlmflow.data.sample import TaskType
+
+    try:
+        if data.lower().startswith(GQA_SCHEME):
+            blob = released_file(TaskType.parse(data[len(GQA_SCHEME) :])).read_bytes()
+        elif Path(data).is_file():
+            blob = Path(data).read_bytes()
+        else:
+            return None
+    except (ValueError, OSError, ConfigError):
+        return None
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def provenance(loaded: LoadedModel) -> dict[str, Any]:
