@@ -208,6 +208,7 @@ def run_flows(
     image_mode: str | None = None,
     revision: str | None = None,
     allow_hub: bool = False,
+    trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
 ) -> Run:
     """Knock out attention flows in windows of layers over a dataset (the paper's experiment).
@@ -227,8 +228,8 @@ def run_flows(
         keep_all: keep wrongly answered samples too (the paper drops them).
         engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
         max_new_tokens: greedy tokens generated for the baseline answer.
-        dtype, device, attn_implementation, template, image_mode, revision, allow_hub: how to load
-            the model (ignored when ``model`` is already loaded); see :func:`vlmflow.load_model`.
+        dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code:
+            how to load the model (ignored when ``model`` is already loaded); see :func:`vlmflow.load_model`.
         progress: ``True`` for a progress bar (tqdm), or a ``progress(done, total, message)`` callback.
 
     Returns:
@@ -248,7 +249,9 @@ def run_flows(
         engine=engine,  # type: ignore[arg-type]  # checked by FlowSettings
         max_new_tokens=max_new_tokens,
     )
-    model_spec, loaded = _model_spec(model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub)
+    model_spec, loaded = _model_spec(
+        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
+    )
     outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress)
     return Run(outcome.path)
 
@@ -275,6 +278,7 @@ def run_lens(
     image_mode: str | None = None,
     revision: str | None = None,
     allow_hub: bool = False,
+    trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
 ) -> Run:
     """The paper's answer-emergence readout (logit lens at the last position) over a dataset.
@@ -303,7 +307,9 @@ def run_lens(
         skip_blank=not literal_first_piece,
         attention=AttentionSettings() if attention is True else (attention or None),
     )
-    model_spec, loaded = _model_spec(model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub)
+    model_spec, loaded = _model_spec(
+        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
+    )
     outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress)
     return Run(outcome.path)
 
@@ -320,6 +326,7 @@ def _model_spec(
     image_mode: str | None,
     revision: str | None,
     allow_hub: bool,
+    trust_remote_code: bool = False,
 ) -> tuple[ModelSpec, LoadedModel | None]:
     """The model part of a run spec, and the model itself when the caller already loaded it."""
     from vlmflow.experiments.runner import ModelSpec
@@ -333,6 +340,7 @@ def _model_spec(
             attn_implementation=attn_implementation,
             revision=revision,
             allow_hub=allow_hub,
+            trust_remote_code=trust_remote_code,
             template=template,
             options=options,
         )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -54,3 +55,14 @@ def progress_bar(unit: str) -> Iterator[Callable[[int, int, str], None]]:
             progress.update(task, completed=done, total=total, description=message or "running")
 
         yield update
+
+
+def print_errors(summary: Mapping[str, Any], shown: int = 3) -> None:
+    """Print a run's error rows by stage and the first few reasons (all are in ``errors.parquet``)."""
+    by_stage = summary.get("errors_by_stage") or {}
+    if not by_stage:
+        return
+    stages = ", ".join(f"{stage} {count}" for stage, count in sorted(by_stage.items()))
+    err_console.print(f"[yellow]errors by stage:[/] {stages}", highlight=False)
+    for row in list(summary.get("error_rows") or [])[:shown]:
+        err_console.print(f"  {row['sample_id']} ({row['stage']}): {row['reason']}", highlight=False, markup=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.common import console, print_errors, progress_bar, setup_logging
 from vlmflow.positions.groups import Flow
 
 
@@ -28,6 +28,9 @@ def flows(
     attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
+    ),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
     image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
@@ -58,6 +61,7 @@ def flows(
             image_mode=image_mode,
             revision=revision,
             allow_hub=allow_hub,
+            trust_remote_code=trust_remote_code,
             progress=update,
         )
     summary = run.summary
@@ -65,6 +69,7 @@ def flows(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
         f"{summary['errors']} errors"
     )
+    print_errors(summary)
     console.print(f"run directory: [bold]{run.path}[/]")
     if summary["samples"] and not summary["kept"]:
         console.print(

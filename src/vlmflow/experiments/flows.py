@@ -118,7 +118,7 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
         pad_token_id=tokenizer.pad_token_id,
     )
     if not bool(torch.isfinite(clean.logits).all()):
-        raise SampleError("the clean forward produced non-finite logits", stage="forward")
+        raise SampleError(f"the clean forward produced non-finite logits ({_non_finite(clean.logits)})", stage="forward")
     log_probs = torch.log_softmax(clean.logits, dim=-1)
     answer_id = int(torch.argmax(clean.logits))
     generated = clean.generated if clean.generated is not None else torch.tensor([answer_id])
@@ -169,7 +169,13 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
     else:
         logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
     if not bool(torch.isfinite(logits).all()):
-        raise SampleError("a knockout forward produced non-finite logits", stage="knockout")
+        bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
+        flow, center, _ = plan[bad]
+        raise SampleError(
+            f"a knockout forward produced non-finite logits (first at flow {flow}, layer {center}: "
+            f"{_non_finite(logits[bad])})",
+            stage="knockout",
+        )
     answer_id = sample_row["answer_token_id"]
     logp_base = torch.log_softmax(clean.logits.cpu(), dim=-1)[answer_id]
     logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
@@ -199,6 +205,16 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
             }
         )
     return result
+
+
+def _non_finite(logits: torch.Tensor) -> str:
+    """``"3 NaN and 0 infinite of 32000 values; finite logits are expected (float16 overflows: use bfloat16 or float32)"``."""
+    nan = int(torch.isnan(logits).sum())
+    inf = int(torch.isinf(logits).sum())
+    return (
+        f"{nan} NaN and {inf} infinite of {logits.numel()} values; finite logits are expected "
+        "(float16 overflows easily: use bfloat16 or float32)"
+    )
 
 
 def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, flow: Flow, knockout: Knockout) -> None:

@@ -23,6 +23,7 @@ their replacements are applied to their own query rows by :func:`~vlmflow.knocko
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from vlmflow.knockout.ablation import (
 )
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
 from vlmflow.knockout.spec import Knockout, check_layers
+
+log = logging.getLogger(__name__)
 
 #: What the fast engine runs: blocked attention edges or a module-level ablation.
 Intervention = Knockout | Ablation
@@ -175,7 +178,9 @@ def fast_logits(
 
     Knockouts (and ablations) with the same first target run folded together; ``max_fold_queries``
     bounds the query rows of one layer call (more variants are split into chunks of similar start
-    layer). Mean ablations cost one extra clean forward for their replacement values.
+    layer). Mean ablations cost one extra clean forward for their replacement values. On
+    ``torch.OutOfMemoryError`` the chunk size is halved and the chunk retried, down to one variant
+    per call; an OOM with a single variant is raised.
     """
     adapter.check_attention_backend(model)
     n_layers = adapter.n_layers(model)
@@ -199,12 +204,29 @@ def fast_logits(
         suffix = encoded.seq_len - t0
         per_call = max(1, max_fold_queries // suffix)
         ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
-        for lo in range(0, len(ordered), per_call):
+        lo = 0
+        while lo < len(ordered):
             chunk = ordered[lo : lo + per_call]
             chunk_values = {j: values[i] for j, i in enumerate(chunk) if i in values}
-            logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0, chunk_values)
+            try:
+                logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0, chunk_values)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise  # one variant at a time is the smallest fold; the caller records the sample
+                logits = None
+            if logits is None:  # outside the except block, so the failed call's tensors are freed
+                per_call = max(1, len(chunk) // 2)
+                release_cached_memory()
+                log.warning("out of memory folding %d knockouts; retrying %d at a time", len(chunk), per_call)
+                continue
             result[chunk] = logits.cpu()
+            lo += len(chunk)
     return result
+
+
+def release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _run_folded(
