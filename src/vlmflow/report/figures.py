@@ -43,7 +43,8 @@ def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = F
     if inline == "png":
         return f'<img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
     text = data.decode("utf-8")
-    return text[text.index("<svg") :]
+    # The element only: no XML prolog or DOCTYPE, and no RDF metadata block (it names web namespaces).
+    return re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.S)
 
 
 def _band(ax: Axes, x: np.ndarray, curve: Curve, color: str, label: str, style: str = "-") -> None:
