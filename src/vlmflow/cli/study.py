@@ -58,15 +58,10 @@ def report(
 ) -> None:
     """Write one self-contained HTML report (works offline) of a study, and its figures as PNG/PDF/SVG."""
     setup_logging(verbose)
-    from vlmflow.errors import ConfigError
-    from vlmflow.report.figures import FORMATS
+    from vlmflow.plots.common import check_formats
     from vlmflow.report.html import write_report
 
-    chosen = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    bad = [f for f in chosen if f not in FORMATS]
-    if bad:
-        raise ConfigError(f"unknown figure format {', '.join(bad)}; valid: {', '.join(FORMATS)}")
-    path = write_report(study_dir, out=out, formats=chosen)
+    path = write_report(study_dir, out=out, formats=check_formats(formats.split(",")))
     console.print(f"report: [bold]{path}[/]")
 
 

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vlmflow.analysis.evidence import ControlComparison
 from vlmflow.analysis.stats import Curve
+from vlmflow.plots.common import FIGURE_FORMATS, draw_curves
+from vlmflow.plots.common import save_figure as write_figure
 
-FORMATS = ("png", "pdf", "svg")
+FORMATS = FIGURE_FORMATS
 
 
 def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = FORMATS, *, inline: str = "svg") -> str:
@@ -32,11 +34,10 @@ def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = F
     ``inline="svg"`` returns the ``<svg>`` element (text kept as text, ids salted with ``stem`` so
     several figures can share one page); ``inline="png"`` returns a ``data:`` URI ``<img>``.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    salt = re.sub(r"[^A-Za-z0-9]", "", f"{folder.name}{stem}")
+    salt = re.sub(r"[^A-Za-z0-9]", "", f"{folder.parent.name}{folder.name}{stem}")
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
-        for fmt in formats:
-            fig.savefig(folder / f"{stem}.{fmt}", dpi=150)
+        if formats:
+            write_figure(fig, folder, stem, formats)
         buffer = io.BytesIO()
         fig.savefig(buffer, format=inline, dpi=110)
     data = buffer.getvalue()
@@ -47,9 +48,10 @@ def save_figure(fig: Figure, folder: Path, stem: str, formats: Sequence[str] = F
     return re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg") :], flags=re.S)
 
 
-def _band(ax: Axes, x: np.ndarray, curve: Curve, color: str, label: str, style: str = "-") -> None:
-    ax.plot(x, curve.mean, color=color, linestyle=style, label=label)
-    ax.fill_between(x, curve.low, curve.high, color=color, alpha=0.15, linewidth=0)
+def _table(curve: Curve, key: str, x: np.ndarray | None = None) -> pd.DataFrame:
+    """A :class:`Curve` as a :func:`vlmflow.plots.common.curves` table (``x`` replaces the layers)."""
+    layers = curve.layers if x is None else x
+    return pd.DataFrame({"key": key, "layer": layers, "mean": curve.mean, "low": curve.low, "high": curve.high})
 
 
 def plot_control(comparison: ControlComparison, title: str = "") -> Figure:
@@ -59,15 +61,17 @@ def plot_control(comparison: ControlComparison, title: str = "") -> Figure:
     """
     fig = Figure(figsize=(6.0, 5.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
-    x = comparison.related.layers
     target = comparison.target
-    _band(top, x, comparison.related, "C4", f"related ↛ {target}")
-    _band(top, x, comparison.random, "C7", f"random ↛ {target} ({comparison.draws} draws, same size)", "--")
+    labels = {"related": f"related ↛ {target}", "random": f"random ↛ {target} ({comparison.draws} draws, same size)"}
+    table = pd.concat([_table(comparison.related, "related"), _table(comparison.random, "random")])
+    colors = {"related": "C4", "random": "C7"}
+    draw_curves(top, table, "key", ["related", "random"], labels=labels, colors=colors, styles={"random": "--"})
     top.axhline(0.0, color="grey", linewidth=0.5)
     top.set_ylabel("Change in probability (%)")
     top.legend(loc="lower left", fontsize="small", frameon=False)
     top.set_title(title or f"Size-matched random-patch control ({comparison.related.n} samples)", fontsize="small")
-    _band(bottom, x, comparison.difference, "C3", "related − random (paired)")
+    labels = {"difference": "related − random (paired)"}
+    draw_curves(bottom, _table(comparison.difference, "difference"), "key", ["difference"], labels=labels, colors={"difference": "C3"})
     bottom.axhline(0.0, color="grey", linewidth=0.5)
     bottom.set_ylabel("Difference (points)")
     bottom.set_xlabel("Layer (window centre)")
@@ -87,12 +91,14 @@ def plot_cross_model(curves: dict[str, dict[str, Curve]], flows: Sequence[str], 
     fig = Figure(figsize=(4.0 * cols, 3.0 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, squeeze=False)).ravel()
     for ax, flow in zip(axes, flows, strict=False):
-        for i, (model, by_flow) in enumerate(curves.items()):
+        parts, labels = [], {}
+        for model, by_flow in curves.items():
             curve = by_flow.get(flow)
-            if curve is None or curve.n == 0:
-                continue
-            x = curve.layers / max(int(curve.layers.max()), 1)
-            _band(ax, x, curve, f"C{i % 10}", f"{model} (L={curve.depth})")
+            if curve is not None and curve.n:
+                parts.append(_table(curve, model, curve.layers / max(int(curve.layers.max()), 1)))
+                labels[model] = f"{model} (L={curve.depth})"
+        if parts:
+            draw_curves(ax, pd.concat(parts), "key", list(curves), labels=labels)
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_title(flow.replace("->", " ↛ "), fontsize="small")
         ax.set_xlabel("Relative depth (window centre / (L − 1))")

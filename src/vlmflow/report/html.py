@@ -64,6 +64,7 @@ th { background: var(--bg); font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .scroll { overflow-x: auto; }
 .grid { display: grid; gap: 12px; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); }
+.grid.wide { grid-template-columns: repeat(auto-fill, minmax(900px, 1fr)); }
 figure { margin: 0; border: 1px solid var(--line); padding: 6px; background: #fff; }
 figure svg, figure img { width: 100%; height: auto; display: block; }
 figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
@@ -279,33 +280,29 @@ class _Builder:
         )
 
     def flows(self) -> str:
-        from vlmflow.plots.lens import draw_flows
+        from vlmflow.plots.flows import plot_flows
 
         figures = []
         for cell in self.cells():
             frame = cell.tables.get("flows")
             if frame is None or frame.empty:
                 continue
-
-            def make(frame: Any = frame, cell: CellAnalysis = cell) -> Any:
-                from matplotlib.figure import Figure
-
-                fig = Figure(figsize=(6.0, 4.0), layout="constrained")
-                ax = fig.add_subplot()
-                draw_flows(ax, frame)
-                ax.set_xlabel("Layer (window centre)")
-                ax.set_title(f"{cell.model} / {cell.task}: window {cell.evidence.window}", fontsize="small")
-                return fig
-
+            frame = frame[frame["sample_id"].astype(str).isin(cell.evidence.kept_ids)]
             n = frame["sample_id"].nunique()
+            title = f"{cell.model} / {cell.task}: {n} samples, window {cell.evidence.window}"
             figures.append(
-                self.figure(make, self.a.study.figures_dir(cell.model, cell.task), "flows", f"{cell.model} / {cell.task} ({n} samples)")
+                self.figure(
+                    lambda frame=frame, title=title: plot_flows(frame, title=title),
+                    self.a.study.figures_dir(cell.model, cell.task),
+                    "flows",
+                    title,
+                )
             )
         if not figures:
             return "<p class=\"muted\">No flows were run.</p>"
         return (
             "<p class=\"note\">Mean relative change of the answer's probability when the flow is knocked out in a window of "
-            "layers centred on each layer, with the 95% bootstrap band.</p>" + f'<div class="grid">{"".join(figures)}</div>'
+            "layers centred on each layer, with the 95% bootstrap band.</p>" + f'<div class="grid wide">{"".join(figures)}</div>'
         )
 
     def lens(self) -> str:
