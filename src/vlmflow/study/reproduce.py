@@ -113,19 +113,22 @@ def resolve_tasks(config: StudyConfig, study: StudyDir) -> dict[str, ResolvedTas
 
 
 def generate_scenes(task: TaskEntry, folder: Path) -> Path:
-    """Write the task's synthetic scene set into ``folder`` (once) and return its CSV."""
+    """Write the task's synthetic scene set into ``folder`` (once; deterministic in its seed) and
+    return its CSV."""
     assert task.synthetic is not None
     try:
-        from vlmflow.data import scenes
+        from vlmflow.data.scene_sets import write_scene_set
     except ImportError:
         raise ConfigError(
-            f"task {task.label!r} asks for synthetic scenes, but this vlmflow has no scene generator (vlmflow.data.scenes)"
+            f"task {task.label!r} asks for synthetic scenes, but this vlmflow has no scene generator "
+            "(vlmflow.data.scene_sets)"
         ) from None
     syn = task.synthetic
-    csv = folder / f"{syn.task.value}.csv"
-    if not csv.is_file():
-        scenes.write_scene_set(folder, task=syn.task, n=syn.n, seed=syn.seed)  # type: ignore[attr-defined]
-    return csv
+    done = folder / ".complete"  # written last: a set cut short by a crash is written again
+    if not done.is_file():
+        written = write_scene_set(folder, syn.n, syn.seed, tasks=(syn.task,))
+        done.write_text(written[syn.task].name)
+    return folder / done.read_text().strip()
 
 
 def reproduce(

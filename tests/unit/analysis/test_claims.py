@@ -148,3 +148,15 @@ def test_thresholds_change_the_verdict():
     assert results["image-last"].status is Status.HOLDS
     strict = {r.claim.id: r for r in evaluate_cell(ev, ClaimThresholds(near_zero=2.0))}
     assert strict["image-last"].status is Status.FAILS
+
+
+def test_every_rule_is_documented():
+    from pathlib import Path
+
+    from vlmflow.analysis.claims import STUDY_CLAIMS
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "study.md").read_text()
+    for claim in [*CLAIMS, *STUDY_CLAIMS]:
+        assert f"| `{claim}` |" in doc, claim
+    for field in ClaimThresholds.__dataclass_fields__:
+        assert f"`{field}`" in doc, field
