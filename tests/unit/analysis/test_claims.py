@@ -52,6 +52,11 @@ FAILING = [
     ("other-question", {"curves": changed(**{"other->question": bump(CENTRES, 6, 1, -20)})}, "Other has no lower dip"),
     ("related-question", {"curves": changed(**{"related->question": bump(CENTRES, 1, 1.2, -20)})}, "Related has no middle dip"),
     ("random-control", {"curves": changed(**{"random->question": bump(CENTRES, 6, 1.0, -18)})}, "random patches hurt as much"),
+    (
+        "random-control",
+        {"curves": changed(**{"related->question": bump(CENTRES, 6, 1.0, -2), "random->question": bump(CENTRES, 6, 1.0, 3)})},
+        "no real related effect to control",
+    ),
     ("lens-low", {"curves": changed(**{"lens:answer": np.full(17, 20.0)})}, "answer probable from the start"),
     ("lens-lowercase-first", {"curves": changed(**{"lens:answer": 60 * sig((J - 15.5) * 3)})}, "lowercase rises after capitalised"),
     ("lens-lowercase-first", {"curves": changed(**{"lens:answer": 60 * sig((J - 4) * 3) * (1 - sig((J - 15) * 3))})}, "rises before Question->Last"),
