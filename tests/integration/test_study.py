@@ -32,8 +32,9 @@ from vlmflow.study.reproduce import reproduce
 SHAPE = "sp-gqa"
 
 
-def write_study(folder: Path, checkpoint: Path, n: int = 3) -> Path:
-    """A task CSV of ``n`` scene samples, its image, and a study config using ``checkpoint``."""
+def write_study(folder: Path, checkpoint: Path, n: int = 3, *, variant: bool = False) -> Path:
+    """A task CSV of ``n`` scene samples, its image, and a study config using ``checkpoint``
+    (``variant``: a second model entry, the same checkpoint with ``image_mode: resize``)."""
     folder.mkdir(parents=True, exist_ok=True)
     sample, image = make_scene_sample()
     image.save(folder / "img1.png")
@@ -44,6 +45,7 @@ def write_study(folder: Path, checkpoint: Path, n: int = 3) -> Path:
 name: tiny
 models:
   - {{label: tiny, model: {checkpoint}, dtype: float32, device: cpu}}
+{f"  - {{label: tiny-resize, model: {checkpoint}, dtype: float32, device: cpu, image_mode: resize}}" if variant else ""}
 tasks:
   - {{data: ChooseAttr.csv}}
 keep_all: true          # random weights answer wrongly; keep every sample
@@ -145,10 +147,17 @@ def test_report_is_written_with_every_section_and_static_figures(study: Path):
 def test_cli_reproduce_and_report(tmp_path: Path, tiny_checkpoint):
     from vlmflow.cli.main import main
 
-    config = write_study(tmp_path / "input", tiny_checkpoint(SHAPE), n=1)
+    config = write_study(tmp_path / "input", tiny_checkpoint(SHAPE), n=1, variant=True)
     assert main(["reproduce", str(config), "--out", str(tmp_path / "s"), "--no-report"]) == 0
     assert main(["report", str(tmp_path / "s"), "--formats", "svg"]) == 0
     assert (tmp_path / "s/report.html").is_file() and (tmp_path / "s/figures/tiny/ChooseAttr/flows.svg").is_file()
+    # Two models on one task: the cross-model comparison on the common set, and the two image modes
+    # of one checkpoint are compared by the noHD/noPad rule.
+    analysis = json.loads((tmp_path / "s/analysis.json").read_text())
+    assert analysis["common"]["ChooseAttr"]["models"] == ["tiny", "tiny-resize"] and analysis["common"]["ChooseAttr"]["n"] == 1
+    assert (tmp_path / "s/figures/cross-model/ChooseAttr.svg").is_file()
+    nohd = next(c for c in analysis["study_claims"] if c["id"] == "nohd-nopad")
+    assert nohd["status"] != Status.NOT_RUN.value and "tiny vs tiny-resize on ChooseAttr" in nohd["evidence"]
     assert main(["report", str(tmp_path / "s"), "--formats", "gif"]) == 2
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["reproduce", str(config), "--dry-run"]) == 0
