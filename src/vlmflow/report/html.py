@@ -54,7 +54,7 @@ header h1 { margin: 0 0 4px; font-size: 22px; }
 nav { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line); padding: 6px 28px; }
 nav a { margin-right: 14px; color: #0b57d0; text-decoration: none; font-size: 13px; }
 main { padding: 0 28px 40px; max-width: 1500px; }
-section { padding-top: 10px; border-bottom: 1px solid var(--line); padding-bottom: 18px; }
+section { padding-top: 10px; border-bottom: 1px solid var(--line); padding-bottom: 18px; scroll-margin-top: 36px; }
 h2 { font-size: 18px; margin: 18px 0 8px; }
 h3 { font-size: 15px; margin: 14px 0 6px; }
 p.note, .muted { color: var(--muted); font-size: 13px; }
