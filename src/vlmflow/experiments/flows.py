@@ -146,21 +146,51 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
 
 def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> SampleResult:
     """Run the flow experiment on one prepared sample (baseline, then every flow x window)."""
-    groups = prepared.groups
-    check_flows_available(groups, settings.flows)
-    n_layers = loaded.n_layers
-    k = settings.window_for(n_layers)
-    windows = sweep(k, n_layers)
-    plan: list[tuple[Flow, int, Knockout]] = []
-    for flow in settings.flows:
-        for center, layers in windows:
-            plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
-        _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
+    plan = knockout_plan(loaded, prepared, prepared.groups, settings.flows, settings.window_for(loaded.n_layers))
     capture_from = min(knockout.first_target for _, _, knockout in plan)
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
     if not sample_row["kept"]:
         return result
+    result.rows = knockout_rows(loaded, prepared, clean, sample_row, plan, settings)
+    return result
+
+
+def knockout_plan(
+    loaded: LoadedModel, prepared: PreparedSample, groups: PositionGroups, flows: Sequence[Flow], k: int
+) -> list[tuple[Flow, int, Knockout]]:
+    """``(flow, centre, knockout)`` for every flow and window centre, flows outermost.
+
+    ``groups`` are the sample's position groups (``prepared.groups``, or another draw of them).
+
+    Raises:
+        SampleError: a flow's group is missing for this sample, or a flow blocks no attention edge.
+    """
+    check_flows_available(groups, flows)
+    plan: list[tuple[Flow, int, Knockout]] = []
+    for flow in flows:
+        for center, layers in sweep(k, loaded.n_layers):
+            plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
+        _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
+    return plan
+
+
+def knockout_rows(
+    loaded: LoadedModel,
+    prepared: PreparedSample,
+    clean: CleanRun,
+    sample_row: dict[str, Any],
+    plan: Sequence[tuple[Flow, int, Knockout]],
+    settings: FlowSettings,
+) -> list[dict[str, Any]]:
+    """One ``flows`` row per ``(flow, centre, knockout)`` of ``plan``, in plan order.
+
+    ``clean`` and ``sample_row`` come from :func:`baseline`; ``settings`` gives the engine and the
+    window size recorded in the rows.
+
+    >>> rows = knockout_rows(loaded, prepared, clean, row, plan, FlowSettings())   # doctest: +SKIP
+    """
+    k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
     if settings.engine == "fast":
         logits = fast_logits(
@@ -181,10 +211,11 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
     logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
     top = torch.argmax(logits, dim=-1)
     p_base = float(logp_base.exp())
+    rows: list[dict[str, Any]] = []
     for i, (flow, center, knockout) in enumerate(plan):
         p_blocked = float(logp[i].exp())
         target, source = knockout.edges[0]
-        result.rows.append(
+        rows.append(
             {
                 "sample_id": prepared.sample.sample_id,
                 "task": sample_row["task"],
@@ -204,7 +235,7 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
                 "engine": settings.engine,
             }
         )
-    return result
+    return rows
 
 
 def _non_finite(logits: torch.Tensor) -> str:
