@@ -120,7 +120,7 @@ def load_model(
     >>> loaded.adapter.family                                   # doctest: +SKIP
     'llava'
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -144,7 +144,6 @@ def load_model(
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
     merged_options.update(options or {})
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template
 
     log.info("loading %s (%s) as %s on %s", source, architectures[0], dtype, torch_device)
     model = adapter.model_class().from_pretrained(
@@ -157,8 +156,9 @@ def load_model(
     model.to(torch_device)
     model.eval()
     adapter.check_attention_backend(model)
-    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = adapter.load_processor(source, **common)
     processor = adapter.prepare_processor(processor, merged_options)
+    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
     info = {
         "model": source,
         "family": adapter.family,

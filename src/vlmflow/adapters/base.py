@@ -100,9 +100,19 @@ class VLMAdapter(ABC):
     def model_class(self) -> type[nn.Module]:
         """The transformers class to load checkpoints of this family with."""
 
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        """Load the checkpoint's processor (default: ``AutoProcessor.from_pretrained``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+
     def prepare_processor(self, processor: Any, options: Mapping[str, Any]) -> Any:
         """Adjust a freshly loaded processor (default: unchanged)."""
         return processor
+
+    def default_template_for(self, config: Any, processor: Any) -> str:
+        """Prompt template of a checkpoint that names none (default: the family's ``default_template``)."""
+        return self.default_template
 
     # ---- inputs --------------------------------------------------------------------------------
     @abstractmethod
