@@ -31,7 +31,7 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter, _shift_span
+from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter, _shift_span, model_inputs
 from vlmflow.adapters.llava import expand_to_square
 from vlmflow.adapters.registry import register_adapter
 from vlmflow.errors import ConfigError, SampleError, UnsupportedModelError
@@ -83,6 +83,10 @@ class AnyresAdapter(VLMAdapter):
                 f"unknown image_mode {options.get('image_mode')!r} for {self.family}; valid: {', '.join(self.image_modes())}"
             )
         return mode
+
+    def prepare_processor(self, processor: Any, options: Mapping[str, Any]) -> Any:
+        self._mode(options)  # a bad image_mode fails at load time, before any sample
+        return processor
 
     def max_patches(self, model: nn.Module) -> int | None:
         """OneVision's ``anyres_max_N`` downscaling bound; ``None``: never downscale."""
@@ -244,8 +248,7 @@ class LlavaNextAdapter(AnyresAdapter):
             text, return_tensors="pt", return_offsets_mapping=True, add_special_tokens=template.add_special_tokens
         )
         offsets = batch.pop("offset_mapping")[0].numpy()
-        device = features.device
-        inputs: dict[str, Any] = {key: value.to(device) for key, value in batch.items()}
+        inputs = model_inputs(model, {key: batch[key] for key in ("input_ids", "attention_mask")})
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
         return Encoded(
             inputs=inputs,

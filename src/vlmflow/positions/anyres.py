@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlmflow.data.sample import Box
-from vlmflow.errors import ConfigError, SampleError
+from vlmflow.errors import ConfigError
 from vlmflow.positions.patches import Axis, GridPart, PatchGrid, View, _check_size
 
 Pinpoints = tuple[tuple[int, int], ...]
@@ -94,6 +94,9 @@ def fitted_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[i
 def unpad_ranges(image_size: tuple[int, int], rows: int, cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Token rows and columns the model keeps of a ``rows`` x ``cols`` canvas (``unpad_image``).
 
+    For an extremely elongated image a range can be empty (the model keeps no column, say, but
+    still emits a newline for each row).
+
     >>> unpad_ranges((500, 375), 48, 48)
     ((6, 42), (0, 48))
     """
@@ -106,13 +109,6 @@ def unpad_ranges(image_size: tuple[int, int], rows: int, cols: int) -> tuple[tup
         new_width = int(round(width * (rows / height), 7))
         pad = (cols - new_width) // 2
         kept = ((0, rows), (pad, cols - pad))
-    (r0, r1), (c0, c1) = kept
-    if r1 <= r0 or c1 <= c0:
-        raise SampleError(
-            f"a {width}x{height} image is too elongated: un-padding keeps {r1 - r0}x{c1 - c0} of its "
-            f"{rows}x{cols} grid tokens",
-            stage="image",
-        )
     return kept
 
 
@@ -156,38 +152,51 @@ def bilinear_sources(n_in: int, n_out: int) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class DownscaledGrid:
-    """A kept (un-padded) grid region, bilinearly resized to ``shape``, newline after each row."""
+class AnyresGrid:
+    """The high-resolution grid as the model packs it: kept region, optional downscale, newlines.
 
-    part: GridPart  # the un-padded region, without newlines
-    shape: tuple[int, int]  # (rows, cols) after downscaling
+    ``rows``/``cols`` are the token ranges un-padding keeps of ``grid`` (either may be empty for an
+    extremely elongated image: the model then still emits one newline per kept row); ``shape`` is
+    the region's ``(rows, cols)`` after OneVision's downscaling (the kept shape when none).
+    """
 
-    def _rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
-        r0, r1 = self.part.rows or (0, self.part.grid.shape[0])
-        c0, c1 = self.part.cols or (0, self.part.grid.shape[1])
-        return bilinear_sources(r1 - r0, self.shape[0]), bilinear_sources(c1 - c0, self.shape[1])
+    grid: PatchGrid
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    shape: tuple[int, int]
 
-    def _mix(self, flat: np.ndarray) -> np.ndarray:
-        # flat: (rows_in * cols_in,) bool -> (rows_out, cols_out) bool: any contributing input set
-        by_row, by_col = self._rows_cols()
-        grid = flat.reshape(by_row.shape[1], by_col.shape[1]).astype(np.int64)
-        return (by_row.astype(np.int64) @ grid @ by_col.T.astype(np.int64)) > 0
+    @property
+    def kept_shape(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
 
-    def _with_newlines(self, grid: np.ndarray, newline_value: bool) -> np.ndarray:
-        return np.concatenate([grid, np.full((grid.shape[0], 1), newline_value)], axis=1).reshape(-1)
+    @property
+    def downscaled(self) -> bool:
+        return self.shape != self.kept_shape
 
     @property
     def n_tokens(self) -> int:
         return self.shape[0] * (self.shape[1] + 1)
 
+    def _pack(self, values: np.ndarray, newline_value: bool) -> np.ndarray:
+        # values: (grid rows, grid cols) bool -> (n_tokens,) in the model's order
+        kept = values[self.rows[0] : self.rows[1], self.cols[0] : self.cols[1]]
+        if self.downscaled:
+            # A downscaled token takes weights from <= 2 x 2 kept tokens: true if any of them is.
+            by_row = bilinear_sources(kept.shape[0], self.shape[0]).astype(np.int64)  # (out rows, kept rows)
+            by_col = bilinear_sources(kept.shape[1], self.shape[1]).astype(np.int64)  # (out cols, kept cols)
+            kept = (by_row @ kept.astype(np.int64) @ by_col.T) > 0
+        newline = np.full((kept.shape[0], 1), newline_value)
+        return np.concatenate([kept, newline], axis=1).reshape(-1)
+
     def related(self, boxes: Sequence[Box]) -> np.ndarray:
-        return self._with_newlines(self._mix(self.part.related(boxes)), False)
+        return self._pack(self.grid.related(boxes), False)
 
     def padding(self) -> np.ndarray:
-        return self._with_newlines(~self._mix(~self.part.padding()), False)
+        # All-padding after downscaling = no contributing token shows the image.
+        return ~self._pack(~self.grid.padding(), False) & ~self.newlines()
 
     def newlines(self) -> np.ndarray:
-        return self._with_newlines(np.zeros(self.shape, dtype=bool), True)
+        return self._pack(np.zeros(self.grid.shape, dtype=bool), True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,7 +211,7 @@ class AnyresLayout:
     """
 
     base: GridPart
-    grid: GridPart | DownscaledGrid
+    grid: AnyresGrid
     best_resolution: tuple[int, int]  # (height, width) of the pinpoint used
 
     @property
@@ -252,7 +261,6 @@ def anyres_geometry(
     Raises:
         ConfigError: sizes that do not tile (pinpoint not a multiple of the view, view not a
             multiple of the patch).
-        SampleError: an image so elongated that un-padding keeps no token row or column.
 
     >>> anyres_geometry((500, 375), view_size=384, patch_size=14, pinpoints=onevision_pinpoints(), max_patches=9).n_tokens
     1728
@@ -290,11 +298,9 @@ def _anyres_geometry(
     )
     grid = PatchGrid(canvas, patch_size)
     rows, cols = unpad_ranges(image_size, *grid.shape)
-    shrink = downscaled_shape(rows[1] - rows[0], cols[1] - cols[0], view_size // patch_size, max_patches)
-    if shrink is None:
-        hd: GridPart | DownscaledGrid = GridPart(grid, rows=rows, cols=cols, newline_after_row=True)
-    else:
-        hd = DownscaledGrid(GridPart(grid, rows=rows, cols=cols), shrink)
+    kept = (rows[1] - rows[0], cols[1] - cols[0])
+    shape = downscaled_shape(*kept, view_size // patch_size, max_patches) or kept
+    hd = AnyresGrid(grid, rows=rows, cols=cols, shape=shape)
     return AnyresLayout(base=base, grid=hd, best_resolution=(best_h, best_w))
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
@@ -39,7 +38,7 @@ from transformers import (
 )
 
 from vlmflow.prompts import LLAMA3_SYSTEM, VICUNA_SYSTEM
-from vlmflow.testing.tiny import _widen_init
+from vlmflow.testing.tiny import TinyLlavaConfig, _decoder_kwargs, _random_model, _save, _vision_kwargs
 from vlmflow.testing.tokenizers import DEFAULT_CORPUS, build_tokenizer
 
 #: Meta-Llama-3-8B-Instruct's chat template (its ``tokenizer_config.json``), which LLaVA-NeXT's
@@ -116,34 +115,19 @@ def build_bytelevel_tokenizer(
 
 
 @dataclass(frozen=True)
-class TinyAnyresConfig:
-    """Shape of a tiny anyres model (LLaVA-NeXT or OneVision).
+class TinyAnyresConfig(TinyLlavaConfig):
+    """Shape of a tiny anyres model (LLaVA-NeXT or OneVision): a :class:`TinyLlavaConfig` plus the grid.
 
     Attributes:
         tokenizer: ``"sentencepiece"`` (Vicuna-like) or ``"llama3"`` for LLaVA-NeXT; OneVision always
             uses a Qwen2-style tokenizer.
-        layers / hidden / heads / kv_heads / intermediate: the decoder.
-        view_size / patch_size: one vision view and its patches; ``pinpoints``: anyres grids
-            ``(height, width)`` (``None``: the family's tiny default).
-        anyres_max: OneVision's ``anyres_max_N``.
-        attn_implementation: ``"sdpa"`` or ``"eager"``.
-        seed: weight initialisation seed.
+        image_size: one vision view (32 for LLaVA-NeXT; use 36 for OneVision, like 384 px at 14).
+        pinpoints: anyres grids ``(height, width)``; ``None``: the family's tiny default.
+        anyres_max: OneVision's ``anyres_max_N`` (1: any grid of more than one view is downscaled).
     """
 
-    tokenizer: Literal["sentencepiece", "llama3"] = "sentencepiece"
-    layers: int = 4
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 128
-    view_size: int = 32
-    patch_size: int = 8
     pinpoints: tuple[tuple[int, int], ...] | None = None
     anyres_max: int = 1
-    vision_layers: int = 2
-    vision_hidden: int = 32
-    attn_implementation: str = "sdpa"
-    seed: int = 0
 
 
 def build_tiny_llava_next(
@@ -155,7 +139,7 @@ def build_tiny_llava_next(
     >>> model.config.image_grid_pinpoints
     [[32, 64], [64, 32], [64, 64]]
     """
-    v = config.view_size
+    v = config.image_size
     pins = [list(p) for p in (config.pinpoints or ((v, 2 * v), (2 * v, v), (2 * v, 2 * v)))]
     if config.tokenizer == "llama3":
         tokenizer = build_bytelevel_tokenizer("llama3")
@@ -172,28 +156,21 @@ def build_tiny_llava_next(
         num_additional_image_tokens=1,
     )
     model_config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=config.vision_hidden,
-            intermediate_size=config.vision_hidden * 2,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=4,
-            image_size=v,
-            patch_size=config.patch_size,
-        ),
-        text_config=_llama_like(LlamaConfig, config, tokenizer),
+        vision_config=CLIPVisionConfig(**_vision_kwargs(config)),
+        text_config=LlamaConfig(**_decoder_kwargs(config, tokenizer)),
         image_token_index=tokenizer.image_token_id,
         image_grid_pinpoints=pins,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    model = _init(LlavaNextForConditionalGeneration, model_config, config)
+    model = _random_model(LlavaNextForConditionalGeneration, model_config, config)
     if path is not None:
         _save(model, processor, Path(path))
     return model, processor
 
 
 def build_tiny_llava_onevision(
-    config: TinyAnyresConfig = TinyAnyresConfig(view_size=36), path: str | Path | None = None
+    config: TinyAnyresConfig = TinyAnyresConfig(image_size=36), path: str | Path | None = None
 ) -> tuple[LlavaOnevisionForConditionalGeneration, object]:
     """Build a tiny random LLaVA-OneVision and its processor; save both to ``path`` when given.
 
@@ -206,7 +183,7 @@ def build_tiny_llava_onevision(
     """
     from vlmflow.adapters.llava_onevision import OnevisionImageProcessor
 
-    v = config.view_size
+    v = config.image_size
     pins = [list(p) for p in (config.pinpoints or tuple((i * v, j * v) for i in (1, 2, 3) for j in (1, 2, 3)))]
     side = v // config.patch_size
     ratio = f"anyres_max_{config.anyres_max}"
@@ -222,16 +199,8 @@ def build_tiny_llava_onevision(
         vision_aspect_ratio=ratio,
     )
     model_config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=config.vision_hidden,
-            intermediate_size=config.vision_hidden * 2,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=4,
-            image_size=v,
-            patch_size=config.patch_size,
-            vision_use_head=False,
-        ),
-        text_config=_llama_like(Qwen2Config, config, tokenizer),
+        vision_config=SiglipVisionConfig(**_vision_kwargs(config), vision_use_head=False),
+        text_config=Qwen2Config(**_decoder_kwargs(config, tokenizer)),
         image_token_index=tokenizer.image_token_id,
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pins,
@@ -239,7 +208,7 @@ def build_tiny_llava_onevision(
         vision_feature_layer=-1,
         vision_aspect_ratio=ratio,
     )
-    model = _init(LlavaOnevisionForConditionalGeneration, model_config, config)
+    model = _random_model(LlavaOnevisionForConditionalGeneration, model_config, config)
     if path is not None:
         path = Path(path)
         _save(model, processor, path)
@@ -249,34 +218,3 @@ def build_tiny_llava_onevision(
         saved["processor_class"] = "LlavaOnevisionProcessor"
         config_file.write_text(json.dumps(saved, indent=2))
     return model, processor
-
-
-def _llama_like(config_class: type, config: TinyAnyresConfig, tokenizer: PreTrainedTokenizerFast) -> object:
-    return config_class(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def _init(model_class: type, model_config: object, config: TinyAnyresConfig) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        model = model_class(model_config)
-    _widen_init(model)
-    model.eval()
-    model.config._attn_implementation = config.attn_implementation  # noqa: SLF001
-    return model
-
-
-def _save(model: torch.nn.Module, processor: object, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
