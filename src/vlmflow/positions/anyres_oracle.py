@@ -138,7 +138,7 @@ def anyres_oracle_tokens(
 def _patch_features(views: np.ndarray, patch: int) -> torch.Tensor:
     # views: (V, 3, S, S) uint8 -> (V, n*n, planes + 1) float32: bit channels, then "shows the image"
     blue = views[:, 2]
-    if not np.isin(blue, (_IMAGE_BLUE, 0)).all():
+    if not ((blue == _IMAGE_BLUE) | (blue == 0)).all():
         raise RuntimeError("processed mask has mixed pixel values: the processor did not resample with NEAREST")
     n = views.shape[-1] // patch
     seen = n * patch  # the patch convolution drops the pixels past the last whole patch
