@@ -180,7 +180,7 @@ def _load(
     template: str | None,
     options: Mapping[str, Any] | None,
 ) -> LoadedModel:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     dtype = str(torch_dtype).removeprefix("torch.")
     local = Path(source).is_dir()
@@ -207,7 +207,6 @@ def _load(
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
     merged_options.update(options or {})
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template
 
     if local:
         check_safetensors(Path(source))
@@ -227,8 +226,9 @@ def _load(
     model.to(torch_device)
     model.eval()
     adapter.check_attention_backend(model)
-    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = adapter.load_processor(source, **common)
     processor = adapter.prepare_processor(processor, merged_options)
+    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
     info = {
         "model": source,
         "family": adapter.family,

@@ -100,9 +100,19 @@ class VLMAdapter(ABC):
     def model_class(self) -> type[nn.Module]:
         """The transformers class to load checkpoints of this family with."""
 
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        """Load the checkpoint's processor (default: ``AutoProcessor.from_pretrained``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+
     def prepare_processor(self, processor: Any, options: Mapping[str, Any]) -> Any:
         """Adjust a freshly loaded processor (default: unchanged)."""
         return processor
+
+    def default_template_for(self, config: Any, processor: Any) -> str:
+        """Prompt template of a checkpoint that names none (default: the family's ``default_template``)."""
+        return self.default_template
 
     # ---- inputs --------------------------------------------------------------------------------
     @abstractmethod
@@ -145,17 +155,8 @@ class VLMAdapter(ABC):
         replacements = batch.pop("text_replacement_offsets")[0]
         offsets = batch.pop("offset_mapping")[0].numpy()
         text, question_span = _shift_span(rendered, replacements)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        inputs: dict[str, Any] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(device)
-                if value.is_floating_point():
-                    value = value.to(dtype)
-            inputs[key] = value
         return Encoded(
-            inputs=inputs,
+            inputs=model_inputs(model, batch),
             input_ids=batch["input_ids"][0].cpu(),
             offsets=offsets,
             text=text,
@@ -249,6 +250,19 @@ class VLMAdapter(ABC):
     def answer_token_candidates(self, tokenizer: Any, word: str) -> list[int]:
         """Token ids of ``word`` as the model would produce it as the first answer token."""
         return list(tokenizer.encode(word, add_special_tokens=False))
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` ready for ``model(**inputs)``: tensors on the model's device, floats in its dtype."""
+    param = next(model.parameters())
+    inputs: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(param.device)
+            if value.is_floating_point():
+                value = value.to(param.dtype)
+        inputs[key] = value
+    return inputs
 
 
 def _shift_span(rendered: RenderedPrompt, replacements: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[int, int]]:

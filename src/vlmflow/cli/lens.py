@@ -48,7 +48,7 @@ def lens(
         False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
     ),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
-    image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
+    image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures when done."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),

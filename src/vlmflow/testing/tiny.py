@@ -23,6 +23,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -90,44 +91,63 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
     )
     llava_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=config.vision_hidden,
-            intermediate_size=config.vision_hidden * 2,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=4,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden,
-            intermediate_size=config.intermediate,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**_vision_kwargs(config)),
+        text_config=LlamaConfig(**_decoder_kwargs(config, tokenizer)),
         image_token_index=tokenizer.image_token_id,
         image_seq_length=(config.image_size // config.patch_size) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
+    model = _random_model(LlavaForConditionalGeneration, llava_config, config)
+    if path is not None:
+        _save(model, processor, Path(path))
+    return model, processor
+
+
+def _vision_kwargs(config: TinyLlavaConfig) -> dict:
+    """Vision-tower config arguments (CLIP or SigLIP) of a tiny model."""
+    return {
+        "hidden_size": config.vision_hidden,
+        "intermediate_size": config.vision_hidden * 2,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": 4,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
+def _decoder_kwargs(config: TinyLlavaConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Decoder config arguments (Llama-like: Llama, Qwen2, ...) of a tiny model."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": config.hidden,
+        "intermediate_size": config.intermediate,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _random_model(model_class: type, model_config: object, config: TinyLlavaConfig) -> torch.nn.Module:
+    """``model_class(model_config)`` with seeded, widened random weights, in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = LlavaForConditionalGeneration(llava_config)
+        model = model_class(model_config)
     if config.widen_init:
         _widen_init(model)
     model.eval()
     model.config._attn_implementation = config.attn_implementation  # noqa: SLF001
-    if path is not None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-    return model, processor
+    return model
+
+
+def _save(model: torch.nn.Module, processor: object, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
 
 
 def _widen_init(model: torch.nn.Module) -> None:
