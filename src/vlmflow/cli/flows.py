@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
 from vlmflow.positions.groups import PAPER_FLOWS, Flow
 
 
@@ -32,12 +40,17 @@ def flows(
     image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the flow figure when done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Knock out attention flows in windows of layers and record how the answer probability changes."""
     setup_logging(verbose)
+    executor = ray_options(ray, workers, shard_size)
+    from vlmflow.distributed import execute
     from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec
 
     parsed = tuple(Flow.parse(f) for f in flow) if flow else PAPER_FLOWS
     options = (("image_mode", image_mode),) if image_mode else ()
@@ -59,7 +72,7 @@ def flows(
         name=name,
     )
     with progress_bar("samples") as update:
-        outcome = run_to_store(spec, out, progress=update)
+        outcome = execute(spec, out, ray=executor, progress=update)
     summary = outcome.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "

@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
 from vlmflow.positions.groups import Group
 
 
@@ -48,14 +56,19 @@ def lens(
     image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures when done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Read the answer's probability out of the residual stream at every layer (the paper's logit lens)."""
     setup_logging(verbose)
+    executor = ray_options(ray, workers, shard_size)
+    from vlmflow.distributed import execute
     from vlmflow.errors import ConfigError
     from vlmflow.experiments.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, AttentionSettings
     from vlmflow.experiments.lens import LensSettings, Readout
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec
 
     try:
         readouts = tuple(Readout(r.strip().lower()) for r in readout) if readout else (Readout.RAW, Readout.NORMED)
@@ -94,7 +107,7 @@ def lens(
         name=name,
     )
     with progress_bar("samples") as update:
-        outcome = run_to_store(spec, out, progress=update)
+        outcome = execute(spec, out, ray=executor, progress=update)
     summary = outcome.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
