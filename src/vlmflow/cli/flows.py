@@ -15,7 +15,7 @@ from vlmflow.cli.common import (
     ray_options,
     setup_logging,
 )
-from vlmflow.positions.groups import PAPER_FLOWS, Flow
+from vlmflow.positions.groups import Flow
 
 
 def flows(
@@ -47,42 +47,42 @@ def flows(
 ) -> None:
     """Knock out attention flows in windows of layers and record how the answer probability changes."""
     setup_logging(verbose)
-    executor = ray_options(ray, workers, shard_size)
-    from vlmflow.distributed import execute
-    from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec
+    on_ray = ray_options(ray, workers, shard_size)
+    from vlmflow.api import run_flows
 
-    parsed = tuple(Flow.parse(f) for f in flow) if flow else PAPER_FLOWS
-    options = (("image_mode", image_mode),) if image_mode else ()
-    spec = RunSpec(
-        model=ModelSpec(
-            name=model,
+    with progress_bar("samples") as update:
+        run = run_flows(
+            model,
+            data,
+            images=images,
+            flows=[Flow.parse(f) for f in flow] if flow else None,
+            window=window,
+            out=out,
+            name=name,
+            limit=limit,
+            keep_all=keep_all,
+            engine=engine,
+            max_new_tokens=max_new_tokens,
             dtype=dtype,
             device=device,
             attn_implementation=attn,
+            template=template,
+            image_mode=image_mode,
             revision=revision,
             allow_hub=allow_hub,
-            template=template,
-            options=options,
-        ),
-        data=DataSpec(data=data, images=str(images) if images else None, limit=limit),
-        experiment=FlowSettings(
-            flows=parsed, window=window, keep_all=keep_all, engine=engine, max_new_tokens=max_new_tokens
-        ),
-        name=name,
-    )
-    with progress_bar("samples") as update:
-        outcome = execute(spec, out, ray=executor, progress=update)
-    summary = outcome.summary
+            progress=update,
+            ray=on_ray,
+        )
+    summary = run.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
         f"{summary['errors']} errors"
     )
-    console.print(f"run directory: [bold]{outcome.path}[/]")
+    console.print(f"run directory: [bold]{run.path}[/]")
     if plot and summary["flow_rows"]:
-        from vlmflow.cli.plot import write_flow_figures
+        from vlmflow.plots.flows import write_flow_figures
 
-        for path in write_flow_figures(outcome.path):
+        for path in write_flow_figures(run.path):
             console.print(f"figure: {path}")
 
 
