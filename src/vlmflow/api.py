@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from vlmflow.distributed import RayOptions
     from vlmflow.experiments.attention import AttentionSettings
-    from vlmflow.experiments.runner import Experiment, ModelSpec, RunOutcome
+    from vlmflow.experiments.runner import Experiment, ModelSpec, RunOutcome, RunSpec
     from vlmflow.loading import LoadedModel
     from vlmflow.results.store import RunStore
 
@@ -210,6 +211,7 @@ def run_flows(
     allow_hub: bool = False,
     trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
+    ray: RayOptions | str | None = None,
 ) -> Run:
     """Knock out attention flows in windows of layers over a dataset (the paper's experiment).
 
@@ -231,6 +233,8 @@ def run_flows(
         dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code:
             how to load the model (ignored when ``model`` is already loaded); see :func:`vlmflow.load_model`.
         progress: ``True`` for a progress bar (tqdm), or a ``progress(done, total, message)`` callback.
+        ray: run on a Ray cluster: ``"auto"``, ``"local"``, an address, or
+            :class:`~vlmflow.distributed.RayOptions` (see ``docs/scale-out.md``); same run directory.
 
     Returns:
         The :class:`Run` (its directory is complete and resumable).
@@ -252,7 +256,7 @@ def run_flows(
     model_spec, loaded = _model_spec(
         model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
     )
-    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress)
+    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
     return Run(outcome.path)
 
 
@@ -280,6 +284,7 @@ def run_lens(
     allow_hub: bool = False,
     trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
+    ray: RayOptions | str | None = None,
 ) -> Run:
     """The paper's answer-emergence readout (logit lens at the last position) over a dataset.
 
@@ -310,7 +315,7 @@ def run_lens(
     model_spec, loaded = _model_spec(
         model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
     )
-    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress)
+    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
     return Run(outcome.path)
 
 
@@ -375,8 +380,9 @@ def _run(
     out: str | Path,
     name: str | None,
     progress: bool | ProgressCallback,
+    ray: RayOptions | str | None = None,
 ) -> RunOutcome:
-    from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
+    from vlmflow.experiments.runner import DataSpec, RunSpec
 
     spec = RunSpec(
         model=model_spec,
@@ -386,8 +392,27 @@ def _run(
     )
     if progress is True:
         with _tqdm_progress() as callback:
-            return run_to_store(spec, out, progress=callback, loaded=loaded)
-    return run_to_store(spec, out, progress=progress or None, loaded=loaded)
+            return _execute(spec, out, callback, loaded, ray)
+    return _execute(spec, out, progress or None, loaded, ray)
+
+
+def _execute(
+    spec: RunSpec,
+    out: str | Path,
+    progress: ProgressCallback | None,
+    loaded: LoadedModel | None,
+    ray: RayOptions | str | None,
+) -> RunOutcome:
+    """In this process, or on Ray (same run directory either way)."""
+    from vlmflow.experiments.runner import run_to_store
+
+    if ray is None:
+        return run_to_store(spec, out, progress=progress, loaded=loaded)
+    from vlmflow.distributed import RayOptions, execute
+
+    if loaded is not None:
+        raise ConfigError("a model already loaded in this process cannot run on Ray; pass its checkpoint path or id")
+    return execute(spec, out, ray=ray if isinstance(ray, RayOptions) else RayOptions(ray), progress=progress)
 
 
 class _tqdm_progress:

@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from vlmflow.cli.common import console, print_errors, progress_bar, setup_logging
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    print_errors,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
 from vlmflow.positions.groups import Group
 
 
@@ -51,10 +60,14 @@ def lens(
     image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures when done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Read the answer's probability out of the residual stream at every layer (the paper's logit lens)."""
     setup_logging(verbose)
+    on_ray = ray_options(ray, workers, shard_size)
     from vlmflow.api import run_lens
     from vlmflow.errors import ConfigError
     from vlmflow.experiments.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, AttentionSettings
@@ -91,6 +104,7 @@ def lens(
             allow_hub=allow_hub,
             trust_remote_code=trust_remote_code,
             progress=update,
+            ray=on_ray,
         )
     summary = run.summary
     console.print(

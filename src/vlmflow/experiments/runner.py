@@ -289,36 +289,75 @@ def run_to_store(
     PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
     """
     from vlmflow.experiments.selftest import run_self_test
-    from vlmflow.results.store import RunStore
 
-    samples, read_errors, images = load_data(spec.data)
+    data = load_data(spec.data)
     loaded = loaded or spec.model.load()
     report = run_self_test(loaded, getattr(spec.experiment, "engine", "fast")) if self_test else None
     torch.manual_seed(SEED)
-    path = Path(out) / spec.run_name()
+    run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
+    started = time.perf_counter()
+    count = 0
+    if progress:
+        progress(0, len(run.todo), "starting")
+    for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
+        run.store.commit(tables)
+        count += 1
+        if progress:
+            progress(count, len(run.todo), "")
+    return finish_run(run, time.perf_counter() - started, computed=count)
+
+
+@dataclass
+class OpenRun:
+    """A run directory opened for computing: its store and the samples still to do."""
+
+    path: Path
+    store: Any  # RunStore (imported lazily)
+    todo: list[Sample]
+    images: Path
+    total: int
+
+
+def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``spec.json`` holds for ``spec`` run on ``loaded``: its identity plus provenance.
+
+    ``self_test`` is the start-up self-test's report (provenance only: not part of the identity).
+    """
     record = provenance(loaded)
-    record["self_test"] = report.as_dict() if report is not None else None
-    stored_spec = {**spec.identity(loaded), "provenance": record}
-    store = RunStore.open(path, stored_spec)
+    record["self_test"] = dict(self_test) if self_test is not None else None
+    return {**spec.identity(loaded), "provenance": record}
+
+
+def open_run(
+    spec: RunSpec,
+    out: Path | str,
+    stored: dict[str, Any],
+    data: tuple[list[Sample], list[dict[str, Any]], Path],
+) -> OpenRun:
+    """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
+
+    ``data`` is :func:`load_data`'s result. Commits the read errors not yet committed and returns
+    the samples not yet done, in data order. Any executor (this process, a Ray cluster) starts here.
+    """
+    from vlmflow.results.store import RunStore
+
+    samples, read_errors, images = data
+    path = Path(out) / spec.run_name()
+    store = RunStore.open(path, stored)
     done = store.done_sample_ids()
     fresh_read_errors = [e for e in read_errors if e["sample_id"] not in done]
     if fresh_read_errors:
         store.commit({"errors": fresh_read_errors})
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%s: %d samples, %d already done", path, len(samples), len(samples) - len(todo))
-    started = time.perf_counter()
-    count = 0
-    if progress:
-        progress(0, len(todo), "starting")
-    for tables in iter_samples(loaded, todo, images, spec.experiment):
-        store.commit(tables)
-        count += 1
-        if progress:
-            progress(count, len(todo), "")
-    elapsed = time.perf_counter() - started
-    summary = summarise(store, elapsed, computed=count)
-    store.finalize(summary)
-    return RunOutcome(path=path, summary=summary)
+    return OpenRun(path=path, store=store, todo=todo, images=images, total=len(samples))
+
+
+def finish_run(run: OpenRun, elapsed: float, computed: int) -> RunOutcome:
+    """Summarise and consolidate the run directory (idempotent); the end of every executor."""
+    summary = summarise(run.store, elapsed, computed=computed)
+    run.store.finalize(summary)
+    return RunOutcome(path=run.path, summary=summary)
 
 
 def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
