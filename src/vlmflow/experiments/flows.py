@@ -21,7 +21,7 @@ import torch
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, clean_run, fast_logits
+from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -156,7 +156,9 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
         for center, layers in windows:
             plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
         _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
-    capture_from = min(knockout.first_target for _, _, knockout in plan)
+    # Positions before the first one any knockout can change keep their clean states (see the fast engine).
+    starts = affected_starts(loaded.adapter, prepared.encoded, n_layers, [k for _, _, k in plan])
+    capture_from = min((s for s in starts if s >= 0), default=0)
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
     if not sample_row["kept"]:
