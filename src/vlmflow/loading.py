@@ -120,7 +120,7 @@ def load_model(
     >>> loaded.adapter.family                                   # doctest: +SKIP
     'llava'
     """
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
@@ -157,7 +157,7 @@ def load_model(
     model.to(torch_device)
     model.eval()
     adapter.check_attention_backend(model)
-    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = adapter.load_processor(source, **common)
     processor = adapter.prepare_processor(processor, merged_options)
     info = {
         "model": source,
