@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL, Gemma-3, Idefics3 and SmolVLM: the engine on tiny random checkpoints.
+"""Qwen2-VL, Qwen2.5-VL, Gemma-3, PaliGemma, Idefics3 and SmolVLM: the engine on tiny random checkpoints.
 
 Each family's tiny model is built from a config, saved with ``save_pretrained`` and loaded back
 through :func:`vlmflow.loading.load_model`. Checked per family and attention implementation: the
@@ -25,12 +25,14 @@ from vlmflow.loading import load_model
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
 from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from vlmflow.testing.tiny_paligemma import build_tiny_paligemma
 from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
 BUILDERS: dict[str, Callable[[Path], object]] = {
     "qwen2_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(), p),
     "qwen2_5_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(version="2.5", seed=1), p),
     "gemma3": lambda p: build_tiny_gemma3(TinyGemma3Config(), p),
+    "paligemma": lambda p: build_tiny_paligemma(path=p),
     "idefics3": lambda p: build_tiny_idefics3(TinyIdefics3Config(), p),
     "smolvlm": lambda p: build_tiny_idefics3(TinyIdefics3Config(kind="smolvlm", seed=1), p),
 }
@@ -41,6 +43,8 @@ CASES = [
     ("qwen2_5_vl", "sdpa"),
     ("gemma3", "sdpa"),
     ("gemma3", "eager"),
+    ("paligemma", "sdpa"),
+    ("paligemma", "eager"),
     ("idefics3", "sdpa"),
     ("idefics3", "eager"),
     ("smolvlm", "eager"),
@@ -99,9 +103,17 @@ def test_empty_knockout_changes_nothing_so_the_clean_pattern_is_the_models_mask(
     base = clean_logits(loaded.model, prepared.encoded)
     # Hooks in every layer replace the model's own mask with the adapter's clean pattern.
     empty = Knockout(edges=((g[Group.LAST], ()),), layers=tuple(range(loaded.n_layers)))
-    acausal = Knockout.for_flows(g, [Flow(Group.LAST, Group.QUESTION)], range(loaded.n_layers))
-    ref = reference_logits(loaded.model, loaded.adapter, prepared.encoded, [empty, acausal])
-    torch.testing.assert_close(ref, torch.stack([base, base]), atol=1e-5, rtol=0)
+    backwards = Knockout.for_flows(g, [Flow(Group.LAST, Group.QUESTION)], range(loaded.n_layers))
+    ref = reference_logits(loaded.model, loaded.adapter, prepared.encoded, [empty, backwards])
+    torch.testing.assert_close(ref[0], base, atol=1e-5, rtol=0)
+    # The question reads the last position only in a prefix-LM; elsewhere that knockout is a no-op.
+    rows = torch.as_tensor(g[Group.QUESTION])
+    reads_last = bool(loaded.adapter.base_allowed(0, rows, prepared.encoded.seq_len, prepared.encoded)[:, -1].any())
+    assert reads_last == (family == "paligemma")
+    if reads_last:
+        assert (ref[1] - base).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(ref[1], base, atol=1e-5, rtol=0)
 
 
 def _attention_weights(loaded, prepared, knockout):
@@ -137,6 +149,17 @@ def test_blocked_attention_weights_are_exactly_zero(family_prepared, family, flo
         else:
             assert torch.count_nonzero(block) > 0  # outside the window the edges are used
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), atol=1e-5, rtol=0)
+
+
+def test_paligemma_prefix_lm_recomputes_the_whole_prompt(family_prepared):
+    """Every prompt position reads every other one, so any knockout not in the last layer can change
+    position 0; the start is 0 and the result still equals the reference."""
+    loaded, prepared = family_prepared("paligemma", "sdpa")
+    g = prepared.groups
+    knockouts = [Knockout.for_flows(g, [Flow(Group.QUESTION, Group.LAST)], [layer]) for layer in range(loaded.n_layers)]
+    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts)
+    assert starts == [0] * (loaded.n_layers - 1) + [g[Group.LAST][0]]
+    assert bool(loaded.adapter.base_allowed(0, torch.tensor([0]), prepared.encoded.seq_len, prepared.encoded).all())
 
 
 # ---- Gemma-3: knockouts whose targets are inside the bidirectional image block ------------------

@@ -17,6 +17,7 @@ _ADAPTER_MODULES = (
     "vlmflow.adapters.qwen2_vl",
     "vlmflow.adapters.gemma3",
     "vlmflow.adapters.idefics3",
+    "vlmflow.adapters.paligemma",
     "vlmflow.adapters.refused",
 )
 _loaded = False

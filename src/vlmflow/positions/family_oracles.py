@@ -1,6 +1,6 @@
-"""Pixel oracles for Qwen2-VL, Gemma-3 and Idefics3 / SmolVLM: painted masks through the real code.
+"""Pixel oracles for Qwen2-VL, Gemma-3, PaliGemma and Idefics3 / SmolVLM: painted masks through the real code.
 
-Independent checks of :mod:`vlmflow.positions.dynamic_grid`, of Gemma-3's use of
+Independent checks of :mod:`vlmflow.positions.dynamic_grid`, of Gemma-3's and PaliGemma's use of
 :func:`vlmflow.positions.patches.llava_geometry` and of :mod:`vlmflow.positions.split_tiles`. As in
 :mod:`vlmflow.positions.oracle`, boxes are painted into masks (16 geometries per mask as bit-planes
 in the red and green channels, blue = 255 on image pixels), the masks go through the family's own
@@ -13,6 +13,7 @@ and the tokens are read off what comes out, grouped the way the model groups pat
 * **Gemma-3**: the per-patch bits go through transformers' own ``Gemma3MultiModalProjector`` (its
   average pooling of the patch grid), with an identity projection so a token is non-zero in a plane
   exactly when one of its pooled patches has that bit;
+* **PaliGemma**: every ``patch x patch`` patch of the SigLIP view is one token (row-major);
 * **Idefics3 / SmolVLM**: the per-patch bits of every frame go through transformers' own
   ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order.
 
@@ -143,6 +144,26 @@ def gemma3_reader(*, image_size: int, patch_size: int, tokens_per_image: int) ->
             tokens = projector(_planes(bits)[None])[0]  # (tokens, 16)
         token_bits = _from_planes(tokens)
         return token_bits, np.zeros(len(token_bits), dtype=bool)
+
+    return read
+
+
+# ---- PaliGemma ----------------------------------------------------------------------------------------
+def siglip_reader(*, image_size: int, patch_size: int) -> Reader:
+    """Reader for PaliGemma's SigLIP image processor: one token per patch (a per-patch linear projector)."""
+    from transformers import SiglipImageProcessorPil
+
+    processor = SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=Image.Resampling.NEAREST,
+        do_rescale=False,
+        do_normalize=False,
+    )
+
+    def read(mask: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        view = np.asarray(processor(images=[mask], return_tensors="np")["pixel_values"])[0]  # (3, S, S)
+        bits = _patch_bits(view, patch_size)
+        return bits, np.zeros(len(bits), dtype=bool)
 
     return read
 

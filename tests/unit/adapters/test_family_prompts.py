@@ -99,6 +99,19 @@ def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
     assert torch.equal(encoded.inputs["token_type_ids"][0].bool().cpu(), image_mask)
 
 
+def test_paligemma_prompt_equals_the_paligemma_processor():
+    from vlmflow.testing.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+
+    model, processor = build_tiny_paligemma(TinyPaliGemmaConfig(layers=1))
+    adapter = adapter_for_model(model)
+    encoded = adapter.encode(model, processor, get_template("paligemma"), QUESTION, _image(), {})
+    real = processor(images=[_image()], text="<image>answer en " + QUESTION, return_tensors="pt")
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    assert torch.equal(encoded.inputs["token_type_ids"].cpu(), real["token_type_ids"])
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+    assert encoded.text.endswith("<s>answer en " + QUESTION + "\n")
+
+
 def test_a_template_from_another_checkpoint_is_refused():
     _, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
     with pytest.raises(ConfigError, match=r"<\|im_start\|>.*another checkpoint"):
@@ -131,7 +144,7 @@ def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
 
     assert main(["models", "--json"]) == 0
     rows = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
-    for family in ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm"):
+    for family in ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "idefics3", "smolvlm"):
         assert rows[family]["supported"] and rows[family]["verified"] and rows[family]["box mapping"]
     assert not rows["mllama"]["supported"] and "cross-attention" in rows["mllama"]["refused_because"]
     assert main(["models"]) == 0

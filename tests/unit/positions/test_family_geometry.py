@@ -18,7 +18,13 @@ import pytest
 from vlmflow.data.datasets import load_samples, released_specs
 from vlmflow.data.sample import Box
 from vlmflow.positions.dynamic_grid import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, dynamic_geometry
-from vlmflow.positions.family_oracles import gemma3_reader, idefics3_reader, qwen2_vl_reader, run_oracle
+from vlmflow.positions.family_oracles import (
+    gemma3_reader,
+    idefics3_reader,
+    qwen2_vl_reader,
+    run_oracle,
+    siglip_reader,
+)
 from vlmflow.positions.patches import llava_geometry
 from vlmflow.positions.split_tiles import split_geometry
 
@@ -40,6 +46,10 @@ CONFIGS = {
         lambda s: llava_geometry(s, mode="resize", view_size=32, patch_size=8),
         lambda: gemma3_reader(image_size=32, patch_size=4, tokens_per_image=16),
     ),
+    "paligemma-448": (
+        lambda s: llava_geometry(s, mode="resize", view_size=448, patch_size=14),
+        lambda: siglip_reader(image_size=448, patch_size=14),
+    ),
     "idefics3": (
         lambda s: split_geometry(s, longest_edge=1456, tile_size=364, patch_size=14, scale_factor=2),
         lambda: idefics3_reader(longest_edge=1456, tile_size=364, patch_size=14, scale_factor=2),
@@ -53,7 +63,7 @@ CONFIGS = {
         lambda: idefics3_reader(longest_edge=32, tile_size=16, patch_size=4, scale_factor=2, splitting=False),
     ),
 }
-RELEASED = ("qwen2_vl", "gemma3", "idefics3", "smolvlm-2b")
+RELEASED = ("qwen2_vl", "gemma3", "paligemma-448", "idefics3", "smolvlm-2b")
 
 
 def _disagreements(name: str, geometries) -> list:
