@@ -209,3 +209,19 @@ def test_gemma3_clean_pattern_matches_the_mask_transformers_builds(family_prepar
     assert n > window  # the tiny prompt really has keys outside the window
     image = list(prepared.groups[Group.IMAGE])
     assert bool(seen[0][image[0], image[-1]])  # the first image token sees the last one
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "qwen2_vl"])
+def test_flow_experiment_fast_and_reference_engines_agree(family_prepared, family):
+    """The runner's per-sample analysis (clean run kept from the first affected position) end to end."""
+    from vlmflow.experiments.flows import FlowSettings, analyse_sample
+
+    loaded, prepared = family_prepared(family, "sdpa")
+    rows = {}
+    for engine in ("fast", "reference"):
+        settings = FlowSettings(window=2, keep_all=True, engine=engine, max_new_tokens=1)
+        result = analyse_sample(loaded, prepared, settings)
+        rows[engine] = [(r["flow"], r["layer"], r["p_blocked"]) for r in result.rows]
+    assert len(rows["fast"]) == 6 * loaded.n_layers
+    for (flow, layer, p_fast), (_, _, p_ref) in zip(rows["fast"], rows["reference"], strict=True):
+        assert abs(p_fast - p_ref) < 1e-5, (flow, layer)

@@ -204,12 +204,17 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
 
 
 def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, flow: Flow, knockout: Knockout) -> None:
-    """A flow whose edges do not exist in the clean model (sources after targets) would be a no-op."""
+    """A flow whose edges exist in no layer of the clean model (sources after targets) would be a no-op.
+
+    Every layer is checked: with sliding windows an edge may exist in full-attention layers only.
+    """
     encoded = prepared.encoded
-    targets = torch.as_tensor(knockout.edges[0][0])
-    allowed = loaded.adapter.base_allowed(knockout.first_layer, targets.to(loaded.device), encoded.seq_len, encoded)
-    blocked = knockout.blocked_rows(targets.to(loaded.device), encoded.seq_len)
-    if not bool((allowed & blocked).any()):
+    targets = torch.as_tensor(knockout.edges[0][0]).to(loaded.device)
+    blocked = knockout.blocked_rows(targets, encoded.seq_len)
+    if not any(
+        bool((loaded.adapter.base_allowed(layer, targets, encoded.seq_len, encoded) & blocked).any())
+        for layer in range(loaded.n_layers)
+    ):
         raise SampleError(
             f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "
             f"{flow.source.value} positions), so its knockout would change nothing",
