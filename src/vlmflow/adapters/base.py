@@ -47,6 +47,8 @@ class Encoded:
         text: the prompt text after image placeholders were expanded by the processor.
         question_span: character span of the question in ``text``.
         image_size: ``(width, height)`` of the image as given (before any padding).
+        extra: what the family's adapter records at encoding time for later calls (e.g. the
+            attention pattern :meth:`VLMAdapter.base_allowed` reproduces).
     """
 
     inputs: dict[str, Any]
@@ -55,6 +57,7 @@ class Encoded:
     text: str
     question_span: tuple[int, int]
     image_size: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
@@ -94,6 +97,9 @@ class VLMAdapter(ABC):
     architectures: ClassVar[tuple[str, ...]]  # HF class names this adapter handles
     default_template: ClassVar[str]  # prompt template used when the checkpoint names none
     description: ClassVar[str] = ""
+    #: What ``vlmflow models`` shows, by aspect: "prompt", "groups", "box mapping", "attention",
+    #: "fast engine", "verified" (how the family was tested).
+    support: ClassVar[Mapping[str, str]] = {}
 
     # ---- loading -------------------------------------------------------------------------------
     @abstractmethod
@@ -252,15 +258,20 @@ class VLMAdapter(ABC):
         return list(tokenizer.encode(word, add_special_tokens=False))
 
 
-def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """``batch`` ready for ``model(**inputs)``: tensors on the model's device, floats in its dtype."""
-    param = next(model.parameters())
+def model_inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Processor outputs as ``model(**inputs)`` keywords: tensors on the model's device, floats in its dtype.
+
+    >>> model_inputs({"pixel_values": torch.zeros(1, dtype=torch.float64)}, nn.Linear(1, 1))["pixel_values"].dtype
+    torch.float32
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     inputs: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(param.device)
+            value = value.to(device)
             if value.is_floating_point():
-                value = value.to(param.dtype)
+                value = value.to(dtype)
         inputs[key] = value
     return inputs
 

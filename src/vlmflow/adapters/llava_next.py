@@ -248,7 +248,7 @@ class LlavaNextAdapter(AnyresAdapter):
             text, return_tensors="pt", return_offsets_mapping=True, add_special_tokens=template.add_special_tokens
         )
         offsets = batch.pop("offset_mapping")[0].numpy()
-        inputs = model_inputs(model, {key: batch[key] for key in ("input_ids", "attention_mask")})
+        inputs = model_inputs({key: batch[key] for key in ("input_ids", "attention_mask")}, model)
         inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
         return Encoded(
             inputs=inputs,

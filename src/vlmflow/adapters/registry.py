@@ -16,6 +16,11 @@ _ADAPTER_MODULES = (
     "vlmflow.adapters.llava",
     "vlmflow.adapters.llava_next",
     "vlmflow.adapters.llava_onevision",
+    "vlmflow.adapters.qwen2_vl",
+    "vlmflow.adapters.gemma3",
+    "vlmflow.adapters.idefics3",
+    "vlmflow.adapters.paligemma",
+    "vlmflow.adapters.refused",
 )
 _loaded = False
 

@@ -19,7 +19,15 @@ from typing import Any
 import pyarrow as pa
 
 from vlmflow.errors import ConfigError
-from vlmflow.experiments.flows import ENGINES, Engine, FlowSettings, baseline, knockout_plan, knockout_rows
+from vlmflow.experiments.flows import (
+    ENGINES,
+    Engine,
+    FlowSettings,
+    baseline,
+    clean_capture_start,
+    knockout_plan,
+    knockout_rows,
+)
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES
 from vlmflow.loading import LoadedModel
@@ -101,7 +109,7 @@ class ControlSettings:
             part = knockout_plan(loaded, prepared, groups, self.flows, k)
             plan.extend(part)
             draw_of.extend([draw] * len(part))
-        capture_from = min(knockout.first_target for _, _, knockout in plan)
+        capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
         clean, row = baseline(loaded, prepared, settings, capture_from)
         tables: dict[str, list[dict[str, Any]]] = {"samples": [row]}
         if row["kept"]:

@@ -21,7 +21,7 @@ import torch
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, clean_run, fast_logits
+from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -147,13 +147,24 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
 def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> SampleResult:
     """Run the flow experiment on one prepared sample (baseline, then every flow x window)."""
     plan = knockout_plan(loaded, prepared, prepared.groups, settings.flows, settings.window_for(loaded.n_layers))
-    capture_from = min(knockout.first_target for _, _, knockout in plan)
+    capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
     if not sample_row["kept"]:
         return result
     result.rows = knockout_rows(loaded, prepared, clean, sample_row, plan, settings)
     return result
+
+
+def clean_capture_start(loaded: LoadedModel, prepared: PreparedSample, knockouts: Sequence[Knockout]) -> int:
+    """First position whose clean states the fast engine needs kept for ``knockouts``.
+
+    Positions before the first one any knockout can change keep their clean states (see
+    :func:`~vlmflow.knockout.fast.affected_starts`; with bidirectional image blocks this can be before
+    the first target).
+    """
+    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, list(knockouts))
+    return min((s for s in starts if s >= 0), default=0)
 
 
 def knockout_plan(
@@ -249,12 +260,17 @@ def _non_finite(logits: torch.Tensor) -> str:
 
 
 def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, flow: Flow, knockout: Knockout) -> None:
-    """A flow whose edges do not exist in the clean model (sources after targets) would be a no-op."""
+    """A flow whose edges exist in no layer of the clean model (sources after targets) would be a no-op.
+
+    Every layer is checked: with sliding windows an edge may exist in full-attention layers only.
+    """
     encoded = prepared.encoded
-    targets = torch.as_tensor(knockout.edges[0][0])
-    allowed = loaded.adapter.base_allowed(knockout.first_layer, targets.to(loaded.device), encoded.seq_len, encoded)
-    blocked = knockout.blocked_rows(targets.to(loaded.device), encoded.seq_len)
-    if not bool((allowed & blocked).any()):
+    targets = torch.as_tensor(knockout.edges[0][0]).to(loaded.device)
+    blocked = knockout.blocked_rows(targets, encoded.seq_len)
+    if not any(
+        bool((loaded.adapter.base_allowed(layer, targets, encoded.seq_len, encoded) & blocked).any())
+        for layer in range(loaded.n_layers)
+    ):
         raise SampleError(
             f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "
             f"{flow.source.value} positions), so its knockout would change nothing",

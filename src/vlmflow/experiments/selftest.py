@@ -39,7 +39,7 @@ from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.attention import eager_attention
 from vlmflow.experiments.prepare import PreparedSample, prepare_sample
-from vlmflow.knockout.fast import clean_run, fast_logits
+from vlmflow.knockout.fast import affected_starts, clean_run, fast_logits
 from vlmflow.knockout.reference import attention_knockout, clean_logits, reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -135,7 +135,8 @@ def _logits(loaded: LoadedModel, prepared: PreparedSample, knockouts: Sequence[K
     """``(clean [vocab], knocked-out [len(knockouts), vocab])`` float32 CPU logits via ``engine``."""
     model, adapter, encoded = loaded.model, loaded.adapter, prepared.encoded
     if engine == "fast":
-        start = min(k.first_target for k in knockouts)
+        starts = affected_starts(adapter, encoded, adapter.n_layers(model), list(knockouts))
+        start = min((s for s in starts if s >= 0), default=0)
         clean = clean_run(model, adapter, encoded, capture_from=start)
         return clean.logits.cpu(), fast_logits(model, adapter, encoded, clean, knockouts).cpu()
     if engine == "reference":
