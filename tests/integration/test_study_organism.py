@@ -50,9 +50,11 @@ def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
     lines = ["| model / task | claim | status | evidence |", "| --- | --- | --- | --- |"]
     for cell, data in analysis["cells"].items():
         claims = {c["id"]: c for c in data["claims"]}
-        # The organism answers its held-out scenes well; knocking out the image must matter somewhere.
+        # The organism answers its held-out scenes well; knocking out the image must matter somewhere
+        # (through the question words in most task types; ChooseCat reads it at the last position).
         assert claims["baseline-accuracy"]["status"] == Status.HOLDS.value, (cell, claims["baseline-accuracy"])
-        assert data["flow_summaries"]["image->question"]["peak"] < -1.0, cell
+        peaks = data["flow_summaries"]
+        assert min(peaks["image->question"]["peak"], peaks["image->last"]["peak"]) < -1.0, (cell, peaks)
         for claim in data["claims"]:
             lines.append(f"| {cell} | {claim['id']} | {claim['status']} | {claim['evidence']} |")
     for claim in analysis["study_claims"]:

@@ -162,7 +162,7 @@ class VLMAdapter(ABC):
         offsets = batch.pop("offset_mapping")[0].numpy()
         text, question_span = _shift_span(rendered, replacements)
         return Encoded(
-            inputs=model_inputs(model, batch),
+            inputs=model_inputs(batch, model),
             input_ids=batch["input_ids"][0].cpu(),
             offsets=offsets,
             text=text,

@@ -44,8 +44,10 @@ def run_oracle(geometries: Geometries, read: Reader) -> list[OracleTokens]:
     ``read`` runs one mask through a family's processor and returns its tokens' bits.
 
     >>> read = qwen2_vl_reader(patch_size=4, merge_size=2, min_pixels=64, max_pixels=4096)
+    >>> # 40x30 is resized to 40x32 (a 5x4 grid of merged 8-pixel tokens): the 8-pixel-tall box
+    >>> # grows to 8.5 rows and reaches token 5, the first one of the second token row.
     >>> run_oracle([((40, 30), [Box(0, 0, 8, 8)])], read)[0].related.astype(int).tolist()[:6]
-    [1, 0, 0, 0, 0, 0]
+    [1, 0, 0, 0, 0, 1]
     """
     keys = [_key(size, boxes) for size, boxes in geometries]
     by_size: dict[tuple[int, int], list[tuple]] = defaultdict(list)
