@@ -160,6 +160,14 @@ class LlavaNextAdapter(AnyresAdapter):
         "LLaVA-NeXT / v1.6 (CLIP + Llama/Vicuna/Llama-3); anyres: 576 base + un-padded grid with a newline "
         "per row (2340 tokens at 500x375); image_mode nohd_nopad: one padded view, 576 tokens"
     )
+    support = {
+        "prompt": "vicuna_v1 (llava-v1.6-vicuna); llava_llama_3 when the tokenizer has Llama-3 header tokens",
+        "groups": "image, image_base/image_grid/image_newline, related/other through base view + grid (padding: none)",
+        "box mapping": "anyres: base view + best pinpoint crops + un-padding; == processor pixel oracle on all released GQA rows",
+        "attention": "causal",
+        "fast engine": "exact (causal: recompute from the first target)",
+        "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, eager), anyres and nohd_nopad",
+    }
 
     def model_class(self) -> type[nn.Module]:
         return LlavaNextForConditionalGeneration

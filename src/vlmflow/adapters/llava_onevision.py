@@ -101,6 +101,14 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         "LLaVA-OneVision (SigLIP + Qwen2); anyres_max_9: 729 base + un-padded (downscaled when large) grid "
         "with a newline per row (1728 tokens at 500x375)"
     )
+    support = {
+        "prompt": "qwen_1_5 (ChatML, as LLaVA-NeXT's Qwen conversation)",
+        "groups": "image, image_base/image_grid/image_newline, related/other through base view + grid (padding: none)",
+        "box mapping": "anyres_max_N incl. bilinear downscale; == processor pixel oracle on all released GQA rows",
+        "attention": "causal",
+        "fast engine": "exact (causal: recompute from the first target)",
+        "verified": "tiny random LLaVA-OneVision (anyres_max_1) via save/from_pretrained: fast == reference (sdpa, eager)",
+    }
     feature_strategy = "full"  # SigLIP has no CLS token
 
     def model_class(self) -> type[nn.Module]:

@@ -144,8 +144,10 @@ def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
 
     assert main(["models", "--json"]) == 0
     rows = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
-    for family in ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "idefics3", "smolvlm"):
+    for family in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "idefics3", "smolvlm"):
         assert rows[family]["supported"] and rows[family]["verified"] and rows[family]["box mapping"]
+    for family, row in rows.items():  # every supported family says how it was verified
+        assert not row["supported"] or all(row[aspect] for aspect in ("prompt", "groups", "fast engine", "verified")), family
     assert not rows["mllama"]["supported"] and "cross-attention" in rows["mllama"]["refused_because"]
     assert main(["models"]) == 0
     text = capsys.readouterr().out
