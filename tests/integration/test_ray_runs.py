@@ -276,3 +276,34 @@ def test_cli_lens_with_ray_local_writes_the_single_process_run(
                 theirs.read(name).sort_values(key).reset_index(drop=True),
                 check_exact=True,
             )
+
+
+def test_reproduce_on_ray_writes_the_single_process_study(ray_cluster, tiny_checkpoint, tiny_loaded, tmp_path):
+    """``vlmflow reproduce --ray``: every run of a study (flows, controls, lens) equals the run this
+    process computes, row for row, and lands at the same place in the study directory."""
+    from test_study import SHAPE, write_study
+
+    from vlmflow.distributed import RayOptions
+    from vlmflow.study.config import load_config
+    from vlmflow.study.directory import StudyDir
+    from vlmflow.study.reproduce import reproduce
+
+    config = load_config(write_study(tmp_path / "input", tiny_checkpoint(SHAPE)))
+    single = reproduce(config, tmp_path / "single", loader=lambda entry: tiny_loaded(SHAPE))
+    on_ray = reproduce(
+        config, tmp_path / "ray", loader=lambda entry: tiny_loaded(SHAPE), ray=RayOptions("local", workers=1)
+    )
+    assert not single.failed and not on_ray.failed
+    runs = StudyDir.open(tmp_path / "single").manifest()["runs"]
+    assert sorted(runs) == sorted(StudyDir.open(tmp_path / "ray").manifest()["runs"]) and len(runs) == 3
+    for entry in runs.values():
+        ours, theirs = RunStore.load(tmp_path / "ray" / entry["path"]), RunStore.load(tmp_path / "single" / entry["path"])
+        assert ours.tables() == theirs.tables()
+        for name in theirs.tables():
+            key = list(table_spec(name).key)
+            pd.testing.assert_frame_equal(
+                ours.read(name).sort_values(key).reset_index(drop=True),
+                theirs.read(name).sort_values(key).reset_index(drop=True),
+                check_exact=True,
+                obj=f"{entry['path']}/{name}",
+            )

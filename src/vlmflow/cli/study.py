@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
 
 
 def reproduce(
@@ -14,6 +22,9 @@ def reproduce(
     out: Path | None = typer.Option(None, "--out", "-o", help="Study directory. Default: studies/<config name>."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and list the runs; compute nothing."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html when the runs are done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Run the study a config describes (models x tasks x flows, controls, lens) into one study directory.
@@ -21,6 +32,7 @@ def reproduce(
     Resumable: rerunning the same command computes only what is missing.
     """
     setup_logging(verbose)
+    on_ray = ray_options(ray, workers, shard_size)
     from vlmflow.study.bundled import resolve_config
     from vlmflow.study.config import load_config
     from vlmflow.study.reproduce import planned_runs
@@ -38,7 +50,7 @@ def reproduce(
     from vlmflow.study.reproduce import reproduce as run_study
 
     with progress_bar("samples") as update:
-        outcome = run_study(study, target, progress=update)
+        outcome = run_study(study, target, progress=update, ray=on_ray)
     console.print(f"{len(outcome.runs)} runs done, {len(outcome.failed)} failed; study directory: [bold]{target}[/]")
     for key, reason in outcome.failed.items():
         console.print(f"[red]failed[/] {key}: {reason}", highlight=False)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, VlmflowError
@@ -33,6 +34,9 @@ from vlmflow.results.store import RunStore
 from vlmflow.study.config import ModelEntry, StudyConfig, TaskEntry
 from vlmflow.study.directory import StudyDir, run_key
 from vlmflow.study.viewer import write_viewer
+
+if TYPE_CHECKING:
+    from vlmflow.distributed import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +141,14 @@ def reproduce(
     *,
     progress: Progress | None = None,
     loader: Loader | None = None,
+    ray: RayOptions | None = None,
 ) -> StudyOutcome:
     """Run every model x task x experiment of ``config`` into the study directory ``out``.
 
     ``loader`` loads a model entry (default: :meth:`ModelEntry.spec` ``.load()``); tests pass one
-    that returns cached models.
+    that returns cached models. With ``ray`` the runs' samples are computed by model replicas on a
+    Ray cluster (one pool per model, kept across its runs; see ``docs/scale-out.md``); this process
+    still loads each model once, for its layer count and the report's sample viewer.
 
     >>> outcome = reproduce(load_config("organism.yaml"), "studies/organism")   # doctest: +SKIP
     >>> outcome.failed                                                         # doctest: +SKIP
@@ -154,45 +161,69 @@ def reproduce(
     tasks = resolve_tasks(config, study)
     outcome = StudyOutcome(path=study.path)
     plan = planned_runs(config)
-    for model in config.models:
-        runs = [(t, e) for m, t, e in plan if m is model]
-        try:
-            loaded = loader(model) if loader is not None else model.spec().load()
-        except VlmflowError as exc:
-            log.error("model %s cannot be loaded: %s", model.label, exc)
-            for task, experiment in runs:
-                key = run_key(model.label, task.label, experiment)
-                outcome.failed[key] = f"model cannot be loaded: {exc}"
-                study.record(key, _entry(model, task, experiment, study, status="failed", reason=outcome.failed[key]))
-            continue
-        window = config.window_for(model, loaded.n_layers)
+    with ExitStack() as stack:
+        executor = None
+        if ray is not None:
+            from vlmflow.distributed import RayExecutor
+
+            executor = stack.enter_context(RayExecutor(ray))
+        for model in config.models:
+            _reproduce_model(config, model, plan, tasks, study, outcome, progress, loader, executor)
+    return outcome
+
+
+def _reproduce_model(
+    config: StudyConfig,
+    model: ModelEntry,
+    plan: list[tuple[ModelEntry, TaskEntry, str]],
+    tasks: dict[str, ResolvedTask],
+    study: StudyDir,
+    outcome: StudyOutcome,
+    progress: Progress | None,
+    loader: Loader | None,
+    executor: Any,
+) -> None:
+    """Every run of one model entry (``executor``: a RayExecutor, or None for this process)."""
+    runs = [(t, e) for m, t, e in plan if m is model]
+    try:
+        loaded = loader(model) if loader is not None else model.spec().load()
+    except VlmflowError as exc:
+        log.error("model %s cannot be loaded: %s", model.label, exc)
         for task, experiment in runs:
             key = run_key(model.label, task.label, experiment)
-            resolved = tasks[task.label]
-            spec = RunSpec(model.spec(), resolved.data, experiment_settings(config, experiment, window), name=experiment)
-            folder = study.run_path(model.label, task.label, experiment).parent
+            outcome.failed[key] = f"model cannot be loaded: {exc}"
+            study.record(key, _entry(model, task, experiment, study, status="failed", reason=outcome.failed[key]))
+        return
+    window = config.window_for(model, loaded.n_layers)
+    for task, experiment in runs:
+        key = run_key(model.label, task.label, experiment)
+        resolved = tasks[task.label]
+        spec = RunSpec(model.spec(), resolved.data, experiment_settings(config, experiment, window), name=experiment)
+        folder = study.run_path(model.label, task.label, experiment).parent
 
-            def report(done: int, total: int, message: str, key: str = key) -> None:
-                if progress:
-                    progress(done, total, key)
+        def report(done: int, total: int, message: str, key: str = key) -> None:
+            if progress:
+                progress(done, total, key)
 
-            try:
+        try:
+            if executor is None:
                 result = run_to_store(spec, folder, progress=report, loaded=loaded)
-            except VlmflowError as exc:
-                log.error("run %s failed: %s", key, exc)
-                outcome.failed[key] = str(exc)
-                study.record(key, _entry(model, task, experiment, study, status="failed", reason=str(exc)))
-                continue
-            entry = _entry(model, task, experiment, study, status="done", summary=result.summary)
-            entry.update(n_layers=loaded.n_layers, window=window, model_info=_model_info(loaded))
-            outcome.runs[key] = entry
-            study.record(key, entry)
-        for task in config.tasks:
-            _viewer(config, study, model, tasks[task.label], loaded)
-        del loaded
-        gc.collect()
-        _empty_cuda_cache()
-    return outcome
+            else:
+                result = executor.run(spec, folder, progress=report)
+        except VlmflowError as exc:
+            log.error("run %s failed: %s", key, exc)
+            outcome.failed[key] = str(exc)
+            study.record(key, _entry(model, task, experiment, study, status="failed", reason=str(exc)))
+            continue
+        entry = _entry(model, task, experiment, study, status="done", summary=result.summary)
+        entry.update(n_layers=loaded.n_layers, window=window, model_info=_model_info(loaded))
+        outcome.runs[key] = entry
+        study.record(key, entry)
+    for task in config.tasks:
+        _viewer(config, study, model, tasks[task.label], loaded)
+    del loaded
+    gc.collect()
+    _empty_cuda_cache()
 
 
 def _entry(model: ModelEntry, task: TaskEntry, experiment: str, study: StudyDir, **extra: Any) -> dict[str, Any]:
