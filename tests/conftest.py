@@ -87,6 +87,49 @@ def make_scene_sample(sample_id: str = "q1"):  # noqa: ANN201 - test helper
     return sample, image
 
 
+def write_scene_task(folder: Path, n_samples: int = 3) -> Path:
+    """A ChooseAttr CSV in the released layout plus its images in ``folder``; returns the CSV path.
+
+    Each sample is a plain background with one coloured square (red or blue) at its own place, on
+    images of different shapes (wide, tall, square), so pad-to-square gives padding tokens and the
+    related/other groups differ between samples. Test data only, not a scene generator.
+    """
+    from PIL import Image, ImageDraw
+
+    from vlmflow.data.csvio import write_task_csv
+    from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
+
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = {"red": (220, 20, 20), "blue": (20, 40, 220)}
+    sizes = [(40, 30), (30, 40), (36, 36)]
+    samples = []
+    for i in range(n_samples):
+        answer, other = ("red", "blue") if i % 2 == 0 else ("blue", "red")
+        width, height = sizes[i % len(sizes)]
+        side = 8 + 2 * (i % 3)
+        box = Box(3 + 5 * (i % 4), 2 + 4 * (i % 3), side, side)
+        image = Image.new("RGB", (width, height), (40, 130 + 10 * (i % 5), 40))
+        ImageDraw.Draw(image).rectangle((box.x, box.y, box.x1 - 1, box.y1 - 1), fill=colours[answer])
+        image.save(folder / f"img{i}.png")
+        options = (answer, other) if i % 3 else (other, answer)
+        samples.append(
+            Sample(
+                sample_id=f"{i:05d}",
+                image_id=f"img{i}",
+                question=f"Is the square {options[0]} or {options[1]}?",
+                answer=answer,
+                task=TaskType.CHOOSE_ATTR,
+                true_option=answer,
+                false_option=other,
+                objects=(SceneObject("square", str(i), box),),
+                image_size=(width, height),
+            )
+        )
+    path = folder / "GQA_val_correct_question_with_choose_ChooseAttr.csv"
+    write_task_csv(samples, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tiny_loaded: Callable[..., object]) -> Callable[..., tuple]:
     """``tiny_prepared(shape, impl)`` -> ``(loaded, prepared)`` for the scene sample."""

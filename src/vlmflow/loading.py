@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import VLMAdapter
+from vlmflow.adapters.base import MASKABLE_ATTENTION, VLMAdapter
 from vlmflow.adapters.registry import adapter_for_architecture
 from vlmflow.errors import ConfigError
 from vlmflow.prompts import PromptTemplate, get_template
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIDECAR = "vlmflow.json"  # optional per-checkpoint settings: prompt_template, image_mode
+#: Weight files in pickle formats: loading one can run arbitrary code, so they are never read.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: How many evenly spaced blocks of each weight file the fingerprint hashes (plus its size).
+_FINGERPRINT_BLOCKS = 64
+_FINGERPRINT_BLOCK_BYTES = 64 * 1024
 
 
 @dataclass
@@ -104,7 +110,7 @@ def load_model(
 
     Args:
         name_or_path: a local directory or a Hugging Face model id (from the local cache unless
-            ``allow_hub``).
+            ``allow_hub``); ``"organism"`` names the organism shipped with the package.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
@@ -120,11 +126,63 @@ def load_model(
     >>> loaded.adapter.family                                   # doctest: +SKIP
     'llava'
     """
-    from transformers import AutoConfig, AutoProcessor
+    if attn_implementation not in MASKABLE_ATTENTION:
+        # Kernels such as flash-attention never see an explicit mask: a knockout would silently do nothing.
+        raise ConfigError(
+            f"attention implementation {attn_implementation!r} cannot take a knockout mask (the kernel never "
+            f"sees it, so a knockout would silently do nothing); valid: {', '.join(MASKABLE_ATTENTION)}"
+        )
+    from vlmflow.organism import resolve_model_name
 
+    name_or_path = resolve_model_name(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
-    source = str(name_or_path)
+    with hub_access(allow_hub):
+        return _load(
+            str(name_or_path), torch_dtype, torch_device, attn_implementation, revision, allow_hub, trust_remote_code, template, options
+        )
+
+
+@contextmanager
+def hub_access(allowed: bool) -> Iterator[None]:
+    """Inside the block, the Hugging Face hub libraries make no network request unless ``allowed``.
+
+    ``local_files_only`` alone is not enough: huggingface_hub also fetches metadata of its own when it
+    builds request headers for a hub id (even one served from the local cache). Its offline switch
+    stops every request; it is set for the block and restored afterwards.
+
+    >>> with hub_access(False):
+    ...     from huggingface_hub import constants
+    ...     constants.HF_HUB_OFFLINE
+    True
+    """
+    if allowed:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _load(
+    source: str,
+    torch_dtype: torch.dtype,
+    torch_device: torch.device,
+    attn_implementation: str,
+    revision: str | None,
+    allow_hub: bool,
+    trust_remote_code: bool,
+    template: str | None,
+    options: Mapping[str, Any] | None,
+) -> LoadedModel:
+    from transformers import AutoConfig
+
+    dtype = str(torch_dtype).removeprefix("torch.")
     local = Path(source).is_dir()
     common: dict[str, Any] = {
         "revision": revision,
@@ -134,7 +192,12 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:
-        hint = "" if allow_hub or local else " (offline mode: pass allow_hub=True / --allow-hub to download it)"
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            hint = " (the checkpoint ships its own Python code; pass trust_remote_code=True / --trust-remote-code only if you trust it)"
+        elif allow_hub or local:
+            hint = ""
+        else:
+            hint = " (offline mode: pass allow_hub=True / --allow-hub to download it)"
         raise ConfigError(f"cannot load model config from {source!r}{hint}: {exc}") from exc
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
@@ -144,28 +207,35 @@ def load_model(
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
     merged_options.update(options or {})
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template
 
+    if local:
+        check_safetensors(Path(source))
     log.info("loading %s (%s) as %s on %s", source, architectures[0], dtype, torch_device)
-    model = adapter.model_class().from_pretrained(
-        source,
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        use_safetensors=True,
-        **common,
-    )
+    try:
+        model = adapter.model_class().from_pretrained(
+            source,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            use_safetensors=True,
+            **common,
+        )
+    except OSError as exc:  # e.g. a hub checkpoint with pickle weights only
+        raise ConfigError(
+            f"cannot load the weights of {source!r}: {exc}. vlmflow reads weights only from .safetensors files"
+        ) from exc
     model.to(torch_device)
     model.eval()
     adapter.check_attention_backend(model)
-    processor = AutoProcessor.from_pretrained(source, **common)
+    processor = adapter.load_processor(source, **common)
     processor = adapter.prepare_processor(processor, merged_options)
+    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
     info = {
         "model": source,
         "family": adapter.family,
         "architecture": architectures[0],
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
-        "dtype": str(torch_dtype).removeprefix("torch."),
+        "dtype": dtype,
         "device": str(torch_device),
         "attn_implementation": attn_implementation,
         "n_layers": adapter.n_layers(model),
@@ -180,6 +250,30 @@ def load_model(
         options=merged_options,
         info=info,
     )
+
+
+def check_safetensors(directory: Path) -> None:
+    """Raise :class:`ConfigError` unless ``directory`` holds ``.safetensors`` weights.
+
+    Pickle weight files (``pytorch_model.bin``, ``*.pt``, ...) can run arbitrary code when loaded, so
+    a checkpoint that has only those is refused, with the files named.
+
+    >>> check_safetensors(Path("checkpoint-with-only-bin"))  # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.ConfigError: checkpoint 'checkpoint-with-only-bin' has weights only in pickle files (pytorch_model.bin) ...
+    """
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = [name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES)]
+    if pickled:
+        raise ConfigError(
+            f"checkpoint {str(directory)!r} has weights only in pickle files ({', '.join(pickled[:4])}), which can "
+            "run arbitrary code when loaded; vlmflow reads weights only from .safetensors files. Convert it where "
+            "you trust it: load it with transformers and save_pretrained() it again (safetensors is the default)"
+        )
+    raise ConfigError(f"checkpoint {str(directory)!r} has no .safetensors weight files (found: {', '.join(names[:8])})")
 
 
 def _read_sidecar(source: str, common: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,7 +305,12 @@ def _read_sidecar(source: str, common: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fingerprint(directory: str) -> str:
-    """A short hash of a local checkpoint: config plus the names and sizes of its weight files."""
+    """A short hash of a local checkpoint: its JSON files, and per weight file its size and
+    :data:`_FINGERPRINT_BLOCKS` evenly spaced blocks of its bytes.
+
+    Sizes alone cannot tell two trainings of one architecture apart (same shapes, same sizes); the
+    sampled blocks can, while reading a few MiB instead of hashing many GiB at every start.
+    """
     root = Path(directory)
     digest = hashlib.sha256()
     for name in sorted(p.name for p in root.iterdir() if p.is_file()):
@@ -219,5 +318,10 @@ def _fingerprint(directory: str) -> str:
         if name.endswith(".json"):
             digest.update(name.encode() + path.read_bytes())
         elif name.endswith(".safetensors"):
-            digest.update(f"{name}:{path.stat().st_size}".encode())
+            size = path.stat().st_size
+            digest.update(f"{name}:{size}".encode())
+            with path.open("rb") as handle:
+                for i in range(_FINGERPRINT_BLOCKS):
+                    handle.seek(size * i // _FINGERPRINT_BLOCKS)
+                    digest.update(handle.read(_FINGERPRINT_BLOCK_BYTES))
     return digest.hexdigest()[:16]

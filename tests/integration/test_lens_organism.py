@@ -8,7 +8,6 @@ the figure. Skipped (with the reason) only when the organism is not in the packa
 
 from __future__ import annotations
 
-import random
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
+from vlmflow.data.sample import TaskType
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.lens import LensSettings, Readout, lens_states, readout_logits
 from vlmflow.knockout.fast import clean_run
@@ -34,33 +33,12 @@ pytestmark = pytest.mark.skipif(
     ORGANISM is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
 )
 
-COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 40)}
+def _scene(index: int):
+    """A held-out colour-or-size choice question from the organism's own scene generator."""
+    from vlmflow.data.scene_sets import task_questions
 
-
-def _scene(index: int, size: int = 64):
-    """A colour-choice question about one square on a 4x4 grid, like the organism's training scenes."""
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(index)
-    true, false = rng.sample(sorted(COLORS), 2)
-    cell = size // 4
-    col, row = rng.randrange(4), rng.randrange(4)
-    x, y = col * cell + 2, row * cell + 2
-    image = Image.new("RGB", (size, size), (0, 0, 0))
-    ImageDraw.Draw(image).rectangle((x, y, x + cell - 5, y + cell - 5), fill=COLORS[true])
-    options = [true, false] if rng.random() < 0.5 else [false, true]
-    sample = Sample(
-        sample_id=f"s{index}",
-        image_id=f"img{index}",
-        question=f"Is the square {options[0]} or {options[1]}?",
-        answer=true,
-        task=TaskType.CHOOSE_ATTR,
-        true_option=true,
-        false_option=false,
-        objects=(SceneObject("square", "1", Box(x, y, cell - 4, cell - 4)),),
-        image_size=(size, size),
-    )
-    return sample, image
+    (question,) = task_questions(TaskType.CHOOSE_ATTR, 1, seed=4321, start=index)
+    return question.sample, question.scene.render()
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,8 @@ class Encoded:
         text: the prompt text after image placeholders were expanded by the processor.
         question_span: character span of the question in ``text``.
         image_size: ``(width, height)`` of the image as given (before any padding).
+        extra: what the family's adapter records at encoding time for later calls (e.g. the
+            attention pattern :meth:`VLMAdapter.base_allowed` reproduces).
     """
 
     inputs: dict[str, Any]
@@ -55,6 +57,7 @@ class Encoded:
     text: str
     question_span: tuple[int, int]
     image_size: tuple[int, int]
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
@@ -94,15 +97,28 @@ class VLMAdapter(ABC):
     architectures: ClassVar[tuple[str, ...]]  # HF class names this adapter handles
     default_template: ClassVar[str]  # prompt template used when the checkpoint names none
     description: ClassVar[str] = ""
+    #: What ``vlmflow models`` shows, by aspect: "prompt", "groups", "box mapping", "attention",
+    #: "fast engine", "verified" (how the family was tested).
+    support: ClassVar[Mapping[str, str]] = {}
 
     # ---- loading -------------------------------------------------------------------------------
     @abstractmethod
     def model_class(self) -> type[nn.Module]:
         """The transformers class to load checkpoints of this family with."""
 
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        """Load the checkpoint's processor (default: ``AutoProcessor.from_pretrained``)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+
     def prepare_processor(self, processor: Any, options: Mapping[str, Any]) -> Any:
         """Adjust a freshly loaded processor (default: unchanged)."""
         return processor
+
+    def default_template_for(self, config: Any, processor: Any) -> str:
+        """Prompt template of a checkpoint that names none (default: the family's ``default_template``)."""
+        return self.default_template
 
     # ---- inputs --------------------------------------------------------------------------------
     @abstractmethod
@@ -145,17 +161,8 @@ class VLMAdapter(ABC):
         replacements = batch.pop("text_replacement_offsets")[0]
         offsets = batch.pop("offset_mapping")[0].numpy()
         text, question_span = _shift_span(rendered, replacements)
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        inputs: dict[str, Any] = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(device)
-                if value.is_floating_point():
-                    value = value.to(dtype)
-            inputs[key] = value
         return Encoded(
-            inputs=inputs,
+            inputs=model_inputs(batch, model),
             input_ids=batch["input_ids"][0].cpu(),
             offsets=offsets,
             text=text,
@@ -249,6 +256,24 @@ class VLMAdapter(ABC):
     def answer_token_candidates(self, tokenizer: Any, word: str) -> list[int]:
         """Token ids of ``word`` as the model would produce it as the first answer token."""
         return list(tokenizer.encode(word, add_special_tokens=False))
+
+
+def model_inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Processor outputs as ``model(**inputs)`` keywords: tensors on the model's device, floats in its dtype.
+
+    >>> model_inputs({"pixel_values": torch.zeros(1, dtype=torch.float64)}, nn.Linear(1, 1))["pixel_values"].dtype
+    torch.float32
+    """
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        inputs[key] = value
+    return inputs
 
 
 def _shift_span(rendered: RenderedPrompt, replacements: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[int, int]]:

@@ -61,6 +61,14 @@ class LlavaAdapter(VLMAdapter):
     architectures = ("LlavaForConditionalGeneration",)
     default_template = "vicuna_v1"
     description = "LLaVA-1.5 (CLIP + Llama); pad-to-square + resize, 576 image tokens at 336/14"
+    support = {
+        "prompt": "vicuna_v1 as in the paper (also vicuna_nosys)",
+        "groups": "image, related/other/padding (pad-to-square)",
+        "box mapping": "pad / resize / crop + 14-px patches; == LlavaImageProcessorPil pixel oracle on all released GQA geometries",
+        "attention": "causal",
+        "fast engine": "exact (causal: recompute from the first target)",
+        "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager)",
+    }
 
     def model_class(self) -> type[nn.Module]:
         return LlavaForConditionalGeneration

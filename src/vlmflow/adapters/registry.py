@@ -12,7 +12,16 @@ _BY_FAMILY: dict[str, type[VLMAdapter]] = {}
 _BY_ARCH: dict[str, type[VLMAdapter]] = {}
 
 # Modules that define adapters; imported on first lookup so importing vlmflow stays cheap.
-_ADAPTER_MODULES = ("vlmflow.adapters.llava",)
+_ADAPTER_MODULES = (
+    "vlmflow.adapters.llava",
+    "vlmflow.adapters.llava_next",
+    "vlmflow.adapters.llava_onevision",
+    "vlmflow.adapters.qwen2_vl",
+    "vlmflow.adapters.gemma3",
+    "vlmflow.adapters.idefics3",
+    "vlmflow.adapters.paligemma",
+    "vlmflow.adapters.refused",
+)
 _loaded = False
 
 

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
-from vlmflow.positions.groups import PAPER_FLOWS, Flow
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    print_errors,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
+from vlmflow.positions.groups import Flow
 
 
 def flows(
@@ -28,48 +37,63 @@ def flows(
     attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
+    ),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
-    image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
+    image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the flow figure when done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Knock out attention flows in windows of layers and record how the answer probability changes."""
     setup_logging(verbose)
-    from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+    on_ray = ray_options(ray, workers, shard_size)
+    from vlmflow.api import run_flows
 
-    parsed = tuple(Flow.parse(f) for f in flow) if flow else PAPER_FLOWS
-    options = (("image_mode", image_mode),) if image_mode else ()
-    spec = RunSpec(
-        model=ModelSpec(
-            name=model,
+    with progress_bar("samples") as update:
+        run = run_flows(
+            model,
+            data,
+            images=images,
+            flows=[Flow.parse(f) for f in flow] if flow else None,
+            window=window,
+            out=out,
+            name=name,
+            limit=limit,
+            keep_all=keep_all,
+            engine=engine,
+            max_new_tokens=max_new_tokens,
             dtype=dtype,
             device=device,
             attn_implementation=attn,
+            template=template,
+            image_mode=image_mode,
             revision=revision,
             allow_hub=allow_hub,
-            template=template,
-            options=options,
-        ),
-        data=DataSpec(data=data, images=str(images) if images else None, limit=limit),
-        experiment=FlowSettings(
-            flows=parsed, window=window, keep_all=keep_all, engine=engine, max_new_tokens=max_new_tokens
-        ),
-        name=name,
-    )
-    with progress_bar("samples") as update:
-        outcome = run_to_store(spec, out, progress=update)
-    summary = outcome.summary
+            trust_remote_code=trust_remote_code,
+            progress=update,
+            ray=on_ray,
+        )
+    summary = run.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
         f"{summary['errors']} errors"
     )
-    console.print(f"run directory: [bold]{outcome.path}[/]")
+    print_errors(summary)
+    console.print(f"run directory: [bold]{run.path}[/]")
+    if summary["samples"] and not summary["kept"]:
+        console.print(
+            "no sample was answered correctly, so no flows were computed (the paper keeps only correct "
+            "answers); --keep-all computes them for every sample"
+        )
     if plot and summary["flow_rows"]:
-        from vlmflow.cli.plot import write_flow_figures
+        from vlmflow.plots.flows import write_flow_figures
 
-        for path in write_flow_figures(outcome.path):
+        for path in write_flow_figures(run.path):
             console.print(f"figure: {path}")
 
 

@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.common import (
+    RAY_OPTION,
+    SHARD_SIZE_OPTION,
+    WORKERS_OPTION,
+    console,
+    print_errors,
+    progress_bar,
+    ray_options,
+    setup_logging,
+)
 from vlmflow.positions.groups import Group
 
 
@@ -44,23 +53,25 @@ def lens(
     attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
     allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
+    ),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
-    image_mode: str | None = typer.Option(None, "--image-mode", help="LLaVA image preprocessing: pad (paper), resize or crop."),
+    image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures when done."),
+    ray: str | None = RAY_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    shard_size: int | None = SHARD_SIZE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Read the answer's probability out of the residual stream at every layer (the paper's logit lens)."""
     setup_logging(verbose)
+    on_ray = ray_options(ray, workers, shard_size)
+    from vlmflow.api import run_lens
     from vlmflow.errors import ConfigError
     from vlmflow.experiments.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, AttentionSettings
-    from vlmflow.experiments.lens import LensSettings, Readout
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 
-    try:
-        readouts = tuple(Readout(r.strip().lower()) for r in readout) if readout else (Readout.RAW, Readout.NORMED)
-    except ValueError:
-        raise ConfigError(f"unknown readout in {readout}; valid: {', '.join(r.value for r in Readout)}") from None
     if flows_run is not None and not flows_run.is_dir():
         raise ConfigError(f"--flows-run {str(flows_run)!r} is not a directory")
     attention_settings = None
@@ -69,41 +80,44 @@ def lens(
             targets=tuple(Group.parse(g) for g in attention_target) if attention_target else DEFAULT_TARGETS,
             sources=tuple(Group.parse(g) for g in attention_source) if attention_source else DEFAULT_SOURCES,
         )
-    options = (("image_mode", image_mode),) if image_mode else ()
-    spec = RunSpec(
-        model=ModelSpec(
-            name=model,
+    with progress_bar("samples") as update:
+        run = run_lens(
+            model,
+            data,
+            images=images,
+            readouts=readout or ("raw", "normed"),
+            top_k=top_k,
+            groups=[Group.parse(g) for g in group] if group else (),
+            attention=attention_settings or False,
+            literal_first_piece=literal_first_piece,
+            out=out,
+            name=name,
+            limit=limit,
+            keep_all=keep_all,
+            max_new_tokens=max_new_tokens,
             dtype=dtype,
             device=device,
             attn_implementation=attn,
+            template=template,
+            image_mode=image_mode,
             revision=revision,
             allow_hub=allow_hub,
-            template=template,
-            options=options,
-        ),
-        data=DataSpec(data=data, images=str(images) if images else None, limit=limit),
-        experiment=LensSettings(
-            readouts=readouts,
-            top_k=top_k,
-            groups=tuple(Group.parse(g) for g in group) if group else (),
-            keep_all=keep_all,
-            max_new_tokens=max_new_tokens,
-            skip_blank=not literal_first_piece,
-            attention=attention_settings,
-        ),
-        name=name,
-    )
-    with progress_bar("samples") as update:
-        outcome = run_to_store(spec, out, progress=update)
-    summary = outcome.summary
+            trust_remote_code=trust_remote_code,
+            progress=update,
+            ray=on_ray,
+        )
+    summary = run.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
         f"{summary['errors']} errors"
     )
-    console.print(f"run directory: [bold]{outcome.path}[/]")
-    _print_first_top1(outcome.path)
+    print_errors(summary)
+    console.print(f"run directory: [bold]{run.path}[/]")
+    _print_first_top1(run.path)
     if plot:
-        for path in write_lens_figures(outcome.path, flows_run=flows_run):
+        from vlmflow.plots.lens import write_lens_figures
+
+        for path in write_lens_figures(run.path, flows_run=flows_run):
             console.print(f"figure: {path}")
 
 
@@ -125,48 +139,6 @@ def _print_first_top1(run_dir: Path) -> None:
                 parts.append(f"{form} {entry['median_first_top1']:g} ({entry['reach_top1']}/{entry['samples']})")
         if parts:
             console.print(f"first top-1 layer, median over samples, {readout}: " + ", ".join(parts))
-
-
-def write_lens_figures(run_dir: Path, *, flows_run: Path | None = None) -> list[Path]:
-    """Write the lens figures of ``run_dir`` into ``run_dir/figures``; return their paths.
-
-    ``lens_<readout>.{png,pdf}`` (the paper's figure per readout), ``lens_<group>_positions.png`` for
-    extra groups, ``attention_<target>.png`` when attention was recorded, and
-    ``flows_over_lens.{png,pdf}`` when ``flows_run`` (or this run itself) has a ``flows`` table.
-    """
-    from vlmflow.experiments.lens import Readout
-    from vlmflow.plots.attention import plot_attention_mass
-    from vlmflow.plots.lens import plot_flows_over_lens, plot_lens, plot_lens_positions
-    from vlmflow.results.store import RunStore
-
-    store = RunStore.load(run_dir)
-    tables = store.tables()
-    if "lens" not in tables:
-        return []
-    folder = Path(run_dir) / "figures"
-    folder.mkdir(exist_ok=True)
-    written: list[Path] = []
-
-    def save(fig: Any, stem: str, pdf: bool = False) -> None:
-        for suffix in (".png", ".pdf") if pdf else (".png",):
-            path = folder / f"{stem}{suffix}"
-            fig.savefig(path, dpi=150)
-            written.append(path)
-
-    frame = store.read("lens")
-    readouts = [r for r in Readout if r.value in set(frame["readout"])]
-    for readout in readouts:
-        save(plot_lens(frame, readout), f"lens_{readout.value}", pdf=True)
-    for group in sorted(set(frame["group"]) - {Group.LAST.value}):
-        save(plot_lens_positions(frame, group, readout=readouts[-1]), f"lens_{group}_positions")
-    if "attention" in tables:
-        attention = store.read("attention")
-        for target in dict.fromkeys(attention["target"]):
-            save(plot_attention_mass(attention, target), f"attention_{target}")
-    flows_store = RunStore.load(flows_run) if flows_run is not None else store
-    if "flows" in flows_store.tables():
-        save(plot_flows_over_lens(flows_store.read("flows"), frame, readouts[0]), "flows_over_lens", pdf=True)
-    return written
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,45 @@
-"""CLI commands: `vlmflow plot ...` (being written)."""
+"""``vlmflow plot``: draw the figures of a finished (or partly finished) run directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from vlmflow.cli.common import console, setup_logging
+from vlmflow.plots.flows import write_flow_figures
+
+__all__ = ["plot", "register", "write_flow_figures"]
+
+
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `vlmflow flows` or `vlmflow lens`."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the figures (default: RUN_DIR/figures)."),
+    format: list[str] | None = typer.Option(
+        None, "--format", "-f", help="png, pdf or svg (repeatable or comma-separated). Default: png and pdf."
+    ),
+    flows_run: Path | None = typer.Option(
+        None, "--flows-run", help="For a lens run: a flows run over the same data, to draw flows over the lens."
+    ),
+) -> None:
+    """Draw a run's figures: the paper's knockout figure (one file per task) and/or its lens figures."""
+    setup_logging(False)
+    from vlmflow.errors import ConfigError
+    from vlmflow.plots.common import DEFAULT_FORMATS, check_formats
+    from vlmflow.plots.lens import write_lens_figures
+    from vlmflow.results.store import RunStore
+
+    formats = check_formats([f for item in format for f in item.split(",") if f.strip()]) if format else DEFAULT_FORMATS
+    tables = RunStore.load(run_dir).tables()
+    written = write_flow_figures(run_dir, out=out, formats=formats)
+    written += write_lens_figures(run_dir, flows_run=flows_run, out=out, formats=formats)
+    if not written:
+        what = ", ".join(tables) or "no tables"
+        raise ConfigError(f"nothing to plot in {str(run_dir)!r}: it holds {what} but no kept samples with flows or lens rows")
+    for path in written:
+        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``plot`` to ``app``."""
+    app.command("plot")(plot)

@@ -79,11 +79,13 @@ class Box:
             raise SampleError(f"box {values} has a non-finite coordinate", stage="boxes")
         if self.w <= 0 or self.h <= 0:
             raise SampleError(
-                f"box {values} has zero or negative area (w and h must be > 0)", stage="boxes"
+                f"box (x, y, w, h) = {values} has zero or negative area (w and h must be > 0)", stage="boxes"
             )
         if self.x >= width or self.y >= height or self.x1 <= 0 or self.y1 <= 0:
             raise SampleError(
-                f"box {values} lies outside the {width}x{height} image", stage="boxes"
+                f"box (x, y, w, h) = {values} lies outside the {width}x{height} image (a box must overlap "
+                f"0 <= x < {width}, 0 <= y < {height})",
+                stage="boxes",
             )
 
 

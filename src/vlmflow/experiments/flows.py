@@ -21,7 +21,7 @@ import torch
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, clean_run, fast_logits
+from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -118,7 +118,7 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
         pad_token_id=tokenizer.pad_token_id,
     )
     if not bool(torch.isfinite(clean.logits).all()):
-        raise SampleError("the clean forward produced non-finite logits", stage="forward")
+        raise SampleError(f"the clean forward produced non-finite logits ({_non_finite(clean.logits)})", stage="forward")
     log_probs = torch.log_softmax(clean.logits, dim=-1)
     answer_id = int(torch.argmax(clean.logits))
     generated = clean.generated if clean.generated is not None else torch.tensor([answer_id])
@@ -146,21 +146,62 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
 
 def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> SampleResult:
     """Run the flow experiment on one prepared sample (baseline, then every flow x window)."""
-    groups = prepared.groups
-    check_flows_available(groups, settings.flows)
-    n_layers = loaded.n_layers
-    k = settings.window_for(n_layers)
-    windows = sweep(k, n_layers)
-    plan: list[tuple[Flow, int, Knockout]] = []
-    for flow in settings.flows:
-        for center, layers in windows:
-            plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
-        _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
-    capture_from = min(knockout.first_target for _, _, knockout in plan)
+    plan = knockout_plan(loaded, prepared, prepared.groups, settings.flows, settings.window_for(loaded.n_layers))
+    capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
     if not sample_row["kept"]:
         return result
+    result.rows = knockout_rows(loaded, prepared, clean, sample_row, plan, settings)
+    return result
+
+
+def clean_capture_start(loaded: LoadedModel, prepared: PreparedSample, knockouts: Sequence[Knockout]) -> int:
+    """First position whose clean states the fast engine needs kept for ``knockouts``.
+
+    Positions before the first one any knockout can change keep their clean states (see
+    :func:`~vlmflow.knockout.fast.affected_starts`; with bidirectional image blocks this can be before
+    the first target).
+    """
+    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, list(knockouts))
+    return min((s for s in starts if s >= 0), default=0)
+
+
+def knockout_plan(
+    loaded: LoadedModel, prepared: PreparedSample, groups: PositionGroups, flows: Sequence[Flow], k: int
+) -> list[tuple[Flow, int, Knockout]]:
+    """``(flow, centre, knockout)`` for every flow and window centre, flows outermost.
+
+    ``groups`` are the sample's position groups (``prepared.groups``, or another draw of them).
+
+    Raises:
+        SampleError: a flow's group is missing for this sample, or a flow blocks no attention edge.
+    """
+    check_flows_available(groups, flows)
+    plan: list[tuple[Flow, int, Knockout]] = []
+    for flow in flows:
+        for center, layers in sweep(k, loaded.n_layers):
+            plan.append((flow, center, Knockout.for_flows(groups, [flow], layers)))
+        _check_flow_blocks_something(loaded, prepared, flow, plan[-1][2])
+    return plan
+
+
+def knockout_rows(
+    loaded: LoadedModel,
+    prepared: PreparedSample,
+    clean: CleanRun,
+    sample_row: dict[str, Any],
+    plan: Sequence[tuple[Flow, int, Knockout]],
+    settings: FlowSettings,
+) -> list[dict[str, Any]]:
+    """One ``flows`` row per ``(flow, centre, knockout)`` of ``plan``, in plan order.
+
+    ``clean`` and ``sample_row`` come from :func:`baseline`; ``settings`` gives the engine and the
+    window size recorded in the rows.
+
+    >>> rows = knockout_rows(loaded, prepared, clean, row, plan, FlowSettings())   # doctest: +SKIP
+    """
+    k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
     if settings.engine == "fast":
         logits = fast_logits(
@@ -169,16 +210,23 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
     else:
         logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
     if not bool(torch.isfinite(logits).all()):
-        raise SampleError("a knockout forward produced non-finite logits", stage="knockout")
+        bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
+        flow, center, _ = plan[bad]
+        raise SampleError(
+            f"a knockout forward produced non-finite logits (first at flow {flow}, layer {center}: "
+            f"{_non_finite(logits[bad])})",
+            stage="knockout",
+        )
     answer_id = sample_row["answer_token_id"]
     logp_base = torch.log_softmax(clean.logits.cpu(), dim=-1)[answer_id]
     logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
     top = torch.argmax(logits, dim=-1)
     p_base = float(logp_base.exp())
+    rows: list[dict[str, Any]] = []
     for i, (flow, center, knockout) in enumerate(plan):
         p_blocked = float(logp[i].exp())
         target, source = knockout.edges[0]
-        result.rows.append(
+        rows.append(
             {
                 "sample_id": prepared.sample.sample_id,
                 "task": sample_row["task"],
@@ -198,16 +246,31 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
                 "engine": settings.engine,
             }
         )
-    return result
+    return rows
+
+
+def _non_finite(logits: torch.Tensor) -> str:
+    """``"3 NaN and 0 infinite of 32000 values; finite logits are expected (float16 overflows: use bfloat16 or float32)"``."""
+    nan = int(torch.isnan(logits).sum())
+    inf = int(torch.isinf(logits).sum())
+    return (
+        f"{nan} NaN and {inf} infinite of {logits.numel()} values; finite logits are expected "
+        "(float16 overflows easily: use bfloat16 or float32)"
+    )
 
 
 def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, flow: Flow, knockout: Knockout) -> None:
-    """A flow whose edges do not exist in the clean model (sources after targets) would be a no-op."""
+    """A flow whose edges exist in no layer of the clean model (sources after targets) would be a no-op.
+
+    Every layer is checked: with sliding windows an edge may exist in full-attention layers only.
+    """
     encoded = prepared.encoded
-    targets = torch.as_tensor(knockout.edges[0][0])
-    allowed = loaded.adapter.base_allowed(knockout.first_layer, targets.to(loaded.device), encoded.seq_len, encoded)
-    blocked = knockout.blocked_rows(targets.to(loaded.device), encoded.seq_len)
-    if not bool((allowed & blocked).any()):
+    targets = torch.as_tensor(knockout.edges[0][0]).to(loaded.device)
+    blocked = knockout.blocked_rows(targets, encoded.seq_len)
+    if not any(
+        bool((loaded.adapter.base_allowed(layer, targets, encoded.seq_len, encoded) & blocked).any())
+        for layer in range(loaded.n_layers)
+    ):
         raise SampleError(
             f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "
             f"{flow.source.value} positions), so its knockout would change nothing",

@@ -1,6 +1,7 @@
 """Turn a sample and its image into model inputs plus resolved position groups.
 
-Per-sample problems (missing or corrupt image, wrong recorded size, question not found, bad boxes)
+Per-sample problems (missing or corrupt image, wrong recorded size, an answer with no usable token,
+question not found, input the processor rejects, bad boxes)
 raise :class:`~vlmflow.errors.SampleError` with the stage that failed, so a long run can record them
 and go on.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from vlmflow.adapters.base import Encoded
 from vlmflow.data.sample import Sample, find_image
 from vlmflow.errors import SampleError
+from vlmflow.experiments.answer_tokens import first_subtoken
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
 from vlmflow.positions.groups import PositionGroups
@@ -52,15 +55,57 @@ def open_image(sample: Sample, images_dir: Path) -> Image.Image:
     return image
 
 
-def prepare_sample(loaded: LoadedModel, sample: Sample, image: Image.Image, *, random_draw: int = 0) -> PreparedSample:
+def check_answer_tokens(tokenizer: Any, sample: Sample) -> None:
+    """Raise :class:`SampleError` (stage ``answer``) if the gold answer has no usable first token.
+
+    An answer that encodes to nothing, to word-boundary pieces only, or to the unknown token can
+    never be produced by the model, so the sample would be scored wrong for a reason that has
+    nothing to do with the model's answer.
+
+    >>> from vlmflow.testing.tokenizers import build_tokenizer
+    >>> check_answer_tokens(build_tokenizer("word"), Sample("q1", "i", "Is it red?", "zebra"))
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.SampleError: answer 'zebra' tokenises to nothing the model can produce (ids [1]: '<unk>'); valid answers have a first token in the model's vocabulary
+    """
+    if first_subtoken(tokenizer, sample.answer.strip()) is not None:
+        return
+    ids = list(tokenizer.encode(sample.answer.strip(), add_special_tokens=False))
+    spelled = " ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(ids[:8])) if ids else "none"
+    raise SampleError(
+        f"answer {sample.answer!r} tokenises to nothing the model can produce (ids {ids[:8]}: {spelled}); "
+        "valid answers have a first token in the model's vocabulary",
+        stage="answer",
+    )
+
+
+def prepare_sample(
+    loaded: LoadedModel, sample: Sample, image: Image.Image, *, random_draw: int = 0, check_answer: bool = True
+) -> PreparedSample:
     """Encode ``sample`` with ``image`` for ``loaded`` and resolve all its position groups.
+
+    Raises :class:`SampleError` for a question that holds the image placeholder, an answer with no
+    usable token (unless ``check_answer=False``), an input the processor rejects, or a problem
+    with the position groups.
 
     >>> prepared = prepare_sample(loaded, sample, image)            # doctest: +SKIP
     >>> prepared.groups[Group.QUESTION]                             # doctest: +SKIP
     (42, 43, 44, 45, 46, 47)
     """
     adapter = loaded.adapter
-    encoded = adapter.encode(loaded.model, loaded.processor, loaded.template, sample.question, image, loaded.options)
+    if check_answer:
+        check_answer_tokens(loaded.tokenizer, sample)
+    placeholder = adapter.image_token(loaded.processor)
+    if placeholder and placeholder in sample.question:
+        raise SampleError(
+            f"question {sample.question!r} contains the image placeholder {placeholder!r}, so the question text "
+            "would not be found in the prompt; questions must not contain it",
+            stage="prompt",
+        )
+    try:
+        encoded = adapter.encode(loaded.model, loaded.processor, loaded.template, sample.question, image, loaded.options)
+    except (ValueError, TypeError) as exc:  # the processor rejects this input (e.g. an image it cannot resize)
+        raise SampleError(f"the model's processor rejects this sample: {type(exc).__name__}: {exc}", stage="encode") from exc
     layout = adapter.image_layout(loaded.model, loaded.processor, encoded, loaded.options)
     groups = build_position_groups(
         encoded, adapter.image_token_id(loaded.model), layout, sample, random_draw=random_draw

@@ -8,6 +8,7 @@ an interrupted run resumes where it stopped; rerunning the same spec skips finis
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -21,15 +22,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmflow.data.sample import Sample
+import torch
+
+from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
+from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+SEED = 0
+#: summary.json lists at most this many error rows (all of them are in errors.parquet).
+MAX_SUMMARY_ERRORS = 100
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
 
 
@@ -49,6 +56,7 @@ class ModelSpec:
     allow_hub: bool = False
     template: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
+    trust_remote_code: bool = False
 
     def load(self) -> LoadedModel:
         return load_model(
@@ -58,6 +66,7 @@ class ModelSpec:
             attn_implementation=self.attn_implementation,
             revision=self.revision,
             allow_hub=self.allow_hub,
+            trust_remote_code=self.trust_remote_code,
             template=self.template,
             options=dict(self.options),
         )
@@ -103,7 +112,8 @@ class RunSpec:
         """The part of the spec that must match for a run directory to be resumed."""
         model = asdict(self.model)
         model.pop("device")  # where it runs is provenance, not identity
-        model.pop("allow_hub")
+        model.pop("allow_hub")  # permissions, not settings: they do not change results
+        model.pop("trust_remote_code")
         model["options"] = dict(self.model.options)
         if loaded is not None:
             model["resolved_dtype"] = loaded.info["dtype"]
@@ -113,7 +123,7 @@ class RunSpec:
             "experiment": self.experiment.name,
             "schema_version": SCHEMA_VERSION,
             "model": model,
-            "data": asdict(self.data),
+            "data": {**asdict(self.data), "sha256": data_digest(self.data.data)},
             "settings": self.experiment.identity(),
         }
 
@@ -139,6 +149,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", stem).strip("-")[:40] or "run"
 
 
+def data_digest(data: str) -> str | None:
+    """First 16 hex digits of the sha256 of the data file's bytes (``gqa:TASK``: the packaged file).
+
+    Part of a run's identity, so an edited CSV under the same path is another run, not a resume
+    that would mix rows of two datasets. ``None`` when ``data`` names nothing readable (the data
+    reader then says why).
+    """
+    from vlmflow.data.datasets import GQA_SCHEME, released_file
+    from vlmflow.data.sample import TaskType
+
+    try:
+        if data.lower().startswith(GQA_SCHEME):
+            blob = released_file(TaskType.parse(data[len(GQA_SCHEME) :])).read_bytes()
+        elif Path(data).is_file():
+            blob = Path(data).read_bytes()
+        else:
+            return None
+    except (ValueError, OSError, ConfigError):
+        return None
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def provenance(loaded: LoadedModel) -> dict[str, Any]:
     """Versions, device and time, recorded with the run but not part of its identity."""
     versions = {}
@@ -152,7 +184,14 @@ def provenance(loaded: LoadedModel) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": loaded.info.get("device"),
+        "model_revision": loaded.info.get("revision"),
+        "model_fingerprint": loaded.info.get("fingerprint"),
         "model_info": loaded.info,
+        # Nothing in a run draws random numbers (greedy decoding, eval mode; the random control group
+        # is seeded by sha256 of the sample id); torch is seeded anyway and the seed recorded.
+        "seeds": {"torch": SEED, "random_control": "sha256(sample_id/draw)"},
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -177,7 +216,22 @@ def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]
         raise ConfigError(f"images folder {str(images)!r} does not exist (pass --images DIR)")
     if not samples:
         raise ConfigError(f"no samples could be read from {spec.data!r} ({len(errors)} malformed rows)")
+    _check_some_image_exists(samples, images)
     return samples, errors, images
+
+
+def _check_some_image_exists(samples: list[Sample], images: Path) -> None:
+    """A wrong images folder would turn every sample into an error row: refuse it up front instead."""
+    for sample in samples:
+        try:
+            find_image(images, sample.image_id)
+            return
+        except SampleError:
+            continue
+    raise ConfigError(
+        f"none of the {len(samples)} samples' images is in {str(images)!r} (e.g. {samples[0].image_id!r} with "
+        f"extension {', '.join(IMAGE_EXTENSIONS)}); pass the folder that holds them with --images DIR"
+    )
 
 
 def iter_samples(
@@ -188,6 +242,7 @@ def iter_samples(
 ) -> Iterator[dict[str, list[dict[str, Any]]]]:
     """Yield, per sample, the tables to commit (the experiment's tables, or an ``errors`` row)."""
     for sample in samples:
+        out_of_memory: str | None = None
         try:
             image = open_image(sample, images)
             prepared = prepare_sample(loaded, sample, image)
@@ -196,7 +251,22 @@ def iter_samples(
             log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
             yield {"errors": [{"sample_id": sample.sample_id, "stage": exc.stage, "reason": exc.reason}]}
             continue
+        except torch.OutOfMemoryError as exc:  # the engine already retried with smaller folds
+            out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+        if out_of_memory is not None:
+            # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+            free_memory()
+            reason = f"out of memory even at the smallest fold size: {out_of_memory}"
+            log.warning("sample %s skipped: %s", sample.sample_id, reason)
+            yield {"errors": [{"sample_id": sample.sample_id, "stage": "memory", "reason": reason}]}
+            continue
         yield tables
+
+
+def free_memory() -> None:
+    """Release cached accelerator memory after an out-of-memory error (CPU: collect garbage only)."""
+    gc.collect()
+    release_cached_memory()
 
 
 def run_to_store(
@@ -205,39 +275,89 @@ def run_to_store(
     *,
     progress: ProgressCallback | None = None,
     loaded: LoadedModel | None = None,
+    self_test: bool = True,
 ) -> RunOutcome:
     """Run ``spec`` into ``out/<run name>`` (resuming if it exists) and return where it is.
+
+    Before any sample (and before the run directory is created), the model is checked with
+    :func:`~vlmflow.experiments.selftest.run_self_test` through the experiment's engine; a failure
+    stops the run with :class:`~vlmflow.experiments.selftest.SelfTestError`. ``self_test=False``
+    skips it (for benchmarks that time the samples alone).
 
     >>> spec = RunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
     >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
     PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
     """
+    from vlmflow.experiments.selftest import run_self_test
+
+    data = load_data(spec.data)
+    loaded = loaded or spec.model.load()
+    report = run_self_test(loaded, getattr(spec.experiment, "engine", "fast")) if self_test else None
+    torch.manual_seed(SEED)
+    run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
+    started = time.perf_counter()
+    count = 0
+    if progress:
+        progress(0, len(run.todo), "starting")
+    for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
+        run.store.commit(tables)
+        count += 1
+        if progress:
+            progress(count, len(run.todo), "")
+    return finish_run(run, time.perf_counter() - started, computed=count)
+
+
+@dataclass
+class OpenRun:
+    """A run directory opened for computing: its store and the samples still to do."""
+
+    path: Path
+    store: Any  # RunStore (imported lazily)
+    todo: list[Sample]
+    images: Path
+    total: int
+
+
+def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``spec.json`` holds for ``spec`` run on ``loaded``: its identity plus provenance.
+
+    ``self_test`` is the start-up self-test's report (provenance only: not part of the identity).
+    """
+    record = provenance(loaded)
+    record["self_test"] = dict(self_test) if self_test is not None else None
+    return {**spec.identity(loaded), "provenance": record}
+
+
+def open_run(
+    spec: RunSpec,
+    out: Path | str,
+    stored: dict[str, Any],
+    data: tuple[list[Sample], list[dict[str, Any]], Path],
+) -> OpenRun:
+    """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
+
+    ``data`` is :func:`load_data`'s result. Commits the read errors not yet committed and returns
+    the samples not yet done, in data order. Any executor (this process, a Ray cluster) starts here.
+    """
     from vlmflow.results.store import RunStore
 
-    samples, read_errors, images = load_data(spec.data)
-    loaded = loaded or spec.model.load()
+    samples, read_errors, images = data
     path = Path(out) / spec.run_name()
-    stored_spec = {**spec.identity(loaded), "provenance": provenance(loaded)}
-    store = RunStore.open(path, stored_spec)
+    store = RunStore.open(path, stored)
     done = store.done_sample_ids()
     fresh_read_errors = [e for e in read_errors if e["sample_id"] not in done]
     if fresh_read_errors:
         store.commit({"errors": fresh_read_errors})
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%s: %d samples, %d already done", path, len(samples), len(samples) - len(todo))
-    started = time.perf_counter()
-    count = 0
-    if progress:
-        progress(0, len(todo), "starting")
-    for tables in iter_samples(loaded, todo, images, spec.experiment):
-        store.commit(tables)
-        count += 1
-        if progress:
-            progress(count, len(todo), "")
-    elapsed = time.perf_counter() - started
-    summary = summarise(store, elapsed, computed=count)
-    store.finalize(summary)
-    return RunOutcome(path=path, summary=summary)
+    return OpenRun(path=path, store=store, todo=todo, images=images, total=len(samples))
+
+
+def finish_run(run: OpenRun, elapsed: float, computed: int) -> RunOutcome:
+    """Summarise and consolidate the run directory (idempotent); the end of every executor."""
+    summary = summarise(run.store, elapsed, computed=computed)
+    run.store.finalize(summary)
+    return RunOutcome(path=run.path, summary=summary)
 
 
 def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
@@ -258,6 +378,10 @@ def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
     }
     if len(errors):
         summary["errors_by_stage"] = {str(k): int(v) for k, v in errors["stage"].value_counts().items()}
+        listed = errors.sort_values("sample_id").head(MAX_SUMMARY_ERRORS)
+        summary["error_rows"] = [
+            {"sample_id": str(r.sample_id), "stage": str(r.stage), "reason": str(r.reason)} for r in listed.itertuples()
+        ]
     if flows is not None and len(flows):
         kept_ids = set(samples.loc[samples["kept"], "sample_id"])
         kept = flows[flows["sample_id"].isin(kept_ids)]

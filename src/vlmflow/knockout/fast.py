@@ -1,16 +1,22 @@
 """The fast, exact knockout engine.
 
-Why it is exact: with causal attention, a knockout whose first target position is ``t0`` cannot
-change anything at positions ``< t0`` (they never attend to later positions), and it cannot change
-anything in layers below its first blocked layer ``a``. So the result of a knockout is determined by
+Why it is exact: a knockout changes attention only at its target rows, from its first blocked layer
+``a`` on. From there a change spreads to every position that attends to a changed position in a
+later layer. Let ``t`` be the **first affected position**: the earliest position that can see a
+changed position, directly or through later layers, in the clean model's attention pattern
+(:meth:`VLMAdapter.base_allowed <vlmflow.adapters.base.VLMAdapter.base_allowed>`, layers ``>= a``).
+Nothing at positions ``< t`` and nothing below layer ``a`` changes, so the result is determined by
 
-* the clean keys/values of positions ``< t0`` in every layer (unchanged), and
-* the clean hidden states of positions ``>= t0`` entering layer ``a`` (unchanged),
+* the clean keys/values of positions ``< t`` in every layer (unchanged), and
+* the clean hidden states of positions ``>= t`` entering layer ``a`` (unchanged),
 
-and only the suffix ``t0..n-1`` has to be recomputed, from layer ``a`` up. One clean forward
-(vision tower once, baseline logits, greedy answer) provides both.
+and only the suffix ``t..n-1`` has to be recomputed, from layer ``a`` up. For causal attention
+``t`` is the first target position; where earlier positions may attend to later ones (a
+bidirectional image block, a prefix-LM) :func:`affected_starts` moves ``t`` back as far as needed,
+so the same engine stays exact for every family. One clean forward (vision tower once, baseline
+logits, greedy answer) provides both.
 
-Many knockouts (all windows of all flows with the same ``t0``) run together "folded" into the query
+Many knockouts (all windows of all flows with the same ``t``) run together "folded" into the query
 axis of a single batch row: variant ``v``'s suffix occupies query rows ``[v*S, (v+1)*S)``; every
 variant attends to the shared clean prefix keys/values (one copy per layer call, never one per
 variant) and only to its own suffix keys (a block-diagonal mask, or on CPU the shared-prefix
@@ -19,12 +25,14 @@ Variants start at their own first layer: at layer ``l`` only the variants whose 
 are computed.
 
 Module-level ablations (:class:`~vlmflow.knockout.ablation.Ablation`) obey the same rule (nothing
-changes before their first position or below their first layer) and run folded next to knockouts:
-their replacements are applied to their own query rows by :func:`~vlmflow.knockout.ablation.folded_ablation`.
+changes before their first affected position or below their first layer) and run folded next to
+knockouts: their replacements are applied to their own query rows by
+:func:`~vlmflow.knockout.ablation.folded_ablation`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -45,6 +53,8 @@ from vlmflow.knockout.ablation import (
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
 from vlmflow.knockout.prefix_attention import shared_prefix_attention
 from vlmflow.knockout.spec import Knockout, check_layers
+
+log = logging.getLogger(__name__)
 
 #: What the fast engine runs: blocked attention edges or a module-level ablation.
 Intervention = Knockout | Ablation
@@ -126,7 +136,9 @@ def clean_run(
 
         return hook
 
-    cache = DynamicCache(config=adapter.language_model(model).config)
+    # A plain cache keeps every position's keys/values in every layer (a config-built one would keep
+    # only the last window of a sliding-window layer); windows are applied by the attention mask.
+    cache = DynamicCache()
     try:
         for index, module in enumerate(hooked):
             handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
@@ -177,9 +189,12 @@ def fast_logits(
 ) -> torch.Tensor:
     """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
 
-    Knockouts (and ablations) with the same first target run folded together; ``max_fold_queries``
+    Knockouts (and ablations) with the same first affected position (:func:`affected_starts`) run
+    folded together; ``max_fold_queries``
     bounds the query rows of one layer call (more variants are split into chunks of similar start
-    layer). Mean ablations cost one extra clean forward for their replacement values.
+    layer). Mean ablations cost one extra clean forward for their replacement values. On
+    ``torch.OutOfMemoryError`` the chunk size is halved and the chunk retried, down to one variant
+    per call; an OOM with a single variant is raised.
     """
     adapter.check_attention_backend(model)
     n_layers = adapter.n_layers(model)
@@ -191,24 +206,91 @@ def fast_logits(
     )
     vocab = clean.logits.shape[-1]
     result = torch.empty(len(knockouts), vocab, dtype=torch.float32)
-    by_t0: dict[int, list[int]] = defaultdict(list)
+    starts = affected_starts(adapter, encoded, n_layers, knockouts)
+    by_start: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         if knockout.is_empty:
             result[index] = clean.logits.cpu()
         else:
-            by_t0[knockout.first_target].append(index)
-    for t0, indices in by_t0.items():
+            by_start[starts[index]].append(index)
+    for t0, indices in by_start.items():
         if t0 < clean.start:
-            raise ValueError(f"clean run kept hidden states from position {clean.start}, knockout needs {t0}")
+            raise ValueError(
+                f"clean run kept hidden states from position {clean.start}, but a knockout can change position "
+                f"{t0} (use affected_starts() to choose capture_from)"
+            )
         suffix = encoded.seq_len - t0
         per_call = max(1, max_fold_queries // suffix)
         ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
-        for lo in range(0, len(ordered), per_call):
+        lo = 0
+        while lo < len(ordered):
             chunk = ordered[lo : lo + per_call]
             chunk_values = {j: values[i] for j, i in enumerate(chunk) if i in values}
-            logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0, chunk_values)
+            try:
+                logits = _run_folded(model, adapter, encoded, clean, [knockouts[i] for i in chunk], t0, chunk_values)
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise  # one variant at a time is the smallest fold; the caller records the sample
+                logits = None
+            if logits is None:  # outside the except block, so the failed call's tensors are freed
+                per_call = max(1, len(chunk) // 2)
+                release_cached_memory()
+                log.warning("out of memory folding %d knockouts; retrying %d at a time", len(chunk), per_call)
+                continue
             result[chunk] = logits.cpu()
+            lo += len(chunk)
     return result
+
+
+def release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def affected_starts(
+    adapter: VLMAdapter, encoded: Encoded, n_layers: int, interventions: Sequence[Intervention]
+) -> list[int]:
+    """Per intervention, the first position whose computation it can change (``-1`` when empty).
+
+    An intervention changes the outputs of its target rows in its first layer ``a``; from layer
+    ``a + 1`` on every position that attends to a changed position changes too. The result is the
+    largest ``t <= first_target`` such that no position ``< t`` attends to any position ``>= t`` in
+    any layer ``> a`` of the clean model (:meth:`VLMAdapter.base_allowed`), so positions ``< t``
+    provably keep their clean states. With causal attention this is ``first_target``.
+
+    >>> affected_starts(adapter, encoded, n_layers, knockouts)      # doctest: +SKIP
+    [57, 57, 12]
+    """
+    live = [k for k in interventions if not k.is_empty]
+    if not live:
+        return [-1] * len(interventions)
+    t_max = max(k.first_target for k in live)
+    first = min(k.first_layer for k in live) + 1  # layers where a change can spread
+    device = encoded.inputs["input_ids"].device
+    n = encoded.seq_len
+    rows = torch.arange(t_max, device=device)
+    keys = torch.arange(n, device=device)
+    # last_key[l, p]: the last key position row p may attend to in layer l (rows < t_max suffice);
+    # row n_layers stands for "no later layer".
+    last_key = torch.full((n_layers + 1, t_max), -1, dtype=torch.long)
+    for layer in range(first, n_layers if t_max > 0 else first):
+        allowed = adapter.base_allowed(layer, rows, n, encoded)  # [t_max, n]
+        last_key[layer] = torch.where(allowed, keys, -1).amax(dim=1).cpu()
+    reach = last_key.flip(0).cummax(dim=0).values.flip(0)  # reach[l, p]: max over layers >= l
+    out = []
+    for k in interventions:
+        if k.is_empty:
+            out.append(-1)
+            continue
+        r, t = reach[k.first_layer + 1], k.first_target
+        while True:
+            sees_ahead = torch.nonzero(r[:t] >= t)  # positions before t that read position >= t
+            if len(sees_ahead) == 0:
+                break
+            t = int(sees_ahead[0])
+        out.append(t)
+    return out
 
 
 def _run_folded(

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vlmflow.plots.lens import curves
+from vlmflow.plots.common import curves, draw_curves
 
 
 def plot_attention_mass(attention: pd.DataFrame, target: str) -> Figure:
@@ -22,11 +22,7 @@ def plot_attention_mass(attention: pd.DataFrame, target: str) -> Figure:
     fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     ax = fig.add_subplot()
     table = curves(frame, "source", "mass", scale=100.0)
-    for i, source in enumerate(dict.fromkeys(frame["source"])):
-        line = table[table["source"] == source]
-        color = f"C{i % 10}"
-        ax.plot(line["layer"], line["mean"], color=color, label=source)
-        ax.fill_between(line["layer"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
+    draw_curves(ax, table, "source", list(dict.fromkeys(frame["source"])))
     ax.set_xlabel("Layer")
     ax.set_ylabel("Attention mass (%)")
     ax.set_ylim(0, 100)

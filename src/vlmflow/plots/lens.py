@@ -3,8 +3,8 @@
 Functions take result tables (pandas DataFrames as :meth:`RunStore.read` returns them) and return a
 matplotlib :class:`~matplotlib.figure.Figure`; they never write files or touch pyplot's global state.
 
-Curves are the mean over samples with a 95% bootstrap confidence band (1000 resamples, fixed
-seed), as seaborn's ``lineplot`` draws the paper's figures.
+Curves are the mean over samples with a 95% bootstrap confidence band
+(:func:`vlmflow.plots.common.mean_ci`), as seaborn's ``lineplot`` draws the paper's figures.
 
 Layer axis: a lens point ``j`` is the residual stream after ``j`` decoder layers (``j = 0``: the
 embeddings; ``j = L``: the last layer's output), the paper's "layer j". A flow point ``l`` is the
@@ -15,15 +15,17 @@ effect of knocking out layer ``l`` is visible in the lens from ``j = l + 1``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vlmflow.experiments.lens import FORM_LABELS, Form, Readout
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
+from vlmflow.plots.flows import draw_flows
+from vlmflow.positions.groups import Group
 
 #: Forms drawn in the paper's figure, in its legend order.
 PAPER_FORMS: tuple[Form, ...] = (Form.ANSWER, Form.ANSWER_CAPITALIZED, Form.FALSE_OPTION, Form.FALSE_OPTION_CAPITALIZED)
@@ -40,39 +42,6 @@ READOUT_TITLES = {
 }
 
 
-def mean_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% bootstrap confidence interval of ``values`` (``(mean, low, high)``).
-
-    >>> mean_ci(np.array([1.0, 1.0, 1.0]))
-    (1.0, 1.0, 1.0)
-    """
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return (float("nan"),) * 3
-    mean = float(values.mean())
-    if len(values) == 1:
-        return mean, mean, mean
-    rng = np.random.default_rng(seed)
-    boots = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    low, high = np.percentile(boots, [2.5, 97.5])
-    return mean, float(low), float(high)
-
-
-def curves(frame: pd.DataFrame, by: str, value: str, *, scale: float = 1.0) -> pd.DataFrame:
-    """Mean and CI of ``value`` per (``by``, ``layer``) over samples: columns by, layer, mean, low, high.
-
-    >>> f = pd.DataFrame({"form": ["a", "a"], "layer": [0, 0], "prob": [0.1, 0.3], "sample_id": ["1", "2"]})
-    >>> curves(f, "form", "prob", scale=100)[["form", "layer", "mean"]].to_dict("records")
-    [{'form': 'a', 'layer': 0, 'mean': 20.0}]
-    """
-    rows = []
-    for (key, layer), group in frame.groupby([by, "layer"], sort=True):
-        mean, low, high = mean_ci(group[value].to_numpy() * scale)
-        rows.append({by: key, "layer": int(layer), "mean": mean, "low": low, "high": high})
-    return pd.DataFrame(rows, columns=[by, "layer", "mean", "low", "high"])
-
-
 def draw_lens(
     ax: Axes,
     lens: pd.DataFrame,
@@ -87,11 +56,15 @@ def draw_lens(
     present = set(frame["form"])
     chosen = [f for f in (forms or PAPER_FORMS) if f.value in present]
     table = curves(frame[frame["form"].isin([f.value for f in chosen])], "form", "prob", scale=100.0)
-    for form in chosen:
-        line = table[table["form"] == form.value]
-        color, style = _FORM_STYLE[form]
-        ax.plot(line["layer"], line["mean"], color=color, linestyle=style, label=FORM_LABELS[form])
-        ax.fill_between(line["layer"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
+    draw_curves(
+        ax,
+        table,
+        "form",
+        [f.value for f in chosen],
+        labels={f.value: FORM_LABELS[f] for f in chosen},
+        colors={f.value: _FORM_STYLE[f][0] for f in chosen},
+        styles={f.value: _FORM_STYLE[f][1] for f in chosen},
+    )
     ax.set_ylabel("Probability (%)")
     ax.set_xlabel("Layer")
     ax.set_ylim(bottom=0)
@@ -126,22 +99,6 @@ def plot_lens(
     frame = lens[(lens["readout"] == readout.value) & (lens["group"] == group)]
     ax.set_title(title or f"Answer at the {group} position: {READOUT_TITLES[readout]} ({_samples_note(frame)})", fontsize="small")
     return fig
-
-
-def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None) -> None:
-    """Draw the flow curves (mean relative change of the answer probability, %) on ``ax``."""
-    order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
-    table = curves(flows, "flow", "rel_change")
-    for i, name in enumerate(order):
-        line = table[table["flow"] == name]
-        if line.empty:
-            continue
-        color = f"C{i % 10}"
-        ax.plot(line["layer"], line["mean"], color=color, label=Flow.parse(name).label)
-        ax.fill_between(line["layer"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
-    ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.set_ylabel("Change in probability (%)")
-    ax.legend(loc="lower left", fontsize="small", frameon=False)
 
 
 def plot_flows_over_lens(
@@ -199,3 +156,47 @@ def plot_lens_positions(
     ax.set_ylabel(f"Position within '{group}'")
     ax.set_title(f"{FORM_LABELS[form]} at {group} positions ({readout.value}; {_samples_note(frame)})", fontsize="small")
     return fig
+
+
+def write_lens_figures(
+    run_dir: Path | str,
+    *,
+    flows_run: Path | str | None = None,
+    out: Path | str | None = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+) -> list[Path]:
+    """Write the lens figures of a run directory; return their paths (nothing without a ``lens`` table).
+
+    Into ``out`` (default ``run_dir/figures``): ``lens_<readout>`` (the paper's figure per readout)
+    and ``flows_over_lens`` when ``flows_run`` (or this run itself) has a ``flows`` table, in every
+    format of ``formats``; ``lens_<group>_positions`` for extra groups and ``attention_<target>``
+    when attention was recorded, in the first format only.
+
+    >>> write_lens_figures("runs/lens-run", flows_run="runs/flows-run")   # doctest: +SKIP
+    """
+    from vlmflow.results.store import RunStore
+
+    store = RunStore.load(run_dir)
+    tables = store.tables()
+    if "lens" not in tables:
+        return []
+    folder = Path(out) if out is not None else Path(run_dir) / "figures"
+    written: list[Path] = []
+    frame = store.read("lens")
+    readouts = [r for r in Readout if r.value in set(frame["readout"])]
+    for readout in readouts:
+        written += save_figure(plot_lens(frame, readout), folder, f"lens_{readout.value}", formats)
+    for group in sorted(set(frame["group"]) - {Group.LAST.value}):
+        fig = plot_lens_positions(frame, group, readout=readouts[-1])
+        written += save_figure(fig, folder, f"lens_{group}_positions", formats[:1])
+    if "attention" in tables:
+        from vlmflow.plots.attention import plot_attention_mass
+
+        attention = store.read("attention")
+        for target in dict.fromkeys(attention["target"]):
+            written += save_figure(plot_attention_mass(attention, target), folder, f"attention_{target}", formats[:1])
+    flows_store = RunStore.load(flows_run) if flows_run is not None else store
+    if "flows" in flows_store.tables():
+        fig = plot_flows_over_lens(flows_store.read("flows"), frame, readouts[0])
+        written += save_figure(fig, folder, "flows_over_lens", formats)
+    return written

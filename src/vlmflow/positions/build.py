@@ -53,7 +53,12 @@ def build_position_groups(
 
     question = tokens_in_span(encoded.offsets, encoded.question_span)
     if not question:
-        raise SampleError(f"question text {sample.question!r} not found in the prompt's tokens", stage="groups")
+        raise SampleError(
+            f"question text {sample.question!r} not found in the prompt's tokens: no token's character offsets "
+            f"overlap characters {encoded.question_span[0]}..{encoded.question_span[1]} of the prompt (a tokenizer "
+            "without offset mapping cannot be used)",
+            stage="groups",
+        )
     if set(question) & set(positions[Group.IMAGE]):
         raise SampleError("question tokens overlap image tokens", stage="groups")
     last = seq_len - 1

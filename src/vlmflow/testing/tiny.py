@@ -23,6 +23,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from vlmflow.testing.tokenizers import TokenizerKind, build_tokenizer
@@ -42,6 +44,8 @@ class TinyLlavaConfig:
         vision_layers / vision_hidden: the CLIP tower.
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         seed: weight initialisation seed.
+        widen_init: rescale the initial weights so a random model has peaked outputs (for tests of
+            random models); ``False`` keeps transformers' initialisation (for training).
     """
 
     tokenizer: TokenizerKind = "sentencepiece"
@@ -56,18 +60,24 @@ class TinyLlavaConfig:
     vision_hidden: int = 32
     attn_implementation: str = "sdpa"
     seed: int = 0
+    widen_init: bool = True
 
 
 def build_tiny_llava(
-    config: TinyLlavaConfig = TinyLlavaConfig(), path: str | Path | None = None
+    config: TinyLlavaConfig = TinyLlavaConfig(),
+    path: str | Path | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Build a tiny random LLaVA and its processor; save both to ``path`` when given.
+
+    ``tokenizer`` replaces the one ``config.tokenizer`` names (it must have an ``<image>`` token).
 
     >>> model, processor = build_tiny_llava(TinyLlavaConfig(layers=2))
     >>> model.config.text_config.num_hidden_layers
     2
     """
-    tokenizer = build_tokenizer(config.tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.tokenizer)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
@@ -81,43 +91,63 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
     )
     llava_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=config.vision_hidden,
-            intermediate_size=config.vision_hidden * 2,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=4,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden,
-            intermediate_size=config.intermediate,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=CLIPVisionConfig(**_vision_kwargs(config)),
+        text_config=LlamaConfig(**_decoder_kwargs(config, tokenizer)),
         image_token_index=tokenizer.image_token_id,
         image_seq_length=(config.image_size // config.patch_size) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
+    model = _random_model(LlavaForConditionalGeneration, llava_config, config)
+    if path is not None:
+        _save(model, processor, Path(path))
+    return model, processor
+
+
+def _vision_kwargs(config: TinyLlavaConfig) -> dict:
+    """Vision-tower config arguments (CLIP or SigLIP) of a tiny model."""
+    return {
+        "hidden_size": config.vision_hidden,
+        "intermediate_size": config.vision_hidden * 2,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": 4,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
+def _decoder_kwargs(config: TinyLlavaConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Decoder config arguments (Llama-like: Llama, Qwen2, ...) of a tiny model."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": config.hidden,
+        "intermediate_size": config.intermediate,
+        "num_hidden_layers": config.layers,
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": config.kv_heads,
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _random_model(model_class: type, model_config: object, config: TinyLlavaConfig) -> torch.nn.Module:
+    """``model_class(model_config)`` with seeded, widened random weights, in eval mode."""
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = LlavaForConditionalGeneration(llava_config)
-    _widen_init(model)
+        model = model_class(model_config)
+    if config.widen_init:
+        _widen_init(model)
     model.eval()
     model.config._attn_implementation = config.attn_implementation  # noqa: SLF001
-    if path is not None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        processor.save_pretrained(path)
-    return model, processor
+    return model
+
+
+def _save(model: torch.nn.Module, processor: object, path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
 
 
 def _widen_init(model: torch.nn.Module) -> None:

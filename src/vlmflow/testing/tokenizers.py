@@ -11,7 +11,7 @@ of tokenization real checkpoints have, without downloading anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -41,18 +41,21 @@ def build_tokenizer(
     *,
     vocab_size: int = 400,
     extra_special: Sequence[str] = (),
+    named_special: Mapping[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a small tokenizer of the given ``kind`` on ``corpus`` and wrap it for transformers.
 
     The result has ``<s>`` (BOS, prepended to every encoding), ``</s>``, ``<unk>``, ``<pad>`` and an
     ``<image>`` special token exposed as ``tokenizer.image_token`` / ``tokenizer.image_token_id``.
+    ``named_special`` adds or replaces such named tokens (e.g. ``{"boi_token": "<start_of_image>"}``).
 
     >>> tok = build_tokenizer("sentencepiece")
     >>> tok.convert_ids_to_tokens(tok("Is the square red?")["input_ids"])[0]
     '<s>'
     """
     corpus = list(corpus)
-    specials = list(SPECIAL_TOKENS) + [t for t in extra_special if t not in SPECIAL_TOKENS]
+    named = {"image_token": "<image>", **dict(named_special or {})}
+    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_special, *named.values()]))
     if kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -94,5 +97,5 @@ def build_tokenizer(
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=named,
     )

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from vlmflow.plots.attention import plot_attention_mass
-from vlmflow.plots.lens import curves, mean_ci, plot_flows_over_lens, plot_lens, plot_lens_positions
+from vlmflow.plots.common import curves, mean_ci
+from vlmflow.plots.lens import plot_flows_over_lens, plot_lens, plot_lens_positions
 
 
 def _lens(n_samples=3, n_layers=4, forms=("answer", "answer_capitalized", "false_option", "generated")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -110,7 +109,5 @@ def test_analytic_equals_oracle_on_every_released_geometry(mode):
     """LLaVA-1.5 (336 px, 14 px patches) on blank images of every released sample's size and boxes."""
     geometries = _released_geometries()
     assert len(geometries) == 5525
-    start = time.perf_counter()
     bad = _disagreements(geometries, mode, 336, 14)
     assert bad == [], f"{len(bad)} of {len(geometries)} disagree, e.g. {bad[:3]}"
-    assert time.perf_counter() - start < 120

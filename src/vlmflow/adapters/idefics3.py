@@ -1,0 +1,175 @@
+"""Idefics3 and SmolVLM: image splitting into tiles plus a global view, pixel shuffle, row/column tokens.
+
+Real targets: ``HuggingFaceM4/Idefics3-8B-Llama3`` and ``HuggingFaceTB/SmolVLM-Instruct``
+(``Idefics3ForConditionalGeneration``), ``HuggingFaceTB/SmolVLM2-*`` (``SmolVLMForConditionalGeneration``).
+The language model is causal with plain 1-D positions; what differs from LLaVA:
+
+* **prompt** — the checkpoints' chat format ``User:<image>...<end_of_utterance>\\nAssistant:``
+  (``idefics3``: after ``<|begin_of_text|>``; ``smolvlm``: after ``<|im_start|>``, for SmolVLM and
+  SmolVLM2). The single ``<image>`` placeholder is expanded the way the processors do: per tile
+  ``<fake_token_around_image><row_r_col_c>`` and ``image_seq_len`` ``<image>`` tokens, a newline after
+  each tile row, then ``\\n<fake_token_around_image><global-img>``, the global view's tokens and a
+  closing ``<fake_token_around_image>``. The adapter expands it itself
+  (:mod:`vlmflow.adapters.expansion`; SmolVLM's processor needs torchvision) and a test checks the
+  result token for token against ``Idefics3Processor``.
+* **geometry** — :mod:`vlmflow.positions.split_tiles`: 2,197 image tokens for a 500 x 375 GQA image
+  in Idefics3-8B (12 tiles + global, 169 each). Position sub-groups: ``image_grid`` (tile tokens)
+  and ``image_base`` (global view); related/other patches are mapped through both. The row/column
+  and wrapper tokens are text tokens, in no image group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+from torch import nn
+
+from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.expansion import (
+    check_template_tokens,
+    encode_expanded,
+    image_tensors,
+    load_image_text_processor,
+)
+from vlmflow.adapters.registry import register_adapter
+from vlmflow.errors import ConfigError
+from vlmflow.positions.groups import Group
+from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
+
+FAKE_IMAGE, IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<image>", "<global-img>"
+
+_TURN = "User:{image}{question}" + ANSWER_SUFFIX + "<end_of_utterance>\nAssistant:"
+register_template(PromptTemplate(name="idefics3", pattern="<|begin_of_text|>" + _TURN, add_special_tokens=False))
+register_template(PromptTemplate(name="smolvlm", pattern="<|im_start|>" + _TURN, add_special_tokens=False))
+
+
+def split_image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
+    """The text the Idefics3 / SmolVLM processors put in place of one ``<image>``.
+
+    >>> split_image_prompt(0, 0, 2)
+    '<fake_token_around_image><global-img><image><image><fake_token_around_image>'
+    >>> split_image_prompt(1, 2, 1).count("<row_1_col_2>")
+    1
+    """
+    tokens = IMAGE * image_seq_len
+    text = ""
+    for r in range(rows):
+        for c in range(cols):
+            text += f"{FAKE_IMAGE}<row_{r + 1}_col_{c + 1}>{tokens}"
+        text += "\n"
+    prefix = "\n" if rows or cols else ""
+    return f"{text}{prefix}{FAKE_IMAGE}{GLOBAL_IMAGE}{tokens}{FAKE_IMAGE}"
+
+
+@register_adapter
+class Idefics3Adapter(VLMAdapter):
+    """Idefics3 (``Idefics3ForConditionalGeneration``, also SmolVLM v1)."""
+
+    family = "idefics3"
+    architectures: tuple[str, ...] = ("Idefics3ForConditionalGeneration",)
+    default_template = "idefics3"
+    description = "Idefics3 / SmolVLM v1: tiles + global view, pixel shuffle, row/column tokens"
+    support = {
+        "prompt": "User:/Assistant: turns (idefics3, smolvlm), <image> expanded per tile and global view",
+        "groups": "image, image_grid (tiles), image_base (global), related/other through both views",
+        "box mapping": "longest-edge resize + tile split + global view; == Idefics3ImageProcessorPil + pixel_shuffle oracle",
+        "attention": "causal",
+        "fast engine": "exact (causal: recompute from the first target)",
+        "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager)",
+    }
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import Idefics3ForConditionalGeneration
+
+        return Idefics3ForConditionalGeneration
+
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        return load_image_text_processor(source, **kwargs)
+
+    def image_token(self, processor: Any) -> str:
+        return IMAGE
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.text_model
+
+    def _image_processor(self, processor: Any) -> Any:
+        ip = processor.image_processor
+        if not getattr(ip, "do_resize", True):
+            raise ConfigError("the image processor has do_resize=False; the tile layout needs its longest-edge resize")
+        return ip
+
+    def encode(
+        self,
+        model: nn.Module,
+        processor: Any,
+        template: PromptTemplate,
+        question: str,
+        image: Image.Image,
+        options: Mapping[str, Any],
+    ) -> Encoded:
+        check_template_tokens(processor.tokenizer, template)
+        ip = self._image_processor(processor)
+        out = ip(images=[image.convert("RGB")], return_tensors="pt", return_row_col_info=True)
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        seq_len = int(model.model.image_seq_len)
+        n_frames = rows * cols + 1 if rows or cols else 1
+        return encode_expanded(
+            model,
+            processor.tokenizer,
+            template,
+            question,
+            placeholder=IMAGE,
+            expansion=split_image_prompt(rows, cols, seq_len),
+            image_inputs=image_tensors(out),
+            image_size=image.size,
+            image_token_id=self.image_token_id(model),
+            n_image_tokens=n_frames * seq_len,
+        )
+
+    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
+        from vlmflow.positions.split_tiles import split_geometry
+
+        ip = self._image_processor(processor)
+        vision = model.config.vision_config
+        if int(ip.max_image_size["longest_edge"]) != int(vision.image_size):
+            raise ConfigError(
+                f"image processor tiles of {ip.max_image_size['longest_edge']} px but the vision tower takes "
+                f"{vision.image_size} px"
+            )
+        geometry = split_geometry(
+            encoded.image_size,
+            longest_edge=int(ip.size["longest_edge"]),
+            tile_size=int(vision.image_size),
+            patch_size=int(vision.patch_size),
+            scale_factor=int(model.config.scale_factor),
+            splitting=bool(ip.do_image_splitting),
+        )
+        glob = geometry.global_tokens()
+        subgroups = {Group.IMAGE_BASE: glob}
+        if geometry.n_tiles:
+            subgroups[Group.IMAGE_GRID] = ~glob
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups)
+
+
+@register_adapter
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM2 (``SmolVLMForConditionalGeneration``): Idefics3's image handling, ChatML-style turns."""
+
+    family = "smolvlm"
+    architectures = ("SmolVLMForConditionalGeneration",)
+    default_template = "smolvlm"
+    description = "SmolVLM2: as Idefics3 (tiles + global view, pixel shuffle), <|im_start|> turns"
+    support = {
+        **Idefics3Adapter.support,
+        "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa)",
+    }
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import SmolVLMForConditionalGeneration
+
+        return SmolVLMForConditionalGeneration

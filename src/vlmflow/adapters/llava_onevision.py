@@ -1,0 +1,126 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): SigLIP tower, anyres_max_9, Qwen2 decoder.
+
+Real targets: ``llava-hf/llava-onevision-qwen2-{0.5b,7b,72b}-{si,ov}-hf``. Not in the paper; the
+prompt is the one OneVision was trained and evaluated with (LLaVA-NeXT's ``qwen_1_5`` ChatML
+conversation) around the paper's user message.
+
+Image tokens: the base view (27 x 27 = 729 tokens at 384/14; the patch convolution never sees the
+last 6 pixels of each 384 px view), then the high-resolution grid, un-padded as in LLaVA-NeXT and,
+when it holds more than 1.1 x the tokens of ``N`` views (``vision_aspect_ratio="anyres_max_N"``),
+bilinearly downscaled; one newline token after each row. A downscaled token is related to a box
+when one of the grid tokens it is interpolated from is (see :mod:`vlmflow.positions.anyres`).
+
+Multi-image and video inputs (one padded view per image) are not used by vlmflow.
+
+In transformers 5.x, ``LlavaOnevisionProcessor`` cannot be built without torchvision (its video
+processor needs it, even when absent). Without torchvision the adapter loads the same processor
+minus the video part (:class:`OnevisionImageProcessor`), which handles images exactly alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import is_torchvision_available
+
+from vlmflow.adapters.llava_next import AnyresAdapter
+from vlmflow.adapters.registry import register_adapter
+from vlmflow.errors import ConfigError
+from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
+
+log = logging.getLogger(__name__)
+
+# conv_templates["qwen_1_5"] of the LLaVA-NeXT code base (ChatML: system turn, roles
+# "<|im_start|>user" / "<|im_start|>assistant", sep "<|im_end|>"), with the paper's user message.
+QWEN_1_5 = register_template(
+    PromptTemplate(
+        name="qwen_1_5",
+        pattern=(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}\n{question}"
+            + ANSWER_SUFFIX
+            + "<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        add_special_tokens=False,
+    )
+)
+
+
+class OnevisionImageProcessor(LlavaOnevisionProcessor):
+    """``LlavaOnevisionProcessor`` without the video processor (images only; no torchvision needed).
+
+    Same ``__call__``, same placeholder expansion; only its constructor skips the video part.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        vision_aspect_ratio: str = "anyres_max_9",
+        **kwargs: Any,
+    ) -> None:
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = video_token
+        self.video_token_id = None
+        self.vision_aspect_ratio = vision_aspect_ratio
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def parse_anyres_max(value: str) -> int:
+    """``"anyres_max_9"`` -> 9.
+
+    >>> parse_anyres_max("anyres_max_9")
+    9
+    """
+    prefix = "anyres_max_"
+    text = str(value)
+    if not text.startswith(prefix) or not text[len(prefix) :].isdigit() or int(text[len(prefix) :]) <= 0:
+        raise ConfigError(f"unsupported vision_aspect_ratio {value!r}; valid: anyres_max_N with N a positive integer")
+    return int(text[len(prefix) :])
+
+
+@register_adapter
+class LlavaOnevisionAdapter(AnyresAdapter):
+    """LLaVA-OneVision single-image anyres (``LlavaOnevisionForConditionalGeneration``)."""
+
+    family = "llava_onevision"
+    architectures = ("LlavaOnevisionForConditionalGeneration",)
+    default_template = "qwen_1_5"
+    description = (
+        "LLaVA-OneVision (SigLIP + Qwen2); anyres_max_9: 729 base + un-padded (downscaled when large) grid "
+        "with a newline per row (1728 tokens at 500x375)"
+    )
+    feature_strategy = "full"  # SigLIP has no CLS token
+
+    def model_class(self) -> type[nn.Module]:
+        return LlavaOnevisionForConditionalGeneration
+
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        if is_torchvision_available():
+            return super().load_processor(source, **kwargs)
+        log.info("torchvision is not installed: loading the OneVision processor without its video part")
+        return OnevisionImageProcessor.from_pretrained(source, **kwargs)
+
+    def max_patches(self, model: nn.Module) -> int | None:
+        return parse_anyres_max(model.config.vision_aspect_ratio)
+
+    def anyres_settings(self, model: nn.Module, processor: Any) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+        settings = super().anyres_settings(model, processor)
+        proc_ratio = getattr(processor, "vision_aspect_ratio", None)
+        if proc_ratio is not None and proc_ratio != model.config.vision_aspect_ratio:
+            raise ConfigError(
+                f"the processor's vision_aspect_ratio {proc_ratio!r} differs from the model's "
+                f"{model.config.vision_aspect_ratio!r}; image-token counts would not match"
+            )
+        return settings

@@ -1,0 +1,192 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, 2 x 2 patch merging, M-RoPE positions.
+
+Real targets: ``Qwen/Qwen2-VL-{2B,7B}-Instruct`` (``Qwen2VLForConditionalGeneration``) and
+``Qwen/Qwen2.5-VL-{3B,7B}-Instruct`` (``Qwen2_5_VLForConditionalGeneration``). The language model
+is causal; what differs from LLaVA:
+
+* **prompt** — the ChatML format of the checkpoints' chat template with its default system message;
+  the image is ``<|vision_start|><|image_pad|><|vision_end|>`` and ``<|image_pad|>`` is repeated once
+  per merged token (``t * h * w / merge**2`` of ``image_grid_thw``) by the adapter itself, because
+  the HF processor needs a torchvision video processor (:mod:`vlmflow.adapters.expansion`);
+  ``mm_token_type_ids`` (1 at image tokens) is passed, as transformers 5 requires for M-RoPE;
+* **positions** — M-RoPE: every position has (temporal, height, width) ids ``[3, 1, seq]`` from the
+  model's own ``get_rope_index`` (image tokens share the temporal id and step over rows/columns,
+  text continues after the image's largest id); the fast engine takes the suffix's columns;
+* **geometry** — one merged grid over the resized image (:mod:`vlmflow.positions.dynamic_grid`):
+  234 tokens for a 500 x 375 GQA image, no padding.
+
+Checkpoints with sliding-window layers (``use_sliding_window``, used by no released Qwen2-VL) are
+refused: transformers applies that window only inside flash-attention kernels, which cannot take a
+knockout mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.expansion import (
+    check_template_tokens,
+    encode_expanded,
+    image_tensors,
+    load_image_text_processor,
+)
+from vlmflow.adapters.registry import register_adapter
+from vlmflow.errors import ConfigError, UnsupportedModelError
+from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+
+#: The chat template of the Qwen2-VL / Qwen2.5-VL instruct checkpoints (default system message, one
+#: user turn holding the image and then the paper's question text, generation prompt).
+QWEN_TEMPLATE = register_template(
+    PromptTemplate(
+        name="qwen2_vl",
+        pattern=(
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{image}{question}"
+            + ANSWER_SUFFIX
+            + "<|im_end|>\n<|im_start|>assistant\n"
+        ),
+    )
+)
+
+
+@register_adapter
+class Qwen2VLAdapter(VLMAdapter):
+    """Qwen2-VL (``Qwen2VLForConditionalGeneration``)."""
+
+    family = "qwen2_vl"
+    architectures: tuple[str, ...] = ("Qwen2VLForConditionalGeneration",)
+    default_template = "qwen2_vl"
+    description = "Qwen2-VL: dynamic resolution, 2x2 merged 28-px tokens, M-RoPE"
+    support = {
+        "prompt": "ChatML (qwen2_vl), <|image_pad|> expanded per merged token",
+        "groups": "image, related/other (one merged grid), no padding",
+        "box mapping": "smart_resize + 28-px merged patches; == Qwen2VLImageProcessorPil pixel oracle",
+        "attention": "causal; M-RoPE position ids from get_rope_index",
+        "fast engine": "exact (causal: recompute from the first target)",
+        "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+    }
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+
+    def load_processor(self, source: str, **kwargs: Any) -> Any:
+        return load_image_text_processor(source, **kwargs)
+
+    def image_token(self, processor: Any) -> str:
+        return VISION_START + IMAGE_PAD + VISION_END
+
+    def image_token_id(self, model: nn.Module) -> int:
+        return int(model.config.image_token_id)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def check_attention_backend(self, model: nn.Module) -> None:
+        super().check_attention_backend(model)
+        if "sliding_attention" in getattr(self.language_model(model).config, "layer_types", ()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} with use_sliding_window=True is not supported: transformers applies the "
+                "window only in flash-attention, which cannot take a knockout mask"
+            )
+
+    def _image_processor(self, processor: Any) -> Any:
+        ip = processor.image_processor
+        if not getattr(ip, "do_resize", True):
+            raise ConfigError("the Qwen2-VL image processor has do_resize=False; the token layout needs its resize")
+        return ip
+
+    def encode(
+        self,
+        model: nn.Module,
+        processor: Any,
+        template: PromptTemplate,
+        question: str,
+        image: Image.Image,
+        options: Mapping[str, Any],
+    ) -> Encoded:
+        check_template_tokens(processor.tokenizer, template)
+        ip = self._image_processor(processor)
+        pixels = image_tensors(ip(images=[image.convert("RGB")], return_tensors="pt"))
+        n_tokens = int(pixels["image_grid_thw"][0].prod()) // int(ip.merge_size) ** 2
+        image_id = self.image_token_id(model)
+        encoded = encode_expanded(
+            model,
+            processor.tokenizer,
+            template,
+            question,
+            placeholder=self.image_token(processor),
+            expansion=VISION_START + IMAGE_PAD * n_tokens + VISION_END,
+            image_inputs=pixels,
+            image_size=image.size,
+            image_token_id=image_id,
+            n_image_tokens=n_tokens,
+        )
+        ids = encoded.inputs["input_ids"]
+        encoded.inputs["mm_token_type_ids"] = (ids == image_id).to(torch.int32)  # 1 = image (M-RoPE)
+        return encoded
+
+    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
+        from vlmflow.positions.dynamic_grid import dynamic_geometry
+
+        ip = self._image_processor(processor)
+        geometry = dynamic_geometry(
+            encoded.image_size,
+            patch_size=int(ip.patch_size),
+            merge_size=int(ip.merge_size),
+            min_pixels=int(ip.size["shortest_edge"]),
+            max_pixels=int(ip.size["longest_edge"]),
+        )
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
+
+    def position_ids(self, model: nn.Module, encoded: Encoded) -> torch.Tensor:
+        """M-RoPE ids ``[3, 1, seq]`` (temporal, height, width), as the model computes them."""
+        inputs = encoded.inputs
+        position_ids, _ = model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs.get("attention_mask"),
+        )
+        return position_ids
+
+    def run_layer(
+        self,
+        model: nn.Module,
+        layer: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        position_embeddings: Any,
+        cache: Any,
+    ) -> torch.Tensor:
+        # The model passes no position ids to its layers (only flash-attention packing reads them);
+        # the rotation comes entirely from `position_embeddings`.
+        return super().run_layer(model, layer, hidden, mask, None, position_embeddings, cache)  # type: ignore[arg-type]
+
+
+@register_adapter
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): Qwen2-VL's language side and geometry,
+    a window-attention vision tower (invisible to the language model)."""
+
+    family = "qwen2_5_vl"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    description = "Qwen2.5-VL: as Qwen2-VL (dynamic resolution, 2x2 merge, M-RoPE), windowed vision tower"
+    support = {
+        **Qwen2VLAdapter.support,
+        "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+    }
+
+    def model_class(self) -> type[nn.Module]:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration

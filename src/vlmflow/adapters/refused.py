@@ -1,0 +1,65 @@
+"""Model families vlmflow refuses, each with the reason a knockout there would not be exact.
+
+They are registered like adapters so that loading one fails at once with the reason (rather than
+"no adapter"), and ``vlmflow models`` lists them. Asking for one raises
+:class:`~vlmflow.errors.UnsupportedModelError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vlmflow.adapters.base import VLMAdapter
+from vlmflow.adapters.registry import register_adapter
+from vlmflow.errors import UnsupportedModelError
+
+
+class RefusedFamily(VLMAdapter):
+    """A family vlmflow knows but cannot analyse correctly; instantiating it raises the reason.
+
+    >>> from vlmflow.adapters.registry import adapter_for_architecture
+    >>> adapter_for_architecture("MllamaForConditionalGeneration")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.UnsupportedModelError: MllamaForConditionalGeneration is not supported: images enter ...
+    """
+
+    refused: ClassVar[str] = ""
+    default_template = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RefusedFamily:
+        raise UnsupportedModelError(f"{cls.architectures[0]} is not supported: {cls.refused}")
+
+
+def _refuse(family: str, architectures: tuple[str, ...], reason: str) -> type[RefusedFamily]:
+    cls = type(
+        f"Refused_{family}",
+        (RefusedFamily,),
+        {"family": family, "architectures": architectures, "refused": reason, "description": f"refused: {reason}"},
+    )
+    return register_adapter(cls)
+
+
+_refuse(
+    "mllama",
+    ("MllamaForConditionalGeneration",),
+    "images enter through cross-attention layers, so the self-attention sequence has no image positions and "
+    "image->question / image->last are not attention edges that can be knocked out",
+)
+_refuse(
+    "qwen3_vl",
+    ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
+    "DeepStack adds vision features to the image positions' hidden states between the first decoder layers, "
+    "which vlmflow's layer-by-layer recomputation does not reproduce (not verified)",
+)
+_refuse(
+    "gemma3n",
+    ("Gemma3nForConditionalGeneration",),
+    "its decoder layers take per-layer inputs and AltUp prediction streams that vlmflow's layer-by-layer "
+    "recomputation does not supply",
+)
+_refuse(
+    "llama4",
+    ("Llama4ForConditionalGeneration",),
+    "chunked local attention and no-RoPE layers are not reproduced by vlmflow's attention masks (not verified)",
+)

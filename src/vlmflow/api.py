@@ -1,0 +1,434 @@
+"""The Python API: run the paper's experiments and read their results from a script or notebook.
+
+Everything here is also reachable as ``vlmflow.<name>`` (``vlmflow.run_flows``, ``vlmflow.load_run``,
+``vlmflow.Run``, ``vlmflow.run_lens``; ``vlmflow.load_model`` comes from :mod:`vlmflow.loading`).
+A run writes the same run directory as the command line (``vlmflow flows``), so a run started in a
+notebook can be plotted with ``vlmflow plot`` and the other way round; rerunning the same call
+resumes it and recomputes nothing already done.
+
+>>> import vlmflow
+>>> run = vlmflow.run_flows(
+...     model="llava-hf/llava-1.5-7b-hf", data="gqa:ChooseAttr", images="gqa/images",
+...     flows=["image->last", "question->last", "image->question"], window=9, out="runs",
+... )                                                                       # doctest: +SKIP
+>>> run.flows.groupby(["flow", "layer"]).rel_change.mean()                 # doctest: +SKIP
+>>> run.plot()                                                              # doctest: +SKIP
+>>> vlmflow.load_run(run.path).samples.correct.mean()                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmflow.errors import ConfigError
+from vlmflow.positions.groups import Flow, Group
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from vlmflow.distributed import RayOptions
+    from vlmflow.experiments.attention import AttentionSettings
+    from vlmflow.experiments.runner import Experiment, ModelSpec, RunOutcome, RunSpec
+    from vlmflow.loading import LoadedModel
+    from vlmflow.results.store import RunStore
+
+__all__ = ["Run", "load_run", "run_flows", "run_lens"]
+
+#: ``progress(done, total, message)``, called after every sample.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class Run:
+    """A run directory, read back: its spec, summary and result tables as pandas DataFrames.
+
+    Tables are read from disk on every access, so a run still being written (by another process)
+    shows its latest committed samples.
+
+    >>> run = Run("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")       # doctest: +SKIP
+    >>> run                                                         # doctest: +SKIP
+    Run('runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d': flows, 1000 samples, 874 kept, 0 errors)
+    >>> run.curves().query("flow == 'image->question'").head()       # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        from vlmflow.results.store import RunStore
+
+        self.path = Path(path)
+        self.store: RunStore = RunStore.load(self.path)  # ConfigError if it is not a run directory
+
+    # --- what the run is ----------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The run's spec as stored in ``spec.json`` (model, data, settings, provenance)."""
+        return self.store.spec
+
+    @property
+    def experiment(self) -> str:
+        """``"flows"``, ``"lens"``, ... (the experiment that wrote the run)."""
+        return str(self.spec.get("experiment", ""))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Counts written when the run finished (``summary.json``; empty while it is still running)."""
+        from vlmflow.results.store import SUMMARY_FILE
+
+        path = self.path / SUMMARY_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def tables(self) -> list[str]:
+        """Names of the tables holding rows, e.g. ``['errors', 'flows', 'samples']``."""
+        return self.store.tables()
+
+    def table(self, name: str) -> pd.DataFrame:
+        """All rows of table ``name`` (schemas: :mod:`vlmflow.results.schema`, ``docs/results.md``)."""
+        return self.store.read(name)
+
+    # --- the tables users reach for --------------------------------------------------------------------
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """One row per sample: prediction, ``correct``, ``kept``, ``p_base``, group sizes, ..."""
+        return self.table("samples")
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        """One row per sample that failed (``sample_id``, ``stage``, ``reason``); the run went on."""
+        return self.table("errors")
+
+    @property
+    def flows(self) -> pd.DataFrame:
+        """One row per (kept sample, flow, window centre ``layer``): ``p_base``, ``p_blocked``, ``rel_change``, ..."""
+        from vlmflow.plots.flows import kept_flows
+
+        return kept_flows(self.store)
+
+    @property
+    def lens(self) -> pd.DataFrame:
+        """The lens table: probability and rank of each tracked form per (sample, readout, position, layer)."""
+        return self.table("lens")
+
+    def curves(self) -> pd.DataFrame:
+        """The flow figure's numbers: mean % change and 95% bootstrap band per (task, flow, layer).
+
+        Columns ``task, flow, layer, n, mean, low, high`` (``n``: samples at that point).
+        """
+        import pandas as pd
+
+        from vlmflow.plots.common import curves
+
+        flows = self.flows
+        parts = []
+        for task, frame in flows.groupby("task", sort=False):
+            table = curves(frame, "flow", "rel_change")
+            table.insert(0, "task", task)
+            parts.append(table)
+        if not parts:
+            return pd.DataFrame(columns=["task", "flow", "layer", "n", "mean", "low", "high"])
+        return pd.concat(parts, ignore_index=True)
+
+    # --- figures ---------------------------------------------------------------------------------------
+
+    def plot(self, task: str | None = None, *, flows: Sequence[str | Flow] | None = None) -> Figure:
+        """The run's main figure (a matplotlib Figure; a notebook shows it inline).
+
+        A flows run gives the paper's knockout figure (one row of panels per task, or only ``task``;
+        only ``flows`` if given); a lens run gives the answer-emergence figure (raw readout).
+        """
+        if "flows" in self.tables:
+            from vlmflow.plots.flows import plot_flows
+
+            frame = self.flows
+            if task is not None:
+                frame = frame[frame["task"] == task]
+                if frame.empty:
+                    raise ConfigError(f"run has no flow rows for task {task!r}; tasks: {sorted(set(self.flows['task']))}")
+            order = [str(Flow.parse(f) if isinstance(f, str) else f) for f in flows] if flows else self._flow_order(frame)
+            return plot_flows(frame, flow_order=order)
+        if "lens" in self.tables:
+            from vlmflow.plots.lens import plot_lens
+
+            return plot_lens(self.lens)
+        raise ConfigError(f"run {str(self.path)!r} has nothing to plot (tables: {', '.join(self.tables) or 'none'})")
+
+    def save_figures(self, out: Path | str | None = None, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+        """Write every figure of the run (as ``vlmflow plot`` does) into ``out`` (default ``RUN_DIR/figures``)."""
+        from vlmflow.plots.flows import write_flow_figures
+        from vlmflow.plots.lens import write_lens_figures
+
+        return write_flow_figures(self.path, out=out, formats=formats) + write_lens_figures(
+            self.path, out=out, formats=formats
+        )
+
+    def _flow_order(self, frame: pd.DataFrame) -> list[str]:
+        present = set(frame["flow"])
+        stored = self.spec.get("settings", {}).get("flows") or []
+        return [f for f in stored if f in present] + [f for f in dict.fromkeys(frame["flow"]) if f not in stored]
+
+    def __repr__(self) -> str:
+        summary = self.summary
+        if summary:
+            counts = f"{summary.get('samples')} samples, {summary.get('kept')} kept, {summary.get('errors')} errors"
+        else:
+            counts = "not finished"
+        return f"Run({str(self.path)!r}: {self.experiment or 'unknown experiment'}, {counts})"
+
+
+def load_run(path: Path | str) -> Run:
+    """Open a run directory written by ``vlmflow flows``/``lens`` or :func:`run_flows`.
+
+    >>> import vlmflow
+    >>> run = vlmflow.load_run("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")   # doctest: +SKIP
+    >>> run.flows.head()                                                     # doctest: +SKIP
+    """
+    return Run(path)
+
+
+def run_flows(
+    model: str | Path | LoadedModel,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    flows: Sequence[str | Flow] | None = None,
+    window: int | None = None,
+    out: str | Path = "runs",
+    name: str | None = None,
+    limit: int | None = None,
+    keep_all: bool = False,
+    engine: str = "fast",
+    max_new_tokens: int = 12,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    template: str | None = None,
+    image_mode: str | None = None,
+    revision: str | None = None,
+    allow_hub: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool | ProgressCallback = False,
+    ray: RayOptions | str | None = None,
+) -> Run:
+    """Knock out attention flows in windows of layers over a dataset (the paper's experiment).
+
+    Args:
+        model: a local checkpoint directory, a Hugging Face id (from the local cache unless
+            ``allow_hub``), or a model already loaded with :func:`vlmflow.load_model`.
+        data: a task CSV in the released GQA layout, or ``"gqa:TASK"`` for a packaged file.
+        images: folder of ``{img_id}.jpg``/``.png`` (default: beside the CSV).
+        flows: ``"source->target"`` strings or :class:`~vlmflow.positions.groups.Flow` objects
+            (default: the paper's six flows).
+        window: layers per window, centred and clipped at both ends (default: 7 for 32 layers,
+            9 for 40: about 0.22 of the depth, as the paper).
+        out: parent folder of run directories; the run goes to ``out/<name>``.
+        name: run directory name (default: derived from the model, data and a hash of the spec).
+        limit: only the first ``limit`` samples.
+        keep_all: keep wrongly answered samples too (the paper drops them).
+        engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
+        max_new_tokens: greedy tokens generated for the baseline answer.
+        dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code:
+            how to load the model (ignored when ``model`` is already loaded); see :func:`vlmflow.load_model`.
+        progress: ``True`` for a progress bar (tqdm), or a ``progress(done, total, message)`` callback.
+        ray: run on a Ray cluster: ``"auto"``, ``"local"``, an address, or
+            :class:`~vlmflow.distributed.RayOptions` (see ``docs/scale-out.md``); same run directory.
+
+    Returns:
+        The :class:`Run` (its directory is complete and resumable).
+
+    >>> import vlmflow
+    >>> run = vlmflow.run_flows(model="tiny-llava", data="scenes/ChooseAttr.csv", window=3)   # doctest: +SKIP
+    >>> run.curves().head()                                                                # doctest: +SKIP
+    """
+    from vlmflow.experiments.flows import FlowSettings
+
+    parsed = tuple(f if isinstance(f, Flow) else Flow.parse(f) for f in flows) if flows is not None else None
+    settings = FlowSettings(
+        **({"flows": parsed} if parsed is not None else {}),
+        window=window,
+        keep_all=keep_all,
+        engine=engine,  # type: ignore[arg-type]  # checked by FlowSettings
+        max_new_tokens=max_new_tokens,
+    )
+    model_spec, loaded = _model_spec(
+        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
+    )
+    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
+    return Run(outcome.path)
+
+
+def run_lens(
+    model: str | Path | LoadedModel,
+    data: str | Path,
+    *,
+    images: str | Path | None = None,
+    readouts: Sequence[str] = ("raw", "normed"),
+    top_k: int = 10,
+    groups: Sequence[str | Group] = (),
+    attention: AttentionSettings | bool = False,
+    literal_first_piece: bool = False,
+    out: str | Path = "runs",
+    name: str | None = None,
+    limit: int | None = None,
+    keep_all: bool = False,
+    max_new_tokens: int = 12,
+    dtype: str = "auto",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    template: str | None = None,
+    image_mode: str | None = None,
+    revision: str | None = None,
+    allow_hub: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool | ProgressCallback = False,
+    ray: RayOptions | str | None = None,
+) -> Run:
+    """The paper's answer-emergence readout (logit lens at the last position) over a dataset.
+
+    ``readouts``: ``"raw"`` (the paper's: no final norm below the top layer) and/or ``"normed"``;
+    ``groups``: also read every position of these groups (e.g. ``["question"]``); ``attention``:
+    also record group-to-group attention mass (``True`` for the default groups). The other
+    arguments are those of :func:`run_flows`. See ``docs/lens.md``.
+
+    >>> run = vlmflow.run_lens(model="tiny-llava", data="scenes/ChooseAttr.csv", groups=["question"])  # doctest: +SKIP
+    >>> run.plot()                                                                                  # doctest: +SKIP
+    """
+    from vlmflow.experiments.attention import AttentionSettings
+    from vlmflow.experiments.lens import LensSettings, Readout
+
+    try:
+        parsed_readouts = tuple(Readout(str(r).strip().lower()) for r in readouts)
+    except ValueError:
+        raise ConfigError(f"unknown readout in {list(readouts)}; valid: {', '.join(r.value for r in Readout)}") from None
+    settings = LensSettings(
+        readouts=parsed_readouts,
+        top_k=top_k,
+        groups=tuple(g if isinstance(g, Group) else Group.parse(g) for g in groups),
+        keep_all=keep_all,
+        max_new_tokens=max_new_tokens,
+        skip_blank=not literal_first_piece,
+        attention=AttentionSettings() if attention is True else (attention or None),
+    )
+    model_spec, loaded = _model_spec(
+        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
+    )
+    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
+    return Run(outcome.path)
+
+
+# --- shared by the experiment functions and the CLI ------------------------------------------------------
+
+
+def _model_spec(
+    model: str | Path | LoadedModel,
+    dtype: str,
+    device: str,
+    attn_implementation: str,
+    template: str | None,
+    image_mode: str | None,
+    revision: str | None,
+    allow_hub: bool,
+    trust_remote_code: bool = False,
+) -> tuple[ModelSpec, LoadedModel | None]:
+    """The model part of a run spec, and the model itself when the caller already loaded it."""
+    from vlmflow.experiments.runner import ModelSpec
+
+    if isinstance(model, str | Path):
+        options = (("image_mode", image_mode),) if image_mode else ()
+        spec = ModelSpec(
+            name=str(model),
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            revision=revision,
+            allow_hub=allow_hub,
+            trust_remote_code=trust_remote_code,
+            template=template,
+            options=options,
+        )
+        return spec, None
+    from vlmflow.loading import LoadedModel
+
+    if not isinstance(model, LoadedModel):
+        raise ConfigError(
+            f"model must be a checkpoint path, a Hugging Face id or a model from vlmflow.load_model, got {type(model).__name__}"
+        )
+    info = model.info
+    impl = info.get("attn_implementation") or getattr(model.model.config, "_attn_implementation", None) or "sdpa"
+    spec = ModelSpec(
+        name=str(info.get("model", "in-memory")),
+        dtype=str(info.get("dtype", "auto")),
+        device=str(info.get("device", "auto")),
+        attn_implementation=str(impl),
+        revision=info.get("revision"),
+        template=str(info.get("prompt_template")) if info.get("prompt_template") else None,
+        options=tuple(sorted(model.options.items())),
+    )
+    return spec, model
+
+
+def _run(
+    model_spec: ModelSpec,
+    loaded: LoadedModel | None,
+    data: str | Path,
+    images: str | Path | None,
+    limit: int | None,
+    settings: Experiment,
+    out: str | Path,
+    name: str | None,
+    progress: bool | ProgressCallback,
+    ray: RayOptions | str | None = None,
+) -> RunOutcome:
+    from vlmflow.experiments.runner import DataSpec, RunSpec
+
+    spec = RunSpec(
+        model=model_spec,
+        data=DataSpec(data=str(data), images=str(images) if images is not None else None, limit=limit),
+        experiment=settings,
+        name=name,
+    )
+    if progress is True:
+        with _tqdm_progress() as callback:
+            return _execute(spec, out, callback, loaded, ray)
+    return _execute(spec, out, progress or None, loaded, ray)
+
+
+def _execute(
+    spec: RunSpec,
+    out: str | Path,
+    progress: ProgressCallback | None,
+    loaded: LoadedModel | None,
+    ray: RayOptions | str | None,
+) -> RunOutcome:
+    """In this process, or on Ray (same run directory either way)."""
+    from vlmflow.experiments.runner import run_to_store
+
+    if ray is None:
+        return run_to_store(spec, out, progress=progress, loaded=loaded)
+    from vlmflow.distributed import RayOptions, execute
+
+    if loaded is not None:
+        raise ConfigError("a model already loaded in this process cannot run on Ray; pass its checkpoint path or id")
+    return execute(spec, out, ray=ray if isinstance(ray, RayOptions) else RayOptions(ray), progress=progress)
+
+
+class _tqdm_progress:
+    """A tqdm bar (notebook-aware) driven by the runner's ``progress(done, total, message)``."""
+
+    def __enter__(self) -> ProgressCallback:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(unit="sample", desc="vlmflow")
+
+        def update(done: int, total: int, message: str) -> None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()

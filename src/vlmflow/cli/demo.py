@@ -1,0 +1,50 @@
+"""``vlmflow demo``: the whole study on the shipped organism, on CPU, in about a minute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmflow.cli.common import console, progress_bar, setup_logging
+
+
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the scenes, run directories, figures and summary."),
+    per_task: int = typer.Option(12, "--per-task", "-n", help="Scene questions per task type."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run (3 questions per task) for a smoke test."),
+    seed: int | None = typer.Option(None, "--seed", help="Scene seed (default: the demo's)."),
+    window: int | None = typer.Option(None, "--window", "-k", help="Layers per knockout window (default: the demo's)."),
+    model: str = typer.Option("organism", "--model", "-m", help="Checkpoint (default: the organism shipped with vlmflow)."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    """Generate shape scenes, run the paper's six flows and the logit lens on the organism, write figures and a summary."""
+    setup_logging(verbose)
+    import torch
+
+    from vlmflow.organism.demo import DEMO_SEED, DEMO_WINDOW, run_demo
+
+    if torch.get_num_threads() > 4:
+        torch.set_num_threads(4)  # a 1 M-parameter model gains nothing from more threads
+    with progress_bar("samples") as update:
+        result = run_demo(
+            out,
+            per_task=3 if quick else per_task,
+            seed=DEMO_SEED if seed is None else seed,
+            window=DEMO_WINDOW if window is None else window,
+            model=model,
+            progress=update,
+            plot=plot,
+        )
+    json_path, md_path = result.summary_files
+    console.print(md_path.read_text(), soft_wrap=True, highlight=False, markup=False)
+    console.print(f"demo directory: [bold]{result.path}[/]", soft_wrap=True)
+    console.print(f"summary: {md_path} and {json_path}", highlight=False, soft_wrap=True)
+    for path in result.figures:
+        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to ``app``."""
+    app.command("demo")(demo)

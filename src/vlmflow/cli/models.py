@@ -1,0 +1,64 @@
+"""``vlmflow models``: the supported model families, what each supports and how it was verified."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from vlmflow.cli.common import console
+
+#: Aspects shown per family, in this order (keys of :attr:`VLMAdapter.support`).
+ASPECTS = ("prompt", "groups", "box mapping", "attention", "fast engine", "verified")
+
+
+def family_table() -> list[dict[str, object]]:
+    """One row per registered family: name, architectures, default template, support, refusal reason.
+
+    >>> next(r for r in family_table() if r["family"] == "llava")["default_template"]
+    'vicuna_v1'
+    """
+    from vlmflow.adapters.registry import families
+
+    rows = []
+    for name, cls in sorted(families().items()):
+        refused = str(getattr(cls, "refused", "") or "")
+        rows.append(
+            {
+                "family": name,
+                "architectures": list(cls.architectures),
+                "default_template": cls.default_template or None,
+                "description": cls.description,
+                "supported": not refused,
+                "refused_because": refused or None,
+                **{aspect: dict(cls.support).get(aspect) for aspect in ASPECTS},
+            }
+        )
+    return rows
+
+
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """List the model families vlmflow supports (and refuses), what each supports and how it was verified."""
+    rows = family_table()
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    for row in rows:
+        if not row["supported"]:
+            continue
+        console.print(f"[bold]{row['family']}[/] ({', '.join(row['architectures'])}) - {row['description']}")
+        console.print(f"  default template: {row['default_template']}", highlight=False)
+        for aspect in ASPECTS:
+            console.print(f"  {aspect}: {row.get(aspect) or 'not recorded'}", highlight=False)
+    refused = [row for row in rows if not row["supported"]]
+    if refused:
+        console.print("[bold]refused[/] (loading one fails with this reason):")
+        for row in refused:
+            console.print(f"  {row['family']} ({', '.join(row['architectures'])}): {row['refused_because']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``models`` to ``app``."""
+    app.command("models")(models)

@@ -1,0 +1,71 @@
+"""``vlmflow reproduce CONFIG`` (the whole study from one config) and ``vlmflow report STUDY_DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmflow.cli.common import console, progress_bar, setup_logging
+
+
+def reproduce(
+    config: str = typer.Argument(..., help="Study config (.yaml/.yml/.toml), or the name of a bundled one: organism, paper."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Study directory. Default: studies/<config name>."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and list the runs; compute nothing."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html when the runs are done."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    """Run the study a config describes (models x tasks x flows, controls, lens) into one study directory.
+
+    Resumable: rerunning the same command computes only what is missing.
+    """
+    setup_logging(verbose)
+    from vlmflow.study.bundled import resolve_config
+    from vlmflow.study.config import load_config
+    from vlmflow.study.reproduce import planned_runs
+
+    path = resolve_config(config)
+    study = load_config(path)
+    target = out if out is not None else Path("studies") / study.name
+    plan = planned_runs(study)
+    console.print(f"study [bold]{study.name}[/]: {len(study.models)} model(s) x {len(study.tasks)} task(s), {len(plan)} runs -> {target}")
+    if dry_run:
+        for model, task, experiment in plan:
+            source = task.data or f"synthetic {task.synthetic.task.value} (n={task.synthetic.n})"  # type: ignore[union-attr]
+            console.print(f"  {model.label} ({model.model}) / {task.label} ({source}) / {experiment}", highlight=False)
+        return
+    from vlmflow.study.reproduce import reproduce as run_study
+
+    with progress_bar("samples") as update:
+        outcome = run_study(study, target, progress=update)
+    console.print(f"{len(outcome.runs)} runs done, {len(outcome.failed)} failed; study directory: [bold]{target}[/]")
+    for key, reason in outcome.failed.items():
+        console.print(f"[red]failed[/] {key}: {reason}", highlight=False)
+    if report and outcome.runs:
+        from vlmflow.report.html import write_report
+
+        console.print(f"report: [bold]{write_report(target)}[/]")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def report(
+    study_dir: Path = typer.Argument(..., help="A study directory written by `vlmflow reproduce`."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write. Default: STUDY_DIR/report.html."),
+    formats: str = typer.Option("png,pdf,svg", "--formats", help="Formats of the static figures under STUDY_DIR/figures (comma-separated)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+) -> None:
+    """Write one self-contained HTML report (works offline) of a study, and its figures as PNG/PDF/SVG."""
+    setup_logging(verbose)
+    from vlmflow.plots.common import check_formats
+    from vlmflow.report.html import write_report
+
+    path = write_report(study_dir, out=out, formats=check_formats(formats.split(",")))
+    console.print(f"report: [bold]{path}[/]")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``reproduce`` and ``report`` to ``app``."""
+    app.command("reproduce")(reproduce)
+    app.command("report")(report)

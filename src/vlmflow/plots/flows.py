@@ -1,0 +1,194 @@
+"""The paper's flow figure: change of the answer's probability (%) vs layer, one line per flow.
+
+A point at layer ``l`` is the mean over kept samples of the per-sample relative change
+``100 * (p_blocked - p_base) / p_base`` when attention from the flow's source to its target is cut
+in the window centred on ``l`` (0-based; the window is clipped at both ends), with a 95% bootstrap
+band. Legends use the paper's "does not flow to" arrow (``image ↛ question``).
+
+Flows are drawn in the paper's three panels (:func:`flow_panels`): the flows into the last position,
+the whole image into the question, and parts of the image (related / other patches) into the
+question; flows into any other group get a panel per target. A run holding several tasks gets one
+row of panels per task in :func:`plot_flows`, and one file per task from :func:`write_flow_figures`.
+The x axis always spans every layer of the model (the original plotting script cut 40-layer models
+at layer 31).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
+from vlmflow.positions.groups import Flow, Group
+
+if TYPE_CHECKING:
+    from vlmflow.results.store import RunStore
+
+#: Panel titles of the paper's grouping, in the order they are drawn.
+PANEL_LAST = "Flows to the last position"
+PANEL_IMAGE_QUESTION = "Whole image to question"
+PANEL_PARTS_QUESTION = "Image parts to question"
+
+
+def _panel_of(flow: Flow) -> str:
+    if flow.target == Group.LAST:
+        return PANEL_LAST
+    if flow.target == Group.QUESTION:
+        return PANEL_IMAGE_QUESTION if flow.source == Group.IMAGE else PANEL_PARTS_QUESTION
+    return f"Flows to {flow.target.value}"
+
+
+def flow_panels(flows: Sequence[str | Flow]) -> list[tuple[str, list[str]]]:
+    """Group flows into the paper's panels: ``[(title, [flow, ...]), ...]`` in drawing order.
+
+    >>> flow_panels(["question->last", "image->last", "image->question", "related->question", "other->question"])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('Flows to the last position', ['question->last', 'image->last']),
+     ('Whole image to question', ['image->question']),
+     ('Image parts to question', ['related->question', 'other->question'])]
+    """
+    order = [PANEL_LAST, PANEL_IMAGE_QUESTION, PANEL_PARTS_QUESTION]
+    panels: dict[str, list[str]] = {}
+    for item in flows:
+        flow = item if isinstance(item, Flow) else Flow.parse(item)
+        panels.setdefault(_panel_of(flow), []).append(str(flow))
+    ranked = sorted(panels, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return [(title, panels[title]) for title in ranked]
+
+
+def flow_colors(flows: Sequence[str]) -> dict[str, str]:
+    """One colour per flow: the paper's six flows always get the same colours, others the next ones.
+
+    >>> flow_colors(["image->question", "related->question"])
+    {'image->question': 'C3', 'related->question': 'C4'}
+    """
+    from vlmflow.positions.groups import PAPER_FLOWS
+
+    paper = [str(f) for f in PAPER_FLOWS]
+    colors, extra = {}, len(paper)
+    for name in flows:
+        if name in paper:
+            colors[name] = f"C{paper.index(name)}"
+        else:
+            colors[name] = f"C{extra % 10}"
+            extra += 1
+    return colors
+
+
+def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None) -> list[str]:
+    """Draw the flow curves (mean relative change of the answer probability, %) on ``ax``; return the flows drawn.
+
+    ``flows`` is the ``flows`` table (one row per sample, flow and layer).
+    """
+    order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
+    table = curves(flows[flows["flow"].isin(order)], "flow", "rel_change")
+    labels = {name: Flow.parse(name).label for name in order}
+    drawn = draw_curves(ax, table, "flow", order, labels=labels, colors=flow_colors(order))
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_ylabel("Change in probability (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if drawn:
+        ax.legend(loc="lower left", fontsize="small", frameon=False)
+    return drawn
+
+
+def _task_names(flows: pd.DataFrame) -> list[str]:
+    if "task" not in flows.columns:
+        return [""]
+    return [str(t) for t in dict.fromkeys(flows["task"])] or [""]
+
+
+def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Sequence[str] | None = None) -> Figure:
+    """The paper's knockout figure from a ``flows`` table: one panel per flow group, one row per task.
+
+    Args:
+        flows: the ``flows`` table (``Run.flows`` or ``RunStore.read("flows")``): columns
+            ``sample_id, flow, layer, rel_change`` at least, ``task`` and ``window`` when present.
+        title: figure title (default: window size and number of samples).
+        flow_order: flows to draw, in legend order (default: as they appear in the table).
+
+    >>> import vlmflow
+    >>> fig = vlmflow.load_run("runs/my-run").plot()      # doctest: +SKIP
+    >>> fig = plot_flows(run.flows[run.flows["flow"] != "last->last"])   # doctest: +SKIP
+    """
+    order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
+    panels = flow_panels(order) if order else [("no flows", [])]
+    tasks = _task_names(flows)
+    fig = Figure(figsize=(4.4 * len(panels), 3.6 * len(tasks) + 0.4), layout="constrained")
+    axes = fig.subplots(len(tasks), len(panels), squeeze=False, sharex=True, sharey="row")
+    last_layer = int(flows["layer"].max()) if len(flows) else 0
+    for row, task in enumerate(tasks):
+        frame = flows if len(tasks) == 1 else flows[flows["task"].astype(str) == task]
+        n = frame["sample_id"].nunique()
+        for col, (panel, names) in enumerate(panels):
+            ax = axes[row][col]
+            draw_flows(ax, frame, names)
+            ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="small")
+            ax.set_xlim(0, max(last_layer, 1))
+            if col:
+                ax.set_ylabel("")
+            if row == len(tasks) - 1:
+                ax.set_xlabel("Layer (centre of the knocked-out window)")
+    if title is None:
+        windows = sorted({int(w) for w in flows["window"]}) if "window" in flows.columns and len(flows) else []
+        k = f"window of {'/'.join(map(str, windows))} layers, " if windows else ""
+        title = f"Attention knockout: {k}{flows['sample_id'].nunique()} samples, {last_layer + 1} layers"
+    fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def kept_flows(store: RunStore) -> pd.DataFrame:
+    """The ``flows`` rows of a run's kept samples (empty with the table's columns when there are none).
+
+    Only kept samples enter the figures and curves: the paper drops wrongly answered ones, and a
+    sample's ``kept`` flag in the ``samples`` table says whether this run did.
+    """
+    from vlmflow.results.schema import empty_table
+
+    if "flows" not in store.tables():
+        return empty_table("flows").to_pandas()
+    flows = store.read("flows")
+    samples = store.read("samples", columns=["sample_id", "kept"])
+    return flows[flows["sample_id"].isin(set(samples.loc[samples["kept"], "sample_id"]))].reset_index(drop=True)
+
+
+def write_flow_figures(
+    run_dir: Path | str, *, out: Path | str | None = None, formats: Sequence[str] = DEFAULT_FORMATS
+) -> list[Path]:
+    """Write the flow figure of a run directory, one file per task; return the paths written.
+
+    Files are ``<out>/flows_<task>.<format>`` (``flows.<format>`` when the samples have no task),
+    ``out`` defaulting to ``run_dir/figures``. Only kept samples are drawn (the ``samples`` table's
+    ``kept`` column: correctly answered ones unless the run kept all). A run without a ``flows``
+    table writes nothing.
+
+    >>> write_flow_figures("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")   # doctest: +SKIP
+    [PosixPath('runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d/figures/flows_ChooseAttr.png'), ...]
+    """
+    from vlmflow.results.store import RunStore
+
+    store = RunStore.load(run_dir)
+    flows = kept_flows(store)
+    if flows.empty:
+        return []
+    folder = Path(out) if out is not None else Path(run_dir) / "figures"
+    model = str(store.spec.get("model", {}).get("name", ""))
+    model = Path(model.rstrip("/")).name or model
+    flow_order = store.spec.get("settings", {}).get("flows") or None
+    written: list[Path] = []
+    for task in _task_names(flows):
+        frame = flows if task == "" else flows[flows["task"].astype(str) == task]
+        if frame.empty:
+            continue
+        window = "/".join(str(w) for w in sorted({int(w) for w in frame["window"]}))
+        title = f"{model}: {task + ', ' if task else ''}{frame['sample_id'].nunique()} samples, window {window}"
+        order = [f for f in flow_order if f in set(frame["flow"])] if flow_order else None
+        fig = plot_flows(frame, title=title, flow_order=order)
+        written += save_figure(fig, folder, f"flows_{task}" if task else "flows", formats)
+    return written

@@ -1,0 +1,79 @@
+"""Boxes to image tokens for dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): resize, then merge.
+
+Qwen2-VL resizes an image to the nearest size whose sides are multiples of ``patch * merge``
+(``smart_resize``: keep the aspect ratio, stay within ``[min_pixels, max_pixels]``), cuts it into
+``patch`` x ``patch`` vision patches, and merges every ``merge`` x ``merge`` block of patches into one
+language-model token. So one image token shows a ``patch * merge`` square of the resized image
+(28 x 28 pixels for the released checkpoints), the tokens run row-major over the merged grid, and
+there is no padding. The pixel rule is the one of :mod:`vlmflow.positions.patches` (nearest source
+pixel); :mod:`vlmflow.positions.family_oracles` checks it against the real image processor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from vlmflow.errors import ConfigError, SampleError
+from vlmflow.positions.patches import Axis, GridPart, PatchGrid, TokenLayout, View, _check_size
+
+#: The released Qwen2-VL / Qwen2.5-VL processors' pixel bounds (``size`` shortest/longest edge).
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
+
+
+def dynamic_resize(width: int, height: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """``(width, height)`` Qwen2-VL resizes an image to: multiples of ``factor``, pixels within bounds.
+
+    Rounds each side to the nearest multiple of ``factor`` (Python's ``round``, halves to even); if
+    that holds more than ``max_pixels`` (fewer than ``min_pixels``) pixels, scales both sides by the
+    same factor ``beta`` and rounds down (up) instead.
+
+    >>> dynamic_resize(500, 375, factor=28, min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS)
+    (504, 364)
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise SampleError(
+            f"a {width}x{height} image has an aspect ratio above 200, which Qwen2-VL's processor refuses",
+            stage="image",
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
+
+
+def dynamic_geometry(
+    image_size: tuple[int, int],
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    min_pixels: int = QWEN2_VL_MIN_PIXELS,
+    max_pixels: int = QWEN2_VL_MAX_PIXELS,
+) -> TokenLayout:
+    """Token layout of one image in Qwen2-VL / Qwen2.5-VL: a merged patch grid over the resized image.
+
+    >>> g = dynamic_geometry((500, 375))
+    >>> g.n_tokens, g.parts[0].grid.shape
+    (234, (13, 18))
+    """
+    if patch_size <= 0 or merge_size <= 0:
+        raise ConfigError(f"patch size and merge size must be positive, got {patch_size} and {merge_size}")
+    if not 0 < min_pixels <= max_pixels:
+        raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+    return _dynamic_geometry(_check_size(image_size), int(patch_size), int(merge_size), int(min_pixels), int(max_pixels))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dynamic_geometry(image_size: tuple[int, int], patch: int, merge: int, min_pixels: int, max_pixels: int) -> TokenLayout:
+    width, height = image_size
+    new_w, new_h = dynamic_resize(width, height, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    view = View(y=Axis.identity(height).resize(new_h), x=Axis.identity(width).resize(new_w))
+    return TokenLayout((GridPart(PatchGrid(view, patch * merge)),))

@@ -1,0 +1,152 @@
+"""Prompts and image tokens of Qwen2-VL, Gemma-3, Idefics3 and SmolVLM, checked against transformers'
+own processors (where they can be built here) and the families' chat formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmflow.adapters.expansion import ImageTextProcessor, check_template_tokens
+from vlmflow.adapters.registry import adapter_for_architecture, adapter_for_model
+from vlmflow.errors import ConfigError, UnsupportedModelError
+from vlmflow.prompts import ANSWER_SUFFIX, get_template
+from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
+
+QUESTION = "Is the square red or blue?"
+
+
+def _image(size=(40, 30)) -> Image.Image:
+    return Image.new("RGB", size, (200, 30, 30))
+
+
+@pytest.fixture(scope="module")
+def idefics3():
+    return build_tiny_idefics3(TinyIdefics3Config(layers=1))
+
+
+@pytest.mark.parametrize("size", [(40, 30), (30, 70), (12, 9), (64, 16)])
+def test_idefics3_expansion_equals_the_idefics3_processor(idefics3, size):
+    model, processor = idefics3
+    adapter = adapter_for_model(model)
+    template = get_template("idefics3")
+    parts = ImageTextProcessor(processor.image_processor, processor.tokenizer)
+    encoded = adapter.encode(model, parts, template, QUESTION, _image(size), {})
+    rendered = template.render(QUESTION, image_token=processor.image_token).text
+    real = processor(images=[_image(size)], text=rendered, return_tensors="pt", add_special_tokens=False)
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+    assert encoded.text.startswith("<|begin_of_text|>User:<fake_token_around_image>")
+    assert encoded.text.endswith(QUESTION + ANSWER_SUFFIX + "<end_of_utterance>\nAssistant:")
+    layout = adapter.image_layout(model, parts, encoded, {})
+    assert layout.n_tokens == int((encoded.input_ids == model.config.image_token_id).sum())
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(0, 0), (1, 2), (3, 4), (2, 1)])
+def test_smolvlm_expansion_equals_the_smolvlm_processor_function(rows, cols):
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    from vlmflow.adapters.idefics3 import split_image_prompt
+
+    real = get_image_prompt_string(rows, cols, 5, "<fake_token_around_image>", "<image>", "<global-img>")
+    assert split_image_prompt(rows, cols, 5) == real
+
+
+@pytest.mark.parametrize("size", [(40, 30), (9, 90), (64, 64)])
+def test_qwen2_vl_prompt_and_image_pad_count(size):
+    from transformers import Qwen2VLProcessor
+
+    model, processor = build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=1))
+    adapter = adapter_for_model(model)
+    encoded = adapter.encode(model, processor, get_template("qwen2_vl"), QUESTION, _image(size), {})
+    grid = encoded.inputs["image_grid_thw"]
+    # The real processor's replacement rule, run on this image's grid.
+    ip = processor.image_processor
+    fake_self = type("P", (), {"image_processor": ip, "image_token": "<|image_pad|>"})()
+    expected = Qwen2VLProcessor.replace_image_token(fake_self, {"image_grid_thw": grid}, 0)
+    pads = "<|vision_start|>" + expected + "<|vision_end|>"
+    assert encoded.text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        + pads + QUESTION + ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    image_mask = encoded.input_ids == model.config.image_token_id
+    assert torch.equal(encoded.inputs["mm_token_type_ids"][0].bool().cpu(), image_mask)
+    assert int(image_mask.sum()) == adapter.image_layout(model, processor, encoded, {}).n_tokens
+    # M-RoPE: the image tokens' height/width ids walk the merged grid, text continues after it.
+    pos = adapter.position_ids(model, encoded)[:, 0]  # [3, seq]
+    h, w = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
+    first = int(torch.nonzero(image_mask)[0])
+    image_pos = pos[:, image_mask]
+    assert torch.equal(image_pos[1] - first, torch.arange(h).repeat_interleave(w))
+    assert torch.equal(image_pos[2] - first, torch.arange(w).repeat(h))
+    assert int(pos[0, -1]) == int(pos[:, image_mask].max()) + (len(pos[0]) - int(torch.nonzero(image_mask)[-1]) - 1)
+
+
+def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
+    model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
+    adapter = adapter_for_model(model)
+    encoded = adapter.encode(model, processor, get_template("gemma3"), QUESTION, _image(), {})
+    soft = "<image_soft_token>" * 16
+    assert encoded.text == (
+        "<bos><start_of_turn>user\n\n\n<start_of_image>" + soft + "<end_of_image>\n\n"
+        + QUESTION + ANSWER_SUFFIX + "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    bos = processor.tokenizer.convert_tokens_to_ids("<bos>")
+    assert encoded.input_ids[0] == bos and int((encoded.input_ids == bos).sum()) == 1
+    image_mask = encoded.input_ids == model.config.image_token_id
+    assert torch.equal(encoded.inputs["token_type_ids"][0].bool().cpu(), image_mask)
+
+
+def test_paligemma_prompt_equals_the_paligemma_processor():
+    from vlmflow.testing.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+
+    model, processor = build_tiny_paligemma(TinyPaliGemmaConfig(layers=1))
+    adapter = adapter_for_model(model)
+    encoded = adapter.encode(model, processor, get_template("paligemma"), QUESTION, _image(), {})
+    real = processor(images=[_image()], text="<image>answer en " + QUESTION, return_tensors="pt")
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    assert torch.equal(encoded.inputs["token_type_ids"].cpu(), real["token_type_ids"])
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+    assert encoded.text.endswith("<s>answer en " + QUESTION + "\n")
+
+
+def test_a_template_from_another_checkpoint_is_refused():
+    _, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
+    with pytest.raises(ConfigError, match=r"<\|im_start\|>.*another checkpoint"):
+        check_template_tokens(processor.tokenizer, get_template("qwen2_vl"))
+    check_template_tokens(processor.tokenizer, get_template("gemma3"))
+
+
+def test_unsupported_settings_and_families_are_refused_with_the_reason():
+    model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
+    processor.image_processor.do_pan_and_scan = True
+    with pytest.raises(ConfigError, match="pan-and-scan"):
+        adapter_for_model(model).prepare_processor(processor, {})
+    qwen, _ = build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=1))
+    qwen.model.language_model.config.layer_types = ["sliding_attention"]
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        adapter_for_model(qwen).check_attention_backend(qwen)
+    for architecture, reason in [
+        ("MllamaForConditionalGeneration", "cross-attention"),
+        ("Qwen3VLForConditionalGeneration", "DeepStack"),
+        ("Gemma3nForConditionalGeneration", "per-layer inputs"),
+    ]:
+        with pytest.raises(UnsupportedModelError, match=reason):
+            adapter_for_architecture(architecture)
+
+
+def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
+    import json
+
+    from vlmflow.cli.main import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
+    for family in ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "idefics3", "smolvlm"):
+        assert rows[family]["supported"] and rows[family]["verified"] and rows[family]["box mapping"]
+    assert not rows["mllama"]["supported"] and "cross-attention" in rows["mllama"]["refused_because"]
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "gemma3" in text and "refused" in text

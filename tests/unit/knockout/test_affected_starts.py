@@ -1,0 +1,84 @@
+"""The fast engine's first affected position, derived from the clean attention pattern alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlmflow.adapters.base import Encoded
+from vlmflow.knockout.ablation import Ablation, Site
+from vlmflow.knockout.fast import affected_starts
+from vlmflow.knockout.spec import Knockout
+
+N = 12
+
+
+def _encoded(n: int = N) -> Encoded:
+    ids = torch.zeros(n, dtype=torch.long)
+    return Encoded({"input_ids": ids[None]}, ids, np.zeros((n, 2), dtype=int), "", (0, 0), (1, 1))
+
+
+class _Pattern:
+    """A stand-in adapter whose clean attention is ``allowed(layer) [n, n]``."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def base_allowed(self, layer, rows, n_keys, encoded):
+        return self.allowed(layer)[rows][:, :n_keys]
+
+
+def _causal(n: int = N) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _with_block(lo: int, hi: int, n: int = N) -> torch.Tensor:
+    """Causal plus a bidirectional block over positions ``lo..hi-1`` (Gemma-3's image tokens)."""
+    allowed = _causal(n)
+    allowed[lo:hi, lo:hi] = True
+    return allowed
+
+
+def _knockout(targets, sources, layers) -> Knockout:
+    return Knockout(edges=((tuple(targets), tuple(sources)),), layers=tuple(layers))
+
+
+def test_causal_attention_starts_at_the_first_target():
+    adapter = _Pattern(lambda layer: _causal())
+    ks = [_knockout([9], [2, 3], [0]), _knockout([5, 11], [1], [2, 3]), Knockout(edges=(((4,), ()),), layers=(0,))]
+    assert affected_starts(adapter, _encoded(), 4, ks) == [9, 5, -1]
+
+
+def test_a_bidirectional_block_moves_the_start_to_the_block_when_a_target_is_inside_it():
+    adapter = _Pattern(lambda layer: _with_block(3, 8))
+    # Target inside the block: earlier block positions read it in the next layer.
+    assert affected_starts(adapter, _encoded(), 2, [_knockout([6], [1], [0])]) == [3]
+    # Targets after the block: nothing earlier reads them.
+    assert affected_starts(adapter, _encoded(), 2, [_knockout([9, 10], [4], [0])]) == [9]
+    # A change in the last layer reaches no later layer, so nothing before the target changes.
+    assert affected_starts(adapter, _encoded(), 2, [_knockout([6], [1], [1])]) == [6]
+
+
+def test_a_prefix_lm_recomputes_everything_and_a_chain_of_blocks_is_followed():
+    prefix = _causal()
+    prefix[:10, :10] = True  # positions 0..9 see each other (PaliGemma's prefix)
+    assert affected_starts(_Pattern(lambda layer: prefix), _encoded(), 3, [_knockout([11], [2], [0])]) == [11]
+    assert affected_starts(_Pattern(lambda layer: prefix), _encoded(), 3, [_knockout([9], [2], [0])]) == [0]
+    # Two overlapping blocks: 6 is read by 4 (block 4..7), which is read by 2 (block 2..5).
+    chain = _with_block(4, 8)
+    chain[2:6, 2:6] = True
+    assert affected_starts(_Pattern(lambda layer: chain), _encoded(), 2, [_knockout([6], [0], [0])]) == [2]
+
+
+def test_only_layers_from_the_first_blocked_one_matter():
+    # Layers 0-1 have a block over 3..7, layers 2-3 are causal: a knockout starting in layer 2 cannot
+    # spread backwards through the block any more.
+    adapter = _Pattern(lambda layer: _with_block(3, 8) if layer < 2 else _causal())
+    ks = [_knockout([6], [1], [0]), _knockout([6], [1], [2, 3]), _knockout([6], [1], [1])]
+    assert affected_starts(adapter, _encoded(), 4, ks) == [3, 6, 6]
+
+
+def test_ablations_follow_the_same_rule():
+    adapter = _Pattern(lambda layer: _with_block(3, 8))
+    ablation = Ablation(site=Site.ATTENTION, layers=(1,), positions=(5, 10))
+    assert affected_starts(adapter, _encoded(), 3, [ablation]) == [3]
