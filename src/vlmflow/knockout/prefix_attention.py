@@ -19,7 +19,8 @@ through here would still be right; for several the key lengths differ and the ke
 
 Routing: :func:`shared_prefix_attention` registers :func:`shared_prefix_attention_forward` with
 transformers' ``AttentionInterface`` and names it in the decoder's config for the duration of the
-block (restored in ``finally``); every call counts itself so the engine can check it was used.
+block only (both undone in ``finally``, also after an error); no module's ``forward`` is touched.
+Every call counts itself so the engine can check the attention really went through it.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def _attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch
     computed separately, each with its log-sum-exp, and merged exactly. Returns ``[h, g, k*S, D]``
     float32.
     """
-    h, g, rows, dim = q.shape
+    if t0 == 0:  # nothing shared (a prefix-LM knockout can start at position 0); fused kernels refuse 0 keys
+        out, _ = _own_part(q, key, value, mask, suffix, k)
+        return out
     out_p, lse_p = _prefix_part(q, key[:, :t0], value[:, :t0], mask[..., :t0])
     out_o, lse_o = _own_part(q, key[:, t0:], value[:, t0:], mask[..., t0:], suffix, k)
     lse = torch.logaddexp(lse_p, lse_o)  # [h, g, rows]; never -inf: no row is empty (checked by the engine)
@@ -198,14 +201,18 @@ def shared_prefix_attention(config: Any, t0: int, suffix: int) -> Iterator[Prefi
     """
     from transformers import AttentionInterface
 
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:  # noqa: SLF001
-        AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
+    mapping = AttentionInterface._global_mapping  # noqa: SLF001
+    added = ATTENTION_NAME not in mapping
     layout = PrefixLayout(t0=t0, suffix=suffix)
     previous = config._attn_implementation  # noqa: SLF001
     token = _LAYOUT.set(layout)
     try:
+        if added:
+            AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
         config._attn_implementation = ATTENTION_NAME  # noqa: SLF001
         yield layout
     finally:
         config._attn_implementation = previous  # noqa: SLF001
+        if added:
+            mapping.pop(ATTENTION_NAME, None)
         _LAYOUT.reset(token)

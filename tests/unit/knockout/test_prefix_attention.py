@@ -61,15 +61,19 @@ def test_outside_the_block_the_call_is_plain_sdpa():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
-def test_config_is_restored_after_an_error():
+def test_config_and_registration_are_undone_after_an_error():
+    from transformers import AttentionInterface
+
     class Config:
         _attn_implementation = "sdpa"
 
     config = Config()
     with pytest.raises(RuntimeError), pa.shared_prefix_attention(config, t0=3, suffix=2):
         assert config._attn_implementation == pa.ATTENTION_NAME
+        assert AttentionInterface._global_mapping[pa.ATTENTION_NAME] is pa.shared_prefix_attention_forward
         raise RuntimeError("boom")
     assert config._attn_implementation == "sdpa"
+    assert pa.ATTENTION_NAME not in AttentionInterface._global_mapping
     assert pa._LAYOUT.get() is None
 
 
@@ -81,3 +85,22 @@ def test_wrong_layout_is_refused():
             pa.shared_prefix_attention_forward(nn.Module().eval(), query, key, value, compact)
     finally:
         pa._LAYOUT.reset(token)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_shared_prefix_is_attention_over_own_keys_only(monkeypatch, fused):
+    # A prefix-LM (PaliGemma) knockout can change position 0: t0 = 0, every key is a variant's own.
+    monkeypatch.setattr(pa, "USE_FUSED_CPU", fused)
+    gen = torch.Generator().manual_seed(1)
+    suffix, k, dim = 4, 3, 8
+    query = torch.randn(1, 4, k * suffix, dim, generator=gen)
+    key = torch.randn(1, 2, k * suffix, dim, generator=gen)
+    value = torch.randn(1, 2, k * suffix, dim, generator=gen)
+    compact = torch.rand(1, 1, k * suffix, suffix, generator=gen) > 0.4
+    compact[..., 0] = True
+    token = pa._LAYOUT.set(pa.PrefixLayout(t0=0, suffix=suffix))
+    try:
+        out, _ = pa.shared_prefix_attention_forward(nn.Module().eval(), query, key, value, compact, scaling=0.3)
+    finally:
+        pa._LAYOUT.reset(token)
+    torch.testing.assert_close(out, _dense_reference(query, key, value, compact, 0, suffix, 0.3), atol=1e-5, rtol=1e-5)
