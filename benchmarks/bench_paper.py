@@ -23,7 +23,7 @@ procedure and the least any exact method must recompute; ``of limit`` is the mea
 a fraction of it.
 
     python benchmarks/bench_paper.py --quick                      # CPU smoke test (< 3 min): six-flow ratio
-    python benchmarks/bench_paper.py --threads 1                  # CPU, widths / 16, the three workloads
+    python benchmarks/bench_paper.py                              # CPU, widths / 16, the three workloads
     python benchmarks/bench_paper.py --device cuda                # GPU: full 7B / 8B / 13B shapes, bfloat16
 """
 
@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from analytic import DecoderDims, FlowPlan, work  # noqa: E402
-from measure import Measurement, MiB, environment, measured  # noqa: E402
+from measure import Measurement, MiB, cost, environment, measured  # noqa: E402
 from paper_baseline import paper_flow  # noqa: E402
 from workloads import CPU_DIVISOR, FULL_SHAPES, Shape, build_model, prepare  # noqa: E402
 
@@ -55,11 +55,15 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.05}
 
 @dataclass
 class FlowTimes:
-    """Per repetition: the baseline's estimated time, vlmflow's measurement, and the memory peaks."""
+    """Per repetition: the baseline's estimated time, vlmflow's measurement, and the memory peaks.
+
+    Times are process CPU seconds on CPU and wall seconds on CUDA (:func:`measure.cost`).
+    """
 
     baseline: list[float] = field(default_factory=list)
     vlmflow: list[float] = field(default_factory=list)
     ratio: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)  # vlmflow's wall seconds (suite only)
     baseline_peak: int = 0
     vlmflow_peak: int = 0
     vlmflow_extra: int = 0
@@ -79,17 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--divisor", type=int, default=None, help=f"width divisor (default: {CPU_DIVISOR} on CPU, 1 on CUDA)")
-    parser.add_argument("--reps", type=int, default=3, help="paired repetitions per flow")
+    parser.add_argument("--reps", type=int, default=None, help="paired repetitions per flow (default: 3, 2 with --quick)")
     parser.add_argument("--baseline-windows", default=None, help="window centres timed per flow and repetition, or 'all' (default: 8 on CPU, all on CUDA)")
     parser.add_argument("--new-tokens", type=int, default=3, help="greedy answer tokens (a one-word answer + end of sequence)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: 1 on CPU, where ratios come from process CPU time and waiting threads "
+        "of a multi-threaded run on a busy machine would count as work; torch's choice on CUDA)",
+    )
     args = parser.parse_args(argv)
+    args.reps = args.reps or (2 if args.quick else 3)
     args.device = torch.device(args.device)
     on_gpu = args.device.type == "cuda"
     args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
     args.divisor = args.divisor or (1 if on_gpu else CPU_DIVISOR)
     windows = args.baseline_windows or ("all" if on_gpu else "8")
     args.baseline_windows = None if windows == "all" else int(windows)
+    args.threads = args.threads or (None if on_gpu else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -172,11 +182,15 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
                     with measured(args.device) as base:
                         res = paper_flow(loaded, prepared, flow, k, max_new_tokens=args.new_tokens, centres=centres)
             check_agreement(agree, flow, res, result.rows)
-            estimate = res.t_generate + n_layers * statistics.fmean(res.t_windows)
+            estimate = cost(
+                args.device,
+                res.t_generate + n_layers * statistics.fmean(res.t_windows),
+                res.c_generate + n_layers * statistics.fmean(res.c_windows),
+            )
             t = times[flow]
             t.baseline.append(estimate)
-            t.vlmflow.append(vlm.seconds)
-            t.ratio.append(estimate / vlm.seconds)
+            t.vlmflow.append(vlm.cost(args.device))
+            t.ratio.append(estimate / t.vlmflow[-1])
             t.baseline_peak = max(t.baseline_peak, base.peak)
             t.vlmflow_peak, t.vlmflow_extra = max(t.vlmflow_peak, vlm.peak), max(t.vlmflow_extra, vlm.extra)
             suite_baseline += estimate
@@ -184,8 +198,9 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
         with measured(args.device) as whole:
             result = analyse_sample(loaded, prepared, settings(PAPER_FLOWS))
         suite.baseline.append(suite_baseline)
-        suite.vlmflow.append(whole.seconds)
-        suite.ratio.append(suite_baseline / whole.seconds)
+        suite.vlmflow.append(whole.cost(args.device))
+        suite.ratio.append(suite_baseline / suite.vlmflow[-1])
+        suite.wall.append(whole.seconds)
         suite.vlmflow_peak, suite.vlmflow_extra = max(suite.vlmflow_peak, whole.peak), max(suite.vlmflow_extra, whole.extra)
         print(f"  repetition {rep + 1}/{args.reps}: six-flow ratio {suite.ratio[-1]:.1f}x", flush=True)
     tolerance = TOLERANCE[args.dtype]
@@ -212,7 +227,11 @@ def report(result: dict, args: argparse.Namespace) -> None:
     """Print one workload's table."""
     shape, times, suite = result["shape"], result["times"], result["suite"]
     mem = "GPU max allocated" if args.device.type == "cuda" else "CPU peak RSS"
-    print(f"\n{shape.title} ({result['n']} positions, {shape.layers} layers, width {shape.hidden}); memory = {mem} (MiB)")
+    clock = "wall seconds" if args.device.type == "cuda" else "process CPU seconds"
+    print(
+        f"\n{shape.title} ({result['n']} positions, {shape.layers} layers, width {shape.hidden}); "
+        f"times = {clock} per sample; memory = {mem} (MiB)"
+    )
     header = f"{'flow':<24}{'baseline s':>11}{'vlmflow s':>11}{'ratio':>8}{'range':>14}{'limit':>8}{'of limit':>9}{'mem base':>10}{'mem vlm':>9}"
     print(header)
     print("-" * len(header))
@@ -227,7 +246,8 @@ def report(result: dict, args: argparse.Namespace) -> None:
     w = result["suite_work"]
     agree = result["agree"]
     print(
-        f"six-flow sweep: baseline {1 / _median(suite.baseline):.4f} samples/s, vlmflow {1 / _median(suite.vlmflow):.3f} samples/s; "
+        f"six-flow sweep: baseline {1 / _median(suite.baseline):.4f} samples/s, vlmflow {1 / _median(suite.vlmflow):.3f} samples/s "
+        f"(from {clock}; vlmflow wall {_median(suite.wall):.2f} s per sample); "
         f"median ratio {_median(suite.ratio):.1f}x over {len(suite.ratio)} repetitions"
     )
     print(

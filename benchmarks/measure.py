@@ -1,9 +1,14 @@
 """Timing and peak-memory measurement for the benchmarks, and a description of the machine.
 
+Time: wall-clock seconds and the process's CPU seconds (all threads). On a shared machine the CPU
+time is the steadier measure of work done, so the benchmarks take their ratios from it on CPU
+(both sides run with the same thread count); on CUDA the wall time (after synchronizing) is used.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the measured block; on CPU, the
-process's resident set size sampled every few milliseconds by a background thread (torch's CPU
-allocator keeps no peak statistics). Both are reported as the peak during the block and the
-increase over the value when the block started.
+process's peak resident set size over the block (Linux: the kernel's high-water mark ``VmHWM``,
+reset at the start of the block through ``/proc/self/clear_refs``; elsewhere sampled every few
+milliseconds by a background thread, since torch's CPU allocator keeps no peak statistics). Both
+are reported as the peak during the block and the increase over the value when the block started.
 """
 
 from __future__ import annotations
@@ -26,11 +31,43 @@ MiB = 2**20
 
 @dataclass
 class Measurement:
-    """Wall time (s) of a block, its peak memory and the increase over its start (bytes)."""
+    """Wall and process CPU time (s) of a block, its peak memory and the increase over its start (bytes)."""
 
     seconds: float = 0.0
+    cpu: float = 0.0
     peak: int = 0
     extra: int = 0
+
+    def cost(self, device: torch.device) -> float:
+        """What ratios are taken from (see :func:`cost`)."""
+        return cost(device, self.seconds, self.cpu)
+
+
+def cost(device: torch.device, wall: float, cpu: float) -> float:
+    """CPU seconds on CPU, wall seconds on CUDA (where the host mostly waits for the GPU)."""
+    return wall if device.type == "cuda" else cpu
+
+
+def _hwm_reset() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _hwm() > 0
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    """The process's peak resident set size since the last reset (bytes), from ``/proc/self/status``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _trim() -> None:
@@ -53,12 +90,13 @@ def measured(device: torch.device, interval: float = 0.003) -> Iterator[Measurem
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start_bytes = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             yield result
         finally:
             torch.cuda.synchronize(device)
             result.seconds = time.perf_counter() - start
+            result.cpu = time.process_time() - start_cpu
             result.peak = torch.cuda.max_memory_allocated(device)
             result.extra = result.peak - start_bytes
         return
@@ -67,21 +105,25 @@ def measured(device: torch.device, interval: float = 0.003) -> Iterator[Measurem
     start_bytes = process.memory_info().rss
     peak = [start_bytes]
     stop = threading.Event()
+    kernel_peak = _hwm_reset()
 
     def sample() -> None:
         while not stop.wait(interval):
             peak[0] = max(peak[0], process.memory_info().rss)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
+    thread = None if kernel_peak else threading.Thread(target=sample, daemon=True)
+    if thread is not None:
+        thread.start()
+    start, start_cpu = time.perf_counter(), time.process_time()
     try:
         yield result
     finally:
         result.seconds = time.perf_counter() - start
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], process.memory_info().rss)
+        result.cpu = time.process_time() - start_cpu
+        if thread is not None:
+            stop.set()
+            thread.join()
+        peak[0] = max(peak[0], process.memory_info().rss, _hwm() if kernel_peak else 0)
         result.peak, result.extra = peak[0], peak[0] - start_bytes
 
 

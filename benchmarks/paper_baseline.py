@@ -76,7 +76,8 @@ class PaperFlowResult:
     Attributes:
         answer_id: first greedy token of the clean model; ``p_base`` its probability.
         rows: ``(centre, p_blocked)`` for each window centre that was run.
-        t_generate: seconds of the baseline ``generate``; ``t_windows``: seconds of each knockout call.
+        t_generate: wall seconds of the baseline ``generate``; ``t_windows``: of each knockout call.
+        c_generate, c_windows: the same in process CPU seconds.
     """
 
     answer_id: int
@@ -84,6 +85,8 @@ class PaperFlowResult:
     rows: list[tuple[int, float]] = field(default_factory=list)
     t_generate: float = 0.0
     t_windows: list[float] = field(default_factory=list)
+    c_generate: float = 0.0
+    c_windows: list[float] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,22 +122,25 @@ def paper_flow(
         "return_dict_in_generate": True,
     }
     _sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     base = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen)
     answer = int(base.sequences[0, prepared.encoded.seq_len])
     p_base = float(torch.softmax(base.scores[0][0].float(), -1)[answer])
-    result = PaperFlowResult(answer_id=answer, p_base=p_base, t_generate=time.perf_counter() - start)
+    result = PaperFlowResult(
+        answer_id=answer, p_base=p_base, t_generate=time.perf_counter() - start, c_generate=time.process_time() - start_cpu
+    )
     targets = prepared.groups[flow.target]
     sources = prepared.groups[flow.source]
     wanted = None if centres is None else set(centres)
     for centre, layers in paper_windows(window, loaded.n_layers):
         if wanted is not None and centre not in wanted:
             continue
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with paper_hooks(loaded, layers, targets, sources):
             out = model.generate(**inputs, max_new_tokens=1, **gen)
         p_blocked = float(torch.softmax(out.scores[0][0].float(), -1)[answer])
         result.t_windows.append(time.perf_counter() - start)
+        result.c_windows.append(time.process_time() - start_cpu)
         result.rows.append((centre, p_blocked))
     return result
 
