@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmflow.knockout.mask import any_last
+
 #: Name under which the attention function is registered with transformers.
 ATTENTION_NAME = "vlmflow_shared_prefix"
 
@@ -140,7 +142,7 @@ def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     """
     h, g, rows, dim = q.shape
     t0 = key.shape[-2]
-    visible = mask.any(-1)  # [h|1, g|1, rows]
+    visible = any_last(mask)  # [h|1, g|1, rows]
     fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
         bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
@@ -169,7 +171,7 @@ def _own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     scores = torch.matmul(q.view(h, g, k, suffix, dim), ko.transpose(-1, -2)).float()  # [h, g, k, S, S]
     scores.masked_fill_(~m, float("-inf"))
     lse = torch.logsumexp(scores, -1)  # [h, g, k, S]
-    probs = scores.sub_(lse.masked_fill(~m.any(-1), 0.0)[..., None]).exp_()
+    probs = scores.sub_(lse.masked_fill(~any_last(m), 0.0)[..., None]).exp_()
     out = torch.matmul(probs.to(value.dtype), vo).float()
     return out.view(h, g, rows, dim), lse.view(h, g, rows)
 
