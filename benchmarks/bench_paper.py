@@ -262,7 +262,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
     timed = "every window" if result["centres"] is None else f"{result['centres']} window centres per flow and repetition, extrapolated"
     print(
         f"oracle: {agree.compared} probabilities agree within {agree.max_diff:.1e} (|log p|; tolerance {result['tolerance']:.0e}); "
-        f"smallest flow effect {agree.min_effect:.2f}; baseline timed on {timed}"
+        f"smallest flow effect {agree.min_effect:.1e}; baseline timed on {timed}"
     )
 
 
