@@ -14,8 +14,8 @@ and head counts scale with it, depth and sequence length do not), which keeps de
 lengths, windows and the knockout plan of the real model, and the vision tower's share of the work.
 
 The prompt is the paper's vicuna_v1 prompt around a ChooseAttr question of median length in the
-released data (59 text tokens with the offline SentencePiece-style tokenizer; the real Llama-2
-tokenizer gives about the same), so a LLaVA-1.5 sequence has 635 positions (the paper: ~650).
+released data (58 text tokens with the offline SentencePiece-style tokenizer; the real Llama-2
+tokenizer gives about the same), so a LLaVA-1.5 sequence has 634 positions (the paper: ~650).
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ def _run_folded(
     impl = adapter.attention_implementation(model)
     dtype = next(model.parameters()).dtype
     device = clean.hidden[0].device
-    shared = impl == "sdpa" and device.type == "cpu"
+    shared = uses_shared_prefix(impl, device)
     suffix = n - t0
     n_var = len(variants)
     rows = torch.arange(t0, n, device=device)  # [S] absolute query positions
@@ -369,6 +369,18 @@ def _run_folded(
     last = hidden[:, -1]  # [V, d_model]: the final prompt position of each variant
     logits = adapter.unembed(model)(adapter.final_norm(model)(last))
     return logits.float()
+
+
+def uses_shared_prefix(implementation: str, device: torch.device) -> bool:
+    """Whether folded knockouts run through :mod:`~vlmflow.knockout.prefix_attention` (CPU, sdpa).
+
+    Then the folded attention is vlmflow's own, not the model's kernel; elsewhere the model's
+    kernel gets the dense block-diagonal mask.
+
+    >>> uses_shared_prefix("sdpa", torch.device("cpu")), uses_shared_prefix("eager", torch.device("cpu"))
+    (True, False)
+    """
+    return implementation == "sdpa" and device.type == "cpu"
 
 
 def _blocked_edges(variants: Sequence[Intervention], rows: torch.Tensor, n: int) -> torch.Tensor:
