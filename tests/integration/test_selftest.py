@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.modeling_utils import AttentionInterface
 
+import vlmflow.knockout.fast as fast_module
 import vlmflow.knockout.reference as reference_module
 from conftest import make_scene_sample
 from vlmflow.data.csvio import write_task_csv
@@ -49,7 +50,9 @@ def _mask_ignoring_sdpa(original):
 def test_self_test_refuses_a_kernel_that_ignores_the_mask(tiny_loaded, engine):
     loaded = tiny_loaded("sp-gqa", "sdpa")
     original = AttentionInterface._global_mapping["sdpa"]
-    with mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
+    # The fast engine's folds go through the model's kernel (dense mask), as they do on CUDA.
+    dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)
+    with dense, mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
         # The reference path's knockout does nothing, so the output follows the image; the fast path's
         # folded queries (prefix keys + own suffix) get a mask-less causal pattern that is simply wrong.
         expected = {
@@ -59,6 +62,17 @@ def test_self_test_refuses_a_kernel_that_ignores_the_mask(tiny_loaded, engine):
         with pytest.raises(SelfTestError, match=expected[engine]):
             run_self_test(loaded, engine)
     assert run_self_test(loaded, engine).knockout_image_effect == 0.0  # restored: passes again
+
+
+def test_fast_engine_on_cpu_does_not_depend_on_the_models_kernel_for_the_mask(tiny_loaded):
+    """On CPU with sdpa the folded knockouts run through vlmflow's shared-prefix attention, so a model
+    kernel that drops masks (it still computes the clean causal pass right) cannot undo a knockout."""
+    loaded = tiny_loaded("sp-gqa", "sdpa")
+    assert fast_module.uses_shared_prefix("sdpa", loaded.device)
+    original = AttentionInterface._global_mapping["sdpa"]
+    with mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
+        report = run_self_test(loaded, "fast")
+    assert report.knockout_image_effect == 0.0 and report.knockout_effect > 0.1 and report.no_op_error < 1e-4
 
 
 def test_self_test_refuses_blocked_attention_that_is_not_zero(tiny_loaded):
@@ -93,7 +107,8 @@ def test_a_run_stops_before_any_work_when_the_self_test_fails_and_records_it_whe
     spec = RunSpec(ModelSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), settings, name="run")
     original = AttentionInterface._global_mapping["sdpa"]
     patched = {"sdpa": _mask_ignoring_sdpa(original)}
-    with mock.patch.dict(AttentionInterface._global_mapping, patched), pytest.raises(SelfTestError):
+    dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)  # as on CUDA
+    with dense, mock.patch.dict(AttentionInterface._global_mapping, patched), pytest.raises(SelfTestError):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
     assert not (tmp_path / "runs").exists()
     outcome = run_to_store(spec, tmp_path / "runs", loaded=loaded)

@@ -19,8 +19,10 @@ logits, greedy answer) provides both.
 Many knockouts (all windows of all flows with the same ``t``) run together "folded" into the query
 axis of a single batch row: variant ``v``'s suffix occupies query rows ``[v*S, (v+1)*S)``; every
 variant attends to the shared clean prefix keys/values (one copy per layer call, never one per
-variant) and, through a block-diagonal mask, only to its own suffix keys. Variants start at their
-own first layer: at layer ``l`` only the variants whose window has started are computed.
+variant) and only to its own suffix keys (a block-diagonal mask, or on CPU the shared-prefix
+attention of :mod:`vlmflow.knockout.prefix_attention`, which never scores the other variants' keys).
+Variants start at their own first layer: at layer ``l`` only the variants whose window has started
+are computed.
 
 Module-level ablations (:class:`~vlmflow.knockout.ablation.Ablation`) obey the same rule (nothing
 changes before their first affected position or below their first layer) and run folded next to
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,7 @@ from vlmflow.knockout.ablation import (
     replacement_values,
 )
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
+from vlmflow.knockout.prefix_attention import shared_prefix_attention
 from vlmflow.knockout.spec import Knockout, check_layers
 
 log = logging.getLogger(__name__)
@@ -301,57 +305,113 @@ def _run_folded(
     """Run ``variants`` (sorted by first layer, same ``t0``) folded into one batch row.
 
     ``values`` maps the index of each :class:`Ablation` variant to its replacement vectors.
+    With ``sdpa`` on CPU the attention runs through :mod:`~vlmflow.knockout.prefix_attention`:
+    each query row scores only the shared prefix and its own variant's keys (compact mask
+    ``[1, 1|H, k*S, n]``); the CPU kernels cannot skip the masked blocks of the dense layout, which
+    for long suffixes are most of the attention work. Otherwise (``eager``, or CUDA, whose fused
+    kernel keeps that share small at real widths) the model's own attention gets the dense
+    block-diagonal mask ``[1, 1|H, k*S, t0 + k*S]``.
     """
     n = encoded.seq_len
     n_layers = adapter.n_layers(model)
     impl = adapter.attention_implementation(model)
     dtype = next(model.parameters()).dtype
     device = clean.hidden[0].device
+    shared = uses_shared_prefix(impl, device)
     suffix = n - t0
     n_var = len(variants)
     rows = torch.arange(t0, n, device=device)  # [S] absolute query positions
-    no_edges = torch.zeros(suffix, n, dtype=torch.bool, device=device)
-    blocked = torch.stack(
-        [v.blocked_rows(rows, n) if isinstance(v, Knockout) else no_edges for v in variants]
-    )  # [V, S, n]; ablations block no edge
+    blocked = _blocked_edges(variants, rows, n)  # [V, S, n]; ablations block no edge
+    in_window = torch.tensor(
+        [[isinstance(v, Knockout) and layer in v.layers for layer in range(n_layers)] for v in variants],
+        dtype=torch.bool,
+        device=device,
+    )  # [V, L]
     starts = [v.first_layer for v in variants]
     heads_sel = _head_selection(adapter, model, variants, device)  # [V, H] bool or None
     full_positions = adapter.position_ids(model, encoded)
     offset = t0 - clean.start
     d_model = clean.hidden[0].shape[-1]
     hidden = torch.empty(n_var, suffix, d_model, dtype=clean.hidden[0].dtype, device=device)
+    positions: dict[int, tuple[torch.Tensor, Any]] = {}  # k -> (position ids, rotary embeddings), same in every layer
+    config = adapter.attention_module(model, 0).config
+    scope = shared_prefix_attention(config, t0, suffix) if shared else nullcontext(None)
     active = 0
-    for layer in range(starts[0], n_layers):
-        while active < n_var and starts[active] <= layer:
-            hidden[active] = clean.hidden[layer][offset:]  # the variant's window starts here
-            active += 1
-        k = active
-        base = adapter.base_allowed(layer, rows, n, encoded)  # [S, n]
-        in_window = torch.tensor(
-            [isinstance(v, Knockout) and layer in v.layers for v in variants[:k]], device=device
-        )  # [k]
-        blk = blocked[:k] & in_window[:, None, None]  # [k, S, n]
-        if heads_sel is None:
-            allowed = _fold_mask(base, blk, t0)[None, None]  # [1, 1, kS, t0 + kS]
-        else:
-            # Per head: the blocked edges apply only in the selected heads of each variant.
-            per_head = blk[:, None] & heads_sel[:k, :, None, None]  # [k, H, S, n]
-            allowed = torch.stack(
-                [_fold_mask(base, per_head[:, h], t0) for h in range(per_head.shape[1])]
-            )[None]  # [1, H, kS, t0 + kS]
-        check_no_empty_rows(allowed.reshape(-1, allowed.shape[-1]), rows.repeat(k * allowed.shape[1]))
-        mask = to_kernel_mask(allowed, impl, dtype)
-        index = rows.repeat(k)  # [kS] absolute positions of the folded queries
-        pos = adapter.select_positions(full_positions, index)
-        x = hidden[:k].reshape(1, k * suffix, d_model)
-        pe = adapter.rotary(model, x, pos)
-        cache = _PrefixKV(clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])
-        with folded_ablation(model, adapter, layer, variants[:k], values or {}, t0, suffix):
-            x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
-        hidden[:k] = x.reshape(k, suffix, d_model)
+    with scope as layout:
+        for layer in range(starts[0], n_layers):
+            while active < n_var and starts[active] <= layer:
+                hidden[active] = clean.hidden[layer][offset:]  # the variant's window starts here
+                active += 1
+            k = active
+            base = adapter.base_allowed(layer, rows, n, encoded)  # [S, n]
+            blk = blocked[:k] & in_window[:k, layer, None, None]  # [k, S, n]
+            if heads_sel is not None:
+                # Per head: the blocked edges apply only in the selected heads of each variant.
+                blk = blk[:, None] & heads_sel[:k, :, None, None]  # [k, H, S, n]
+            allowed = _compact_mask(base, blk) if shared else _dense_mask(base, blk, t0)
+            check_no_empty_rows(allowed.reshape(-1, allowed.shape[-1]), rows.repeat(k * allowed.shape[1]))
+            mask = to_kernel_mask(allowed, impl, dtype)
+            x = hidden[:k].reshape(1, k * suffix, d_model)
+            if k not in positions:
+                pos = adapter.select_positions(full_positions, rows.repeat(k))  # [.., kS] absolute positions
+                positions[k] = (pos, adapter.rotary(model, x, pos))
+            pos, pe = positions[k]
+            cache = _PrefixKV(clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])
+            calls = layout.calls if layout is not None else 0
+            with folded_ablation(model, adapter, layer, variants[:k], values or {}, t0, suffix):
+                x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
+            if layout is not None and layout.calls != calls + 1:
+                raise RuntimeError(
+                    f"layer {layer}: the attention did not go through vlmflow's shared-prefix attention "
+                    f"({layout.calls - calls} calls); this model's attention does not use transformers' AttentionInterface"
+                )
+            hidden[:k] = x.reshape(k, suffix, d_model)
     last = hidden[:, -1]  # [V, d_model]: the final prompt position of each variant
     logits = adapter.unembed(model)(adapter.final_norm(model)(last))
     return logits.float()
+
+
+def uses_shared_prefix(implementation: str, device: torch.device) -> bool:
+    """Whether folded knockouts run through :mod:`~vlmflow.knockout.prefix_attention` (CPU, sdpa).
+
+    Then the folded attention is vlmflow's own, not the model's kernel; elsewhere the model's
+    kernel gets the dense block-diagonal mask.
+
+    >>> uses_shared_prefix("sdpa", torch.device("cpu")), uses_shared_prefix("eager", torch.device("cpu"))
+    (True, False)
+    """
+    return implementation == "sdpa" and device.type == "cpu"
+
+
+def _blocked_edges(variants: Sequence[Intervention], rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``[V, S, n]`` bool: the edges each variant blocks (computed once per distinct edge set)."""
+    by_edges: dict[Any, torch.Tensor] = {}
+    out = torch.zeros(len(variants), len(rows), n, dtype=torch.bool, device=rows.device)
+    for i, v in enumerate(variants):
+        if isinstance(v, Knockout):
+            if v.edges not in by_edges:
+                by_edges[v.edges] = v.blocked_rows(rows, n)
+            out[i] = by_edges[v.edges]
+    return out
+
+
+def _compact_mask(base: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """Compact allowed mask ``[1, 1|H, k*S, n]``: variant ``v``'s rows see the prefix and its own suffix.
+
+    ``base`` ``[S, n]``: clean allowed edges of the suffix rows; ``blocked`` ``[k, S, n]`` or
+    ``[k, H, S, n]``. Columns ``< t0`` are the shared prefix, columns ``>= t0`` the variant's own keys.
+    """
+    allowed = ~blocked & base  # [k, S, n] or [k, H, S, n]
+    if allowed.dim() == 3:
+        return allowed.reshape(1, 1, -1, allowed.shape[-1])
+    return allowed.transpose(0, 1).reshape(1, allowed.shape[1], -1, allowed.shape[-1])
+
+
+def _dense_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tensor:
+    """Dense folded allowed mask ``[1, 1|H, k*S, t0 + k*S]`` (block diagonal over the suffix keys)."""
+    if blocked.dim() == 3:
+        return _fold_mask(base, blocked, t0)[None, None]
+    return torch.stack([_fold_mask(base, blocked[:, h], t0) for h in range(blocked.shape[1])])[None]
 
 
 def _fold_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ def check_no_empty_rows(allowed: torch.Tensor, rows: torch.Tensor | None = None)
     Such a row has no defined attention output (sdpa returns zeros for a bool mask and the mean of
     the values for a float one), so a knockout that empties a row is refused rather than computed.
     """
-    empty = ~allowed.any(dim=-1)
+    empty = ~any_last(allowed)
     if bool(empty.any()):
         where = torch.nonzero(empty)[0].tolist()
         row = where[-1]
@@ -44,3 +44,12 @@ def check_no_empty_rows(allowed: torch.Tensor, rows: torch.Tensor | None = None)
             "block fewer sources (a position must keep at least one visible key)",
             stage="knockout",
         )
+
+
+def any_last(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.any(-1)`` for a bool mask, computed as a byte maximum (several times faster on CPU).
+
+    >>> any_last(torch.tensor([[True, False], [False, False]])).tolist()
+    [True, False]
+    """
+    return mask.view(torch.uint8).amax(-1).bool()

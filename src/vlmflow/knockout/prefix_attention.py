@@ -1,0 +1,220 @@
+"""Attention for folded knockout variants that share a clean prefix, without scoring other variants' keys.
+
+In the fast engine's folded layout (:mod:`vlmflow.knockout.fast`) the ``k`` variants' suffixes
+(``S`` positions each, from the first affected position ``t0``) are query rows ``[v*S, (v+1)*S)``
+of one batch row, and the keys are ``[shared clean prefix (t0) ; variant 0's S keys ; ... ;
+variant k-1's S keys]``. A dense block-diagonal mask makes every query row score all
+``t0 + k*S`` keys although it may see only ``t0 + S`` of them: for the →question flows (``S`` ~ 30,
+``k`` ~ 30, ``t0`` ~ 600) that is 2-3 times the attention work that is needed.
+
+Here each query row is scored only against the shared prefix (one matrix product against the
+prefix keys, never copied per variant) and its own variant's ``S`` keys (one batched product), with
+one softmax, in float32, over exactly those ``t0 + S`` scores. That is the same softmax over the same
+allowed keys, so the result is exact up to floating-point rounding.
+
+The mask it takes is the *compact* allowed mask ``[1, 1|H, k*S, t0 + S]``: row ``v*S + i`` lists
+what variant ``v``'s suffix position ``t0 + i`` may read, prefix columns first, then its own
+suffix columns. For one variant this is the ordinary dense mask, so a call that did not come
+through here would still be right; for several the key lengths differ and the kernel raises.
+
+Routing: :func:`shared_prefix_attention` registers :func:`shared_prefix_attention_forward` with
+transformers' ``AttentionInterface`` and names it in the decoder's config for the duration of the
+block only (both undone in ``finally``, also after an error); no module's ``forward`` is touched.
+Every call counts itself so the engine can check the attention really went through it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmflow.knockout.mask import any_last
+
+#: Name under which the attention function is registered with transformers.
+ATTENTION_NAME = "vlmflow_shared_prefix"
+
+#: Use torch's fused CPU flash kernel for the prefix part when it exists (tests switch it off).
+USE_FUSED_CPU = True
+
+#: Bound on the float32 score tensor of one chunk of key/value heads (bytes), without the fused kernel.
+SCORE_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class PrefixLayout:
+    """The folded layout of the layer calls inside :func:`shared_prefix_attention`.
+
+    Attributes:
+        t0: length of the shared prefix (keys ``< t0`` are shared by all variants).
+        suffix: query rows (and own keys) per variant, ``S``.
+        calls: how many attention calls went through the shared-prefix path.
+    """
+
+    t0: int
+    suffix: int
+    calls: int = 0
+
+
+_LAYOUT: contextvars.ContextVar[PrefixLayout | None] = contextvars.ContextVar("vlmflow_prefix_layout", default=None)
+
+
+def shared_prefix_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """An ``AttentionInterface`` function: ``query [1, H, k*S, D]``, ``key/value [1, Hkv, t0 + k*S, D]``.
+
+    Returns ``([1, k*S, H, D], None)`` like transformers' sdpa function. Outside a
+    :func:`shared_prefix_attention` block, or for arguments it does not model (attention sinks,
+    logit soft-capping, dropout), it hands the call to transformers' sdpa function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout = _LAYOUT.get()
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    t0, suffix = layout.t0, layout.suffix
+    batch, n_heads, rows, dim = query.shape
+    n_kv = key.shape[1]
+    k = rows // suffix
+    if batch != 1 or rows != k * suffix or key.shape[2] != t0 + rows or attention_mask is None:
+        raise ValueError(
+            f"shared-prefix attention expected 1 x {k} x {suffix} query rows and {t0} + {rows} keys with a mask, got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, mask {None if attention_mask is None else tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (rows, t0 + suffix):
+        raise ValueError(f"shared-prefix attention needs the compact bool mask [.., {rows}, {t0 + suffix}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+    layout.calls += 1
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or (dropout and module.training):
+        dense = compact_to_dense(attention_mask, t0, suffix)
+        return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
+    group = n_heads // n_kv
+    scale = scaling if scaling is not None else dim**-0.5
+    mask = attention_mask[0]  # [1|H, rows, t0 + S]
+    per_head = mask.shape[0] != 1
+    out = torch.empty(n_kv, group, rows, dim, dtype=torch.float32, device=query.device)
+    # Heads are processed in chunks of key/value heads so the float32 scores stay within budget.
+    per_chunk = max(1, SCORE_BUDGET_BYTES // max(1, 4 * group * rows * (t0 + suffix)))
+    for lo in range(0, n_kv, per_chunk):
+        hi = min(n_kv, lo + per_chunk)
+        q = (query[0, lo * group : hi * group] * scale).view(hi - lo, group, rows, dim)
+        m = mask[lo * group : hi * group].view(hi - lo, group, rows, t0 + suffix) if per_head else mask.view(1, 1, rows, t0 + suffix)
+        out[lo:hi] = _attend(q, key[0, lo:hi], value[0, lo:hi], m, t0, suffix, k)
+    result = out.view(n_heads, rows, dim).to(query.dtype).transpose(0, 1)  # [rows, H, D]
+    return result[None].contiguous(), None
+
+
+def _attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, t0: int, suffix: int, k: int) -> torch.Tensor:
+    """Softmax attention of ``q [h, g, k*S, D]`` (already scaled) over the prefix and own keys.
+
+    ``key/value [h, t0 + k*S, D]``; ``mask [h|1, g|1, k*S, t0 + S]`` bool. The two parts are
+    computed separately, each with its log-sum-exp, and merged exactly. Returns ``[h, g, k*S, D]``
+    float32.
+    """
+    if t0 == 0:  # nothing shared (a prefix-LM knockout can start at position 0); fused kernels refuse 0 keys
+        out, _ = _own_part(q, key, value, mask, suffix, k)
+        return out
+    out_p, lse_p = _prefix_part(q, key[:, :t0], value[:, :t0], mask[..., :t0])
+    out_o, lse_o = _own_part(q, key[:, t0:], value[:, t0:], mask[..., t0:], suffix, k)
+    lse = torch.logaddexp(lse_p, lse_o)  # [h, g, rows]; never -inf: no row is empty (checked by the engine)
+    out_p.mul_(torch.exp(lse_p - lse)[..., None])
+    return out_p.add_(out_o.mul_(torch.exp(lse_o - lse)[..., None]))
+
+
+def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query row over the shared prefix: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
+
+    On CPU torch's fused flash kernel (which also returns the log-sum-exp) is used when present;
+    otherwise explicit products with a float32 softmax, as transformers' eager attention computes.
+    Rows that may see no prefix key get ``lse = -inf`` and a zero output.
+    """
+    h, g, rows, dim = q.shape
+    t0 = key.shape[-2]
+    visible = any_last(mask)  # [h|1, g|1, rows]
+    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(bias.shape[0], g, rows, t0).reshape(1, bias.shape[0], g * rows, t0)
+        out, lse = fused(q.reshape(1, h, g * rows, dim), key[None], value[None], 0.0, False, attn_mask=bias, scale=1.0)
+        out, lse = out.view(h, g, rows, dim).float(), lse.view(h, g, rows).float()
+    else:
+        scores = torch.matmul(q, key[:, None].transpose(-1, -2)).float()  # [h, g, rows, t0]
+        scores.masked_fill_(~mask, float("-inf"))
+        lse = torch.logsumexp(scores, -1)
+        probs = scores.sub_(lse.masked_fill(~visible, 0.0)[..., None]).exp_()
+        out = torch.matmul(probs.to(value.dtype), value[:, None]).float()
+    # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
+    return out, lse.masked_fill(~visible, float("-inf"))
+
+
+def _own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, suffix: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of variant ``v``'s rows over its own ``S`` keys: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
+
+    ``key/value [h, k*S, D]``; ``mask [h|1, g|1, k*S, S]``. Small batched products, float32 softmax.
+    """
+    h, g, rows, dim = q.shape
+    ko = key.reshape(h, 1, k, suffix, dim)
+    vo = value.reshape(h, 1, k, suffix, dim)
+    m = mask.reshape(*mask.shape[:2], k, suffix, suffix)
+    scores = torch.matmul(q.view(h, g, k, suffix, dim), ko.transpose(-1, -2)).float()  # [h, g, k, S, S]
+    scores.masked_fill_(~m, float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # [h, g, k, S]
+    probs = scores.sub_(lse.masked_fill(~any_last(m), 0.0)[..., None]).exp_()
+    out = torch.matmul(probs.to(value.dtype), vo).float()
+    return out.view(h, g, rows, dim), lse.view(h, g, rows)
+
+
+def compact_to_dense(compact: torch.Tensor, t0: int, suffix: int) -> torch.Tensor:
+    """The block-diagonal dense mask ``[.., k*S, t0 + k*S]`` of a compact mask ``[.., k*S, t0 + S]``.
+
+    >>> compact_to_dense(torch.ones(1, 1, 4, 3, dtype=torch.bool), t0=1, suffix=2)[0, 0].int().tolist()
+    [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 1], [1, 0, 0, 1, 1]]
+    """
+    rows = compact.shape[-2]
+    own = torch.zeros(*compact.shape[:-1], rows, dtype=compact.dtype, device=compact.device)
+    for lo in range(0, rows, suffix):  # one S x S block per variant
+        own[..., lo : lo + suffix, lo : lo + suffix] = compact[..., lo : lo + suffix, t0:]
+    return torch.cat([compact[..., :t0], own], dim=-1)
+
+
+@contextmanager
+def shared_prefix_attention(config: Any, t0: int, suffix: int) -> Iterator[PrefixLayout]:
+    """Inside the block, attention modules reading ``config`` use the shared-prefix path.
+
+    ``config`` is the decoder config the attention modules read ``_attn_implementation`` from; its
+    previous value is restored in ``finally``.
+
+    >>> with shared_prefix_attention(attn.config, t0=600, suffix=31) as layout:   # doctest: +SKIP
+    ...     hidden = layer(hidden, attention_mask=compact_mask, ...)
+    >>> layout.calls                                                               # doctest: +SKIP
+    1
+    """
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping  # noqa: SLF001
+    added = ATTENTION_NAME not in mapping
+    layout = PrefixLayout(t0=t0, suffix=suffix)
+    previous = config._attn_implementation  # noqa: SLF001
+    token = _LAYOUT.set(layout)
+    try:
+        if added:
+            AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
+        config._attn_implementation = ATTENTION_NAME  # noqa: SLF001
+        yield layout
+    finally:
+        config._attn_implementation = previous  # noqa: SLF001
+        if added:
+            mapping.pop(ATTENTION_NAME, None)
+        _LAYOUT.reset(token)
