@@ -129,19 +129,26 @@ def executor(ray_cluster, spec):
         yield executor
 
 
-def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+def _tables(run_dir: Path, names: tuple[str, ...] | None = None) -> dict[str, pd.DataFrame]:
+    """The run's tables (``names``, or every table it has), rows sorted by each table's key."""
     store = RunStore.load(run_dir)
     out = {}
-    for name in ("samples", "errors", "flows"):
+    for name in names or store.tables():
         key = list(table_spec(name).key)
         out[name] = store.read(name).sort_values(key).reset_index(drop=True)
     return out
 
 
-def assert_same_results(run_dir: Path, reference: Path) -> None:
-    ours, theirs = _tables(run_dir), _tables(reference)
+def assert_same_tables(run_dir: Path, reference: Path, names: tuple[str, ...] | None = None) -> None:
+    """Same tables (``names``, or all of them and the same set), equal row for row, bit for bit."""
+    ours, theirs = _tables(run_dir, names), _tables(reference, names)
+    assert sorted(ours) == sorted(theirs)
     for name in theirs:
-        pd.testing.assert_frame_equal(ours[name], theirs[name], check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(ours[name], theirs[name], check_exact=True, obj=f"{reference.name}/{name}")
+
+
+def assert_same_results(run_dir: Path, reference: Path) -> None:
+    assert_same_tables(run_dir, reference, ("samples", "errors", "flows"))
     assert identity_of(read_spec(run_dir / "spec.json")) == identity_of(read_spec(reference / "spec.json"))
     assert run_dir.name == reference.name  # same run name: either executor resumes the other
 
@@ -267,15 +274,8 @@ def test_cli_lens_with_ray_local_writes_the_single_process_run(
     )
     assert ray_cluster.is_initialized()  # the CLI left the cluster it found running
     for single in sorted((tmp_path / "single").iterdir()):
-        ours, theirs = RunStore.load(tmp_path / "ray" / single.name), RunStore.load(single)
-        assert ours.tables() == theirs.tables() and "lens" in theirs.tables()
-        for name in theirs.tables():
-            key = list(table_spec(name).key)
-            pd.testing.assert_frame_equal(
-                ours.read(name).sort_values(key).reset_index(drop=True),
-                theirs.read(name).sort_values(key).reset_index(drop=True),
-                check_exact=True,
-            )
+        assert "lens" in RunStore.load(single).tables()
+        assert_same_tables(tmp_path / "ray" / single.name, single)
 
 
 def test_reproduce_on_ray_writes_the_single_process_study(ray_cluster, tiny_checkpoint, tiny_loaded, tmp_path):
@@ -297,13 +297,4 @@ def test_reproduce_on_ray_writes_the_single_process_study(ray_cluster, tiny_chec
     runs = StudyDir.open(tmp_path / "single").manifest()["runs"]
     assert sorted(runs) == sorted(StudyDir.open(tmp_path / "ray").manifest()["runs"]) and len(runs) == 3
     for entry in runs.values():
-        ours, theirs = RunStore.load(tmp_path / "ray" / entry["path"]), RunStore.load(tmp_path / "single" / entry["path"])
-        assert ours.tables() == theirs.tables()
-        for name in theirs.tables():
-            key = list(table_spec(name).key)
-            pd.testing.assert_frame_equal(
-                ours.read(name).sort_values(key).reset_index(drop=True),
-                theirs.read(name).sort_values(key).reset_index(drop=True),
-                check_exact=True,
-                obj=f"{entry['path']}/{name}",
-            )
+        assert_same_tables(tmp_path / "ray" / entry["path"], tmp_path / "single" / entry["path"])
