@@ -36,7 +36,7 @@ from vlmflow.study.directory import StudyDir, run_key
 from vlmflow.study.viewer import write_viewer
 
 if TYPE_CHECKING:
-    from vlmflow.distributed import RayOptions
+    from vlmflow.distributed import RayExecutor, RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _reproduce_model(
     outcome: StudyOutcome,
     progress: Progress | None,
     loader: Loader | None,
-    executor: Any,
+    executor: RayExecutor | None,
 ) -> None:
     """Every run of one model entry (``executor``: a RayExecutor, or None for this process)."""
     runs = [(t, e) for m, t, e in plan if m is model]
