@@ -76,5 +76,12 @@ def test_analytic_minimum_counts_by_hand():
     plan = analytic.FlowPlan("x", (5, 6), ((0, 0), (0, 1), (2, 3)))
     w = analytic.work(dims, n=8, n_layers=4, new_tokens=1, flows=[plan])
     assert w.baseline == pytest.approx(4 * (8 * 4 + dims.vision_equivalent))
-    assert w.vlmflow == pytest.approx(8 * 4 + dims.vision_equivalent + 3 * (4 + 4 + 2))
+    # vlmflow: (0,0) suffix rows in layers 0-2 and the last row + 2 rows' q/k/v in layer 3; (0,1)
+    # branches off (0,0) at layer 1; (2,3) from layer 2.
+    f = dims.f_qkv
+    assert analytic.knockout_scheduled([5, 6], [(0, 0), (0, 1), (2, 3)], n=8, n_layers=4, f_qkv=f) == pytest.approx(21 + 6 * f)
+    assert w.vlmflow == pytest.approx(8 * 4 + dims.vision_equivalent + 21 + 6 * f)
     assert w.minimum < w.vlmflow < w.baseline
+    # Counting attention scores raises the ratio: the baseline's masked window calls score every key
+    # in every row, the minimum only in its recomputed rows.
+    assert w.attention_limit > w.limit
