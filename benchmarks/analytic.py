@@ -39,10 +39,12 @@ in the last layer the last row plus the other rows' query/key/value projections 
 cent; at the reduced CPU widths it is not (one key costs ``2 * d_model`` multiply-adds of a row's
 scores and weighted sum, against a token-layer's ``layer_macs``). :attr:`Work.attention_limit` is the
 same ratio with them counted, as each side computes them: a causal prefill row (the clean pass, the
-baseline's greedy ``generate``) scores ``(n + 1) / 2`` keys on average; a row of the baseline's
-masked window calls all ``n`` (the kernel gets a dense mask and cannot skip the causal half); a
-recomputed suffix row about ``n``. So the baseline pays the full-width attention too, and this ratio
-is above the token-layer limit, not below it.
+baseline's greedy ``generate``, and the baseline's window calls outside the window, where the model
+gets no mask and the kernel skips the causal half) scores ``(n + 1) / 2`` keys on average; a row in
+the window's layers of a baseline window call all ``n`` (the hooked dense mask cannot be skipped); a
+recomputed suffix row about ``n``. Every exact method recomputes rows that score all keys, while most
+of the baseline's rows score half, so at narrow widths this ratio is below the token-layer limit:
+it is what the reduced CPU widths allow.
 """
 
 from __future__ import annotations
@@ -196,10 +198,15 @@ def work(
     knockouts = sum(knockout_minimum(f.targets, f.windows, n, n_layers, dims.f_kv) for f in flows)
     minimum = clean_min + knockouts
     scheduled = prefill + decode + sum(knockout_scheduled(f.targets, f.windows, n, n_layers, dims.f_qkv) for f in flows)
-    # With the scores: a causal prefill row reads (n + 1) / 2 keys on average; a masked window-call
-    # row and a recomputed row read n.
+    # With the scores: a causal prefill row reads (n + 1) / 2 keys on average; a row in a window call's
+    # masked layers (the window's) and a recomputed row read n.
     causal_row, full_row = 1 + dims.score_share * (n + 1) / 2, 1 + dims.score_share * n
-    baseline_macs = sum(causal_row * (n * n_layers) + decode + len(f.windows) * full_row * (n * n_layers) for f in flows)
+
+    def window_call(first: int, last: int) -> float:
+        masked = last - first + 1
+        return n * (masked * full_row + (n_layers - masked) * causal_row)
+
+    baseline_macs = sum(causal_row * (n * n_layers) + decode + sum(window_call(*w) for w in f.windows) for f in flows)
     baseline_macs += vision * sum(1 + len(f.windows) for f in flows)
     attention_limit = baseline_macs / ((clean_min - vision) * causal_row + vision + knockouts * full_row)
     return Work(baseline=baseline, minimum=minimum, vlmflow=scheduled, attention_limit=attention_limit)
