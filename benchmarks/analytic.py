@@ -31,7 +31,20 @@ really differs from work already done:
     limit   = baseline / minimum
 
 ``vlmflow`` reports what the fast engine schedules: the clean pass at full length plus, per
-knockout, ``(n - t0) * (L - a)`` (all suffix rows from the window's first layer up).
+knockout, all suffix rows ``n - t0`` from the layer where it starts (its window's first layer, or
+where it first differs from a window with the same first layer) up to the last layer but one, and
+in the last layer the last row plus the other rows' query/key/value projections (``f_qkv``).
+
+**Attention scores** are left out of the token-layer unit. At the real widths that is a few per
+cent; at the reduced CPU widths it is not (one key costs ``2 * d_model`` multiply-adds of a row's
+scores and weighted sum, against a token-layer's ``layer_macs``). :attr:`Work.attention_limit` is the
+same ratio with them counted, as each side computes them: a causal prefill row (the clean pass, the
+baseline's greedy ``generate``, and the baseline's window calls outside the window, where the model
+gets no mask and the kernel skips the causal half) scores ``(n + 1) / 2`` keys on average; a row in
+the window's layers of a baseline window call all ``n`` (the hooked dense mask cannot be skipped); a
+recomputed suffix row about ``n``. Every exact method recomputes rows that score all keys, while most
+of the baseline's rows score half, so at narrow widths this ratio is below the token-layer limit:
+it is what the reduced CPU widths allow.
 """
 
 from __future__ import annotations
@@ -65,6 +78,16 @@ class DecoderDims:
         return d * (2 * dq + 2 * dkv) + 3 * d * self.intermediate
 
     @property
+    def f_qkv(self) -> float:
+        """Share of a token-layer spent on the query, key and value projections."""
+        return self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim / self.layer_macs
+
+    @property
+    def score_share(self) -> float:
+        """Attention-score multiply-adds per key of one row, as a share of a token-layer."""
+        return 2 * self.heads * self.head_dim / self.layer_macs
+
+    @property
     def f_kv(self) -> float:
         """Share of a token-layer spent on the key/value projections."""
         return 2 * self.hidden * self.kv_heads * self.head_dim / self.layer_macs
@@ -94,6 +117,7 @@ class Work:
     baseline: float
     minimum: float
     vlmflow: float
+    attention_limit: float = 0.0  # baseline / minimum with the attention scores counted
 
     @property
     def limit(self) -> float:
@@ -118,6 +142,27 @@ def knockout_minimum(targets: Sequence[int], windows: Sequence[tuple[int, int]],
         branch = first  # the layer where this window first differs from work already done
         for end in sorted(ends):
             total += _rows_from(branch, n_targets, suffix, last_is_target, n_layers, f_kv)
+            branch = end + 1
+    return total
+
+
+def knockout_scheduled(targets: Sequence[int], windows: Sequence[tuple[int, int]], n: int, n_layers: int, f_qkv: float) -> float:
+    """Token-layers the fast engine computes for one flow's windows (see the module docstring).
+
+    >>> knockout_scheduled([9], [(0, 1), (0, 2), (1, 3)], n=10, n_layers=4, f_qkv=0.3)  # one row
+    9.0
+    """
+    suffix = n - min(targets)
+    by_start: dict[int, list[int]] = defaultdict(list)
+    for first, last in windows:
+        by_start[first].append(last)
+    total = 0.0
+    for first, ends in by_start.items():
+        branch = first
+        for end in sorted(ends):
+            for layer in range(branch, n_layers):
+                top = layer == n_layers - 1 and suffix > 1
+                total += 1.0 + f_qkv * (suffix - 1) if top else suffix
             branch = end + 1
     return total
 
@@ -150,6 +195,18 @@ def work(
     prefill = n * n_layers + vision
     baseline = sum((1 + len(f.windows)) * prefill + decode for f in flows)
     clean_min = (n - 1) * (n_layers - 1 + dims.f_kv) + n_layers + decode + vision
-    minimum = clean_min + sum(knockout_minimum(f.targets, f.windows, n, n_layers, dims.f_kv) for f in flows)
-    scheduled = prefill + decode + sum((n - min(f.targets)) * (n_layers - first) for f in flows for first, _ in f.windows)
-    return Work(baseline=baseline, minimum=minimum, vlmflow=scheduled)
+    knockouts = sum(knockout_minimum(f.targets, f.windows, n, n_layers, dims.f_kv) for f in flows)
+    minimum = clean_min + knockouts
+    scheduled = prefill + decode + sum(knockout_scheduled(f.targets, f.windows, n, n_layers, dims.f_qkv) for f in flows)
+    # With the scores: a causal prefill row reads (n + 1) / 2 keys on average; a row in a window call's
+    # masked layers (the window's) and a recomputed row read n.
+    causal_row, full_row = 1 + dims.score_share * (n + 1) / 2, 1 + dims.score_share * n
+
+    def window_call(first: int, last: int) -> float:
+        masked = last - first + 1
+        return n * (masked * full_row + (n_layers - masked) * causal_row)
+
+    baseline_macs = sum(causal_row * (n * n_layers) + decode + sum(window_call(*w) for w in f.windows) for f in flows)
+    baseline_macs += vision * sum(1 + len(f.windows) for f in flows)
+    attention_limit = baseline_macs / ((clean_min - vision) * causal_row + vision + knockouts * full_row)
+    return Work(baseline=baseline, minimum=minimum, vlmflow=scheduled, attention_limit=attention_limit)

@@ -225,3 +225,54 @@ def test_flow_experiment_fast_and_reference_engines_agree(family_prepared, famil
     assert len(rows["fast"]) == 6 * loaded.n_layers
     for (flow, layer, p_fast), (_, _, p_ref) in zip(rows["fast"], rows["reference"], strict=True):
         assert abs(p_fast - p_ref) < 1e-5, (flow, layer)
+
+
+@pytest.fixture
+def fold_savings(monkeypatch):  # counts of branched variants and of last-row-only top layers
+    from vlmflow.adapters.base import VLMAdapter
+    from vlmflow.knockout import fast
+
+    taken = {"branched": 0, "top": 0}
+    plan, key_values = fast.branch_plan, VLMAdapter.layer_key_values
+
+    def counting_plan(variants):
+        out = plan(variants)
+        taken["branched"] += sum(parent is not None for parent in out[2])
+        return out
+
+    def counting_key_values(self, *args, **kwargs):
+        taken["top"] += 1
+        return key_values(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "branch_plan", counting_plan)
+    monkeypatch.setattr(VLMAdapter, "layer_key_values", counting_key_values)
+    return taken
+
+
+@pytest.mark.parametrize(("family", "impl"), CASES)
+def test_branched_windows_and_last_row_top_layers_equal_the_reference(family_prepared, fold_savings, family, impl):
+    """Window 3: the windows clipped at layer 0 branch off each other, and folds with several rows
+    compute only the last row in the top layer; the logits stay the reference's."""
+    loaded, prepared = family_prepared(family, impl)
+    knockouts = [Knockout.for_flows(prepared.groups, [flow], layers) for flow in PAPER_FLOWS for _, layers in sweep(3, loaded.n_layers)]
+    start = min(affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts))
+    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=start)
+    fast = _log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts))
+    assert fold_savings["branched"] > 0 and fold_savings["top"] > 0, fold_savings
+    ref = _log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    assert (ref - _log_softmax(clean.logits)).abs().max() > 1e-3, "the knockouts changed nothing"
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_layer_key_values_are_the_keys_and_values_the_model_caches(family_prepared, family):
+    loaded, prepared = family_prepared(family, "eager")
+    model, adapter, encoded = loaded.model, loaded.adapter, prepared.encoded
+    clean = clean_run(model, adapter, encoded, capture_from=0)
+    positions = adapter.position_ids(model, encoded)
+    for layer in (0, loaded.n_layers - 1):
+        x = clean.hidden[layer][None]  # [1, n, d_model]: the clean inputs of the layer
+        pe = adapter.rotary(model, x, positions)
+        keys, values = adapter.layer_key_values(model, layer, x, positions, pe)
+        torch.testing.assert_close(keys, clean.keys[layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, clean.values[layer], atol=1e-5, rtol=1e-5)

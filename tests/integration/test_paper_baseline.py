@@ -76,5 +76,22 @@ def test_analytic_minimum_counts_by_hand():
     plan = analytic.FlowPlan("x", (5, 6), ((0, 0), (0, 1), (2, 3)))
     w = analytic.work(dims, n=8, n_layers=4, new_tokens=1, flows=[plan])
     assert w.baseline == pytest.approx(4 * (8 * 4 + dims.vision_equivalent))
-    assert w.vlmflow == pytest.approx(8 * 4 + dims.vision_equivalent + 3 * (4 + 4 + 2))
+    # vlmflow: (0,0) suffix rows in layers 0-2 and the last row + 2 rows' q/k/v in layer 3; (0,1)
+    # branches off (0,0) at layer 1; (2,3) from layer 2.
+    f = dims.f_qkv
+    assert analytic.knockout_scheduled([5, 6], [(0, 0), (0, 1), (2, 3)], n=8, n_layers=4, f_qkv=f) == pytest.approx(21 + 6 * f)
+    assert w.vlmflow == pytest.approx(8 * 4 + dims.vision_equivalent + 21 + 6 * f)
     assert w.minimum < w.vlmflow < w.baseline
+    # Counting attention scores: a causal row scores (n + 1) / 2 = 4.5 keys, a recomputed row and a row
+    # of a window call's masked layers all 8; each key costs share = 2 * d_model / layer_macs.
+    share = dims.score_share
+    causal, full = 1 + share * 4.5, 1 + share * 8
+    windows = sum(8 * (m * full + (4 - m) * causal) for m in (1, 2, 2))  # window calls: 1, 2, 2 masked layers
+    vision = dims.vision_equivalent
+    baseline = causal * 8 * 4 + windows + 4 * vision
+    clean_min = 7 * (3 + dims.f_kv) + 4
+    knockouts = analytic.knockout_minimum([5, 6], [(0, 0), (0, 1), (2, 3)], n=8, n_layers=4, f_kv=dims.f_kv)
+    assert w.attention_limit == pytest.approx(baseline / (clean_min * causal + vision + knockouts * full))
+    # Recomputed rows score every key and most of the baseline's rows half of them, so counting the
+    # scores lowers the ratio.
+    assert w.attention_limit < w.limit

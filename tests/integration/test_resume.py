@@ -30,14 +30,14 @@ from vlmflow.results.schema import TABLES
 from vlmflow.results.store import PARTS_DIR, RunStore
 from vlmflow.testing.dataset import write_scene_dataset
 
-N_SAMPLES = 10
+N_SAMPLES = 14
 N_KILLS = 3
 FLOW_ARGS = ["--flow", "image->last", "--flow", "question->last", "--keep-all", "--max-new-tokens", "2"]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, set[str]]:
-    """Ten good samples, one whose image is missing and one malformed CSV row."""
+    """N_SAMPLES samples (the last one's image is missing) and one malformed CSV row."""
     folder = tmp_path_factory.mktemp("resume-data")
     csv = write_scene_dataset(folder, N_SAMPLES)
     (folder / f"img{N_SAMPLES - 1}.png").unlink()  # the last sample's image is missing
@@ -97,14 +97,24 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_c
 
     out = tmp_path / "killed"
     kills = []
+    gap = 0.05  # seconds per sample, until a session has shown two commits
     for attempt in range(N_KILLS):
         before = len(_parts(out))
         target = before + rng.randint(1, 2)  # wait for one or two more commits ...
-        extra_sleep = rng.uniform(0.0, 0.25)  # ... then a random moment into the next sample or commit
+        fraction = rng.uniform(0.0, 1.0)  # ... then a random moment into the next sample or commit
         proc = subprocess.Popen(_command(model, csv, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
-        while proc.poll() is None and len(_parts(out)) < target and time.monotonic() < deadline:
+        seen, seen_at = before, time.monotonic()
+        while proc.poll() is None and seen < target and time.monotonic() < deadline:
             time.sleep(0.002)
+            count = len(_parts(out))
+            if count != seen:
+                now = time.monotonic()
+                if seen > before:  # two commits seen in this session: the time one sample takes here
+                    gap = (now - seen_at) / (count - seen)
+                seen, seen_at = count, now
+        # A fraction of one sample's time, however fast the engine is, so the kill lands inside the next one.
+        extra_sleep = fraction * gap
         time.sleep(extra_sleep)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)

@@ -54,10 +54,12 @@ def test_self_test_refuses_a_kernel_that_ignores_the_mask(tiny_loaded, engine):
     dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)
     with dense, mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
         # The reference path's knockout does nothing, so the output follows the image; the fast path's
-        # folded queries (prefix keys + own suffix) get a mask-less causal pattern that is simply wrong.
+        # folded queries (prefix keys + own suffix) get a mask-less causal pattern, so the knocked-out
+        # output still moves with the image too. (The no-op knockout never reaches the kernel on a
+        # causal model: edges that do not exist are recognised and skipped.)
         expected = {
             "reference": "output still depends on the image .* the knockout mask does not reach the attention kernel",
-            "fast": "a knockout of edges that do not exist changed the output .* the engine does not reproduce the clean model",
+            "fast": "output still depends on the image .* the knockout mask does not reach the attention kernel",
         }
         with pytest.raises(SelfTestError, match=expected[engine]):
             run_self_test(loaded, engine)

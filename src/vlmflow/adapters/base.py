@@ -231,6 +231,33 @@ class VLMAdapter(ABC):
         )
         return out[0] if isinstance(out, tuple) else out
 
+    def layer_key_values(
+        self,
+        model: nn.Module,
+        layer: int,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        position_embeddings: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The post-RoPE keys and values ``[batch, kv_heads, query, head_dim]`` that decoder layer
+        ``layer`` computes from its input ``hidden`` ``[batch, query, d_model]``, without the rest of
+        the layer (its attention scores, output projection and MLP).
+
+        Default: run the layer with a cache that records what the attention module hands it and
+        then stops the layer (every supported family passes its new keys/values to the cache before
+        attending). A family whose layers compute keys differently overrides this.
+
+        >>> keys, values = adapter.layer_key_values(model, 31, hidden, pos, rotary)   # doctest: +SKIP
+        >>> keys.shape                                                                 # doctest: +SKIP
+        torch.Size([1, 32, 31, 128])
+        """
+        capture = _KeyValueCapture()
+        try:
+            self.run_layer(model, layer, hidden, None, position_ids, position_embeddings, capture)  # type: ignore[arg-type]
+        except _KeyValuesCaptured:
+            return capture.keys, capture.values  # type: ignore[return-value]
+        raise RuntimeError(f"decoder layer {layer} did not hand its keys/values to the cache; override layer_key_values")
+
     def base_allowed(self, layer: int, rows: torch.Tensor, n_keys: int, encoded: Encoded) -> torch.Tensor:
         """Which keys each query row may attend to in the clean model: ``[len(rows), n_keys]`` bool.
 
@@ -238,6 +265,15 @@ class VLMAdapter(ABC):
         """
         keys = torch.arange(n_keys, device=rows.device)
         return keys[None, :] <= rows[:, None]
+
+    def is_causal(self) -> bool:
+        """Whether :meth:`base_allowed` is plain causal attention in every layer (the default rule
+        is not overridden), so no position ever reads a later one.
+
+        >>> LlavaAdapter().is_causal(), Gemma3Adapter().is_causal()                   # doctest: +SKIP
+        (True, False)
+        """
+        return type(self).base_allowed is VLMAdapter.base_allowed
 
     def check_attention_backend(self, model: nn.Module) -> None:
         """Refuse models whose attention kernel would ignore an explicit mask (e.g. flash-attention)."""
@@ -256,6 +292,24 @@ class VLMAdapter(ABC):
     def answer_token_candidates(self, tokenizer: Any, word: str) -> list[int]:
         """Token ids of ``word`` as the model would produce it as the first answer token."""
         return list(tokenizer.encode(word, add_special_tokens=False))
+
+
+class _KeyValuesCaptured(Exception):
+    """Raised by :class:`_KeyValueCapture` to stop a layer once its keys/values are known."""
+
+
+class _KeyValueCapture:
+    """A stand-in KV cache that keeps the keys/values a layer hands it and stops the layer there."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys, self.values = key_states, value_states
+        raise _KeyValuesCaptured
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
 
 def model_inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -22,7 +22,11 @@ variant attends to the shared clean prefix keys/values (one copy per layer call,
 variant) and only to its own suffix keys (a block-diagonal mask, or on CPU the shared-prefix
 attention of :mod:`vlmflow.knockout.prefix_attention`, which never scores the other variants' keys).
 Variants start at their own first layer: at layer ``l`` only the variants whose window has started
-are computed.
+are computed. Two more savings leave every result unchanged: windows that share their first layer
+and edges (the ones clipped at layer 0) agree below the layer where their layer sets first differ,
+so each starts there from the other's states (:func:`branch_plan`); and in the top layer only the
+last row's output is read, so the other rows give only their keys/values
+(:meth:`VLMAdapter.layer_key_values <vlmflow.adapters.base.VLMAdapter.layer_key_values>`).
 
 Module-level ablations (:class:`~vlmflow.knockout.ablation.Ablation`) obey the same rule (nothing
 changes before their first affected position or below their first layer) and run folded next to
@@ -50,14 +54,19 @@ from vlmflow.knockout.ablation import (
     folded_ablation,
     replacement_values,
 )
+from vlmflow.knockout.folding import (
+    Intervention,
+    blocked_edges,
+    branch_plan,
+    compact_mask,
+    dense_mask,
+    head_selection,
+)
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
 from vlmflow.knockout.prefix_attention import shared_prefix_attention
 from vlmflow.knockout.spec import Knockout, check_layers
 
 log = logging.getLogger(__name__)
-
-#: What the fast engine runs: blocked attention edges or a module-level ablation.
-Intervention = Knockout | Ablation
 
 #: Default bound on query rows per folded layer call (keeps [query, key] score matrices small).
 DEFAULT_FOLD_QUERIES = 1024
@@ -100,6 +109,32 @@ class _PrefixKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.keys.shape[-2])
+
+
+class _OwnKV:
+    """A stand-in KV cache that hands the attention only the new keys/values (the variants' own).
+
+    Used with the shared-prefix attention, which reads the prefix from its layout
+    (:attr:`~vlmflow.knockout.prefix_attention.PrefixLayout.prefix`), so no ``[prefix ; new]``
+    copy is made in every layer.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _FixedKV(_PrefixKV):
+    """A stand-in KV cache whose keys/values are all known already: ``update`` returns them as they are.
+
+    Used in the top layer, where each variant's last row reads keys/values computed beforehand for
+    all its rows (the new ones the layer hands in are those of the last rows, already included).
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
 
 
 @torch.no_grad()
@@ -262,6 +297,8 @@ def affected_starts(
     >>> affected_starts(adapter, encoded, n_layers, knockouts)      # doctest: +SKIP
     [57, 57, 12]
     """
+    if adapter.is_causal():  # no position reads a later one: nothing before the first target can change
+        return [-1 if k.is_empty else k.first_target for k in interventions]
     live = [k for k in interventions if not k.is_empty]
     if not live:
         return [-1] * len(interventions)
@@ -302,7 +339,7 @@ def _run_folded(
     t0: int,
     values: dict[int, AblationValues] | None = None,
 ) -> torch.Tensor:
-    """Run ``variants`` (sorted by first layer, same ``t0``) folded into one batch row.
+    """Run ``variants`` (same ``t0``) folded into one batch row; ``[V, vocab]`` logits in their order.
 
     ``values`` maps the index of each :class:`Ablation` variant to its replacement vectors.
     With ``sdpa`` on CPU the attention runs through :mod:`~vlmflow.knockout.prefix_attention`:
@@ -311,7 +348,17 @@ def _run_folded(
     for long suffixes are most of the attention work. Otherwise (``eager``, or CUDA, whose fused
     kernel keeps that share small at real widths) the model's own attention gets the dense
     block-diagonal mask ``[1, 1|H, k*S, t0 + k*S]``.
+
+    Two savings leave the result unchanged: a knockout that agrees with another one below layer
+    ``b`` (same edges and heads, same layers below ``b``: the clipped windows at the bottom of a
+    sweep) starts at ``b`` from the other's hidden states (:func:`branch_plan`); and in the top
+    layer only each variant's last row is computed in full (the other rows give keys/values only,
+    :meth:`~vlmflow.adapters.base.VLMAdapter.layer_key_values`), since only the last row's output
+    is read.
     """
+    order, starts, parents = branch_plan(variants)
+    variants = [variants[i] for i in order]
+    values = {new: values[old] for new, old in enumerate(order) if values and old in values}
     n = encoded.seq_len
     n_layers = adapter.n_layers(model)
     impl = adapter.attention_implementation(model)
@@ -321,14 +368,14 @@ def _run_folded(
     suffix = n - t0
     n_var = len(variants)
     rows = torch.arange(t0, n, device=device)  # [S] absolute query positions
-    blocked = _blocked_edges(variants, rows, n)  # [V, S, n]; ablations block no edge
+    blocked = blocked_edges(variants, rows, n)  # [V, S, n]; ablations block no edge
+    blocks_prefix = blocked[..., :t0].reshape(n_var, -1).any(dim=1)  # [V]: cuts some prefix key
     in_window = torch.tensor(
         [[isinstance(v, Knockout) and layer in v.layers for layer in range(n_layers)] for v in variants],
         dtype=torch.bool,
         device=device,
     )  # [V, L]
-    starts = [v.first_layer for v in variants]
-    heads_sel = _head_selection(adapter, model, variants, device)  # [V, H] bool or None
+    heads_sel = head_selection(adapter, model, variants, device)  # [V, H] bool or None
     full_positions = adapter.position_ids(model, encoded)
     offset = t0 - clean.start
     d_model = clean.hidden[0].shape[-1]
@@ -336,39 +383,103 @@ def _run_folded(
     positions: dict[int, tuple[torch.Tensor, Any]] = {}  # k -> (position ids, rotary embeddings), same in every layer
     config = adapter.attention_module(model, 0).config
     scope = shared_prefix_attention(config, t0, suffix) if shared else nullcontext(None)
+    # Ablations replace module outputs row by row; their top layer keeps every row.
+    last_rows_only = suffix > 1 and all(isinstance(v, Knockout) for v in variants)
     active = 0
     with scope as layout:
         for layer in range(starts[0], n_layers):
             while active < n_var and starts[active] <= layer:
-                hidden[active] = clean.hidden[layer][offset:]  # the variant's window starts here
+                # The variant's window starts here (clean inputs), or it branches off its parent.
+                source = parents[active]
+                hidden[active] = clean.hidden[layer][offset:] if source is None else hidden[source]
                 active += 1
             k = active
             base = adapter.base_allowed(layer, rows, n, encoded)  # [S, n]
-            blk = blocked[:k] & in_window[:k, layer, None, None]  # [k, S, n]
-            if heads_sel is not None:
-                # Per head: the blocked edges apply only in the selected heads of each variant.
-                blk = blk[:, None] & heads_sel[:k, :, None, None]  # [k, H, S, n]
-            allowed = _compact_mask(base, blk) if shared else _dense_mask(base, blk, t0)
-            check_no_empty_rows(allowed.reshape(-1, allowed.shape[-1]), rows.repeat(k * allowed.shape[1]))
+            now = in_window[:k, layer]  # [k]
+            if bool(now.any()):
+                blk = blocked[:k] & now[:, None, None]  # [k, S, n]
+                if heads_sel is not None:
+                    # Per head: the blocked edges apply only in the selected heads of each variant.
+                    blk = blk[:, None] & heads_sel[:k, :, None, None]  # [k, H, S, n]
+                allowed = compact_mask(base, blk) if shared else dense_mask(base, blk, t0)
+                check_no_empty_rows(allowed.reshape(-1, allowed.shape[-1]), rows.repeat(k * allowed.shape[1]))
+            elif shared:  # no window is open in this layer: every variant's rows keep the clean pattern
+                allowed = compact_mask(base, None, k)
+            else:
+                allowed = dense_mask(base, torch.zeros(k, suffix, n, dtype=torch.bool, device=device), t0)
             mask = to_kernel_mask(allowed, impl, dtype)
             x = hidden[:k].reshape(1, k * suffix, d_model)
             if k not in positions:
                 pos = adapter.select_positions(full_positions, rows.repeat(k))  # [.., kS] absolute positions
                 positions[k] = (pos, adapter.rotary(model, x, pos))
             pos, pe = positions[k]
-            cache = _PrefixKV(clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])
+            prefix = (clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])  # [1, kv_heads, t0, head_dim]
             calls = layout.calls if layout is not None else 0
-            with folded_ablation(model, adapter, layer, variants[:k], values or {}, t0, suffix):
-                x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
+            if layout is not None:
+                # The attention reads the prefix from the layout; the cache hands it only the own keys.
+                layout.prefix = prefix
+                # No knockout active here cuts a prefix key and the clean rule hides none.
+                layout.prefix_visible = bool(base[:, :t0].all()) and not bool((blocks_prefix[:k] & now).any())
+            with folded_ablation(model, adapter, layer, variants[:k], values, t0, suffix):
+                if layer == n_layers - 1 and last_rows_only:
+                    last = _top_layer_last_rows(model, adapter, layer, x, mask, pos, pe, prefix, k, suffix, full_positions, rows, layout)
+                else:
+                    cache = _OwnKV() if layout is not None else _PrefixKV(*prefix)
+                    x = adapter.run_layer(model, layer, x, mask, pos, pe, cache)
             if layout is not None and layout.calls != calls + 1:
                 raise RuntimeError(
                     f"layer {layer}: the attention did not go through vlmflow's shared-prefix attention "
                     f"({layout.calls - calls} calls); this model's attention does not use transformers' AttentionInterface"
                 )
-            hidden[:k] = x.reshape(k, suffix, d_model)
-    last = hidden[:, -1]  # [V, d_model]: the final prompt position of each variant
-    logits = adapter.unembed(model)(adapter.final_norm(model)(last))
-    return logits.float()
+            if layer < n_layers - 1 or not last_rows_only:
+                hidden[:k] = x.reshape(k, suffix, d_model)
+            else:
+                hidden[:k, -1] = last[0]
+    # [V, d_model]: the final prompt position of each variant, back in the caller's order (the
+    # rows are permuted here, before the unembedding, not the [V, vocab] logits after it).
+    caller_order = torch.empty(n_var, dtype=torch.long, device=device)
+    caller_order[torch.tensor(order, device=device)] = torch.arange(n_var, device=device)
+    last_hidden = hidden[caller_order, -1]
+    return adapter.unembed(model)(adapter.final_norm(model)(last_hidden)).float()
+
+
+def _top_layer_last_rows(
+    model: nn.Module,
+    adapter: VLMAdapter,
+    layer: int,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    pe: Any,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    suffix: int,
+    full_positions: torch.Tensor,
+    rows: torch.Tensor,
+    layout: Any,
+) -> torch.Tensor:
+    """The top layer for the last row of each of ``k`` folded variants: ``[1, k, d_model]``.
+
+    ``x`` ``[1, k*S, d_model]`` are the layer's inputs; every row's keys/values are needed (the
+    last row reads them), but only the last row's attention output, output projection and MLP.
+    ``mask`` is the layer's folded mask (query rows on dim 2); its last row per variant is kept.
+    """
+    keys, values = adapter.layer_key_values(model, layer, x, pos, pe)  # [1, kv_heads, k*S, head_dim]
+    last = torch.arange(k, device=x.device) * suffix + suffix - 1  # [k] query rows of the last position
+    x_last = x[:, last]  # [1, k, d_model]
+    pos_last = adapter.select_positions(full_positions, rows[-1:].repeat(k))
+    pe_last = adapter.rotary(model, x_last, pos_last)
+    if layout is not None:  # the shared-prefix attention takes the prefix from the layout
+        cache = _FixedKV(keys, values)
+    else:
+        cache = _FixedKV(torch.cat([prefix[0], keys], dim=-2), torch.cat([prefix[1], values], dim=-2))
+    if layout is not None:
+        layout.queries = 1
+    try:
+        return adapter.run_layer(model, layer, x_last, mask[:, :, last], pos_last, pe_last, cache)
+    finally:
+        if layout is not None:
+            layout.queries = None
 
 
 def uses_shared_prefix(implementation: str, device: torch.device) -> bool:
@@ -381,62 +492,3 @@ def uses_shared_prefix(implementation: str, device: torch.device) -> bool:
     (True, False)
     """
     return implementation == "sdpa" and device.type == "cpu"
-
-
-def _blocked_edges(variants: Sequence[Intervention], rows: torch.Tensor, n: int) -> torch.Tensor:
-    """``[V, S, n]`` bool: the edges each variant blocks (computed once per distinct edge set)."""
-    by_edges: dict[Any, torch.Tensor] = {}
-    out = torch.zeros(len(variants), len(rows), n, dtype=torch.bool, device=rows.device)
-    for i, v in enumerate(variants):
-        if isinstance(v, Knockout):
-            if v.edges not in by_edges:
-                by_edges[v.edges] = v.blocked_rows(rows, n)
-            out[i] = by_edges[v.edges]
-    return out
-
-
-def _compact_mask(base: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-    """Compact allowed mask ``[1, 1|H, k*S, n]``: variant ``v``'s rows see the prefix and its own suffix.
-
-    ``base`` ``[S, n]``: clean allowed edges of the suffix rows; ``blocked`` ``[k, S, n]`` or
-    ``[k, H, S, n]``. Columns ``< t0`` are the shared prefix, columns ``>= t0`` the variant's own keys.
-    """
-    allowed = ~blocked & base  # [k, S, n] or [k, H, S, n]
-    if allowed.dim() == 3:
-        return allowed.reshape(1, 1, -1, allowed.shape[-1])
-    return allowed.transpose(0, 1).reshape(1, allowed.shape[1], -1, allowed.shape[-1])
-
-
-def _dense_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tensor:
-    """Dense folded allowed mask ``[1, 1|H, k*S, t0 + k*S]`` (block diagonal over the suffix keys)."""
-    if blocked.dim() == 3:
-        return _fold_mask(base, blocked, t0)[None, None]
-    return torch.stack([_fold_mask(base, blocked[:, h], t0) for h in range(blocked.shape[1])])[None]
-
-
-def _fold_mask(base: torch.Tensor, blocked: torch.Tensor, t0: int) -> torch.Tensor:
-    """Folded allowed mask ``[k*S, t0 + k*S]`` for ``k`` variants.
-
-    ``base`` ``[S, n]``: clean allowed edges of the suffix rows; ``blocked`` ``[k, S, n]``.
-    Columns ``< t0`` are the shared prefix; then each variant's own ``S`` suffix keys, visible only
-    to that variant's queries (block diagonal).
-    """
-    k, suffix, _ = blocked.shape
-    allowed = base[None] & ~blocked  # [k, S, n]
-    prefix = allowed[..., :t0].reshape(k * suffix, t0)
-    own = allowed[..., t0:]  # [k, S, S]
-    diag = torch.block_diag(*own) if k > 1 else own[0]  # [kS, kS]
-    return torch.cat([prefix, diag], dim=1)
-
-
-def _head_selection(adapter: VLMAdapter, model: nn.Module, variants: Sequence[Intervention], device: torch.device) -> torch.Tensor | None:
-    if all(not isinstance(v, Knockout) or v.heads is None for v in variants):
-        return None
-    n_heads = adapter.n_heads(model)
-    sel = torch.zeros(len(variants), n_heads, dtype=torch.bool, device=device)
-    for i, v in enumerate(variants):
-        if not isinstance(v, Knockout) or v.heads is None:
-            sel[i] = True
-        else:
-            sel[i, list(v.heads)] = True
-    return sel

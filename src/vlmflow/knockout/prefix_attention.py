@@ -17,6 +17,10 @@ what variant ``v``'s suffix position ``t0 + i`` may read, prefix columns first, 
 suffix columns. For one variant this is the ordinary dense mask, so a call that did not come
 through here would still be right; for several the key lengths differ and the kernel raises.
 
+A call may also ask for fewer query rows than keys per variant (:attr:`PrefixLayout.queries`, e.g.
+only each variant's last row in the top layer): then the queries are ``[1, H, k*Q, D]``, the keys
+still ``t0 + k*S``, and the mask ``[1, 1|H, k*Q, t0 + S]``.
+
 Routing: :func:`shared_prefix_attention` registers :func:`shared_prefix_attention_forward` with
 transformers' ``AttentionInterface`` and names it in the decoder's config for the duration of the
 block only (both undone in ``finally``, also after an error); no module's ``forward`` is touched.
@@ -54,11 +58,22 @@ class PrefixLayout:
         t0: length of the shared prefix (keys ``< t0`` are shared by all variants).
         suffix: query rows (and own keys) per variant, ``S``.
         calls: how many attention calls went through the shared-prefix path.
+        queries: query rows per variant in the next call (``None``: ``suffix``, every row); the
+            engine sets it before a call that computes only some rows of each variant.
+        prefix_visible: the engine's promise for the next call that every query row may read every
+            prefix key (no knockout edge and no clean-mask edge cuts the prefix), so the prefix part
+            needs no mask. The mask is still checked against it (cheaply: see :func:`_attend`).
+        prefix: the shared prefix keys/values ``[1, kv_heads, t0, head_dim]`` of the next call, when
+            the layer's cache hands the attention only the variants' own keys (``k*S`` of them)
+            instead of ``[prefix ; own]``: saves concatenating the prefix in every layer.
     """
 
     t0: int
     suffix: int
     calls: int = 0
+    queries: int | None = None
+    prefix_visible: bool = False
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 _LAYOUT: contextvars.ContextVar[PrefixLayout | None] = contextvars.ContextVar("vlmflow_prefix_layout", default=None)
@@ -74,7 +89,11 @@ def shared_prefix_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """An ``AttentionInterface`` function: ``query [1, H, k*S, D]``, ``key/value [1, Hkv, t0 + k*S, D]``.
+    """An ``AttentionInterface`` function: ``query [1, H, k*Q, D]``, ``key/value [1, Hkv, t0 + k*S, D]``.
+
+    ``Q`` is :attr:`PrefixLayout.queries` (``S`` unless the engine asks for fewer rows per variant).
+    When :attr:`PrefixLayout.prefix` is set, ``key/value`` are only the ``k*S`` own keys and the
+    prefix comes from there.
 
     Returns ``([1, k*S, H, D], None)`` like transformers' sdpa function. Outside a
     :func:`shared_prefix_attention` block, or for arguments it does not model (attention sinks,
@@ -86,19 +105,34 @@ def shared_prefix_attention_forward(
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     t0, suffix = layout.t0, layout.suffix
+    per_variant = layout.queries if layout.queries is not None else suffix
     batch, n_heads, rows, dim = query.shape
     n_kv = key.shape[1]
-    k = rows // suffix
-    if batch != 1 or rows != k * suffix or key.shape[2] != t0 + rows or attention_mask is None:
+    k = rows // per_variant
+    if layout.prefix is not None:
+        prefix_key, prefix_value = layout.prefix
+        own_key, own_value = key, value
+        if prefix_key.shape[2] != t0 or key.shape[2] != k * suffix:
+            raise ValueError(
+                f"shared-prefix attention expected {t0} prefix keys and {k} x {suffix} own keys, "
+                f"got {tuple(prefix_key.shape)} and {tuple(key.shape)}"
+            )
+    else:
+        prefix_key, prefix_value = key[:, :, :t0], value[:, :, :t0]
+        own_key, own_value = key[:, :, t0:], value[:, :, t0:]
+    if batch != 1 or rows != k * per_variant or own_key.shape[2] != k * suffix or attention_mask is None:
         raise ValueError(
-            f"shared-prefix attention expected 1 x {k} x {suffix} query rows and {t0} + {rows} keys with a mask, got "
-            f"query {tuple(query.shape)}, key {tuple(key.shape)}, mask {None if attention_mask is None else tuple(attention_mask.shape)}"
+            f"shared-prefix attention expected 1 x {k} x {per_variant} query rows and {t0} + {k} x {suffix} keys with a "
+            f"mask, got query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"mask {None if attention_mask is None else tuple(attention_mask.shape)}"
         )
     if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (rows, t0 + suffix):
         raise ValueError(f"shared-prefix attention needs the compact bool mask [.., {rows}, {t0 + suffix}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
     layout.calls += 1
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or (dropout and module.training):
-        dense = compact_to_dense(attention_mask, t0, suffix)
+        dense = compact_to_dense(attention_mask, t0, suffix, per_variant)
+        if layout.prefix is not None:
+            key, value = torch.cat([prefix_key, own_key], dim=2), torch.cat([prefix_value, own_value], dim=2)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     group = n_heads // n_kv
     scale = scaling if scaling is not None else dim**-0.5
@@ -111,81 +145,142 @@ def shared_prefix_attention_forward(
         hi = min(n_kv, lo + per_chunk)
         q = (query[0, lo * group : hi * group] * scale).view(hi - lo, group, rows, dim)
         m = mask[lo * group : hi * group].view(hi - lo, group, rows, t0 + suffix) if per_head else mask.view(1, 1, rows, t0 + suffix)
-        out[lo:hi] = _attend(q, key[0, lo:hi], value[0, lo:hi], m, t0, suffix, k)
+        out[lo:hi] = _attend(
+            q,
+            (prefix_key[0, lo:hi], prefix_value[0, lo:hi]),
+            (own_key[0, lo:hi], own_value[0, lo:hi]),
+            m,
+            suffix,
+            k,
+            layout.prefix_visible,
+        )
     result = out.view(n_heads, rows, dim).to(query.dtype).transpose(0, 1)  # [rows, H, D]
     return result[None].contiguous(), None
 
 
-def _attend(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, t0: int, suffix: int, k: int) -> torch.Tensor:
-    """Softmax attention of ``q [h, g, k*S, D]`` (already scaled) over the prefix and own keys.
+def _attend(
+    q: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    own: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    suffix: int,
+    k: int,
+    prefix_visible: bool = False,
+) -> torch.Tensor:
+    """Softmax attention of ``q [h, g, k*Q, D]`` (already scaled) over the prefix and own keys.
 
-    ``key/value [h, t0 + k*S, D]``; ``mask [h|1, g|1, k*S, t0 + S]`` bool. The two parts are
-    computed separately, each with its log-sum-exp, and merged exactly. Returns ``[h, g, k*S, D]``
-    float32.
+    ``prefix`` keys/values ``[h, t0, D]``, ``own`` ``[h, k*S, D]``; ``mask [h|1, g|1, k*Q, t0 + S]`` bool. The two parts are
+    computed separately, each with its log-sum-exp, and merged exactly. Returns ``[h, g, k*Q, D]``
+    float32. ``prefix_visible``: the caller's word that the prefix columns of ``mask`` are all
+    True; the prefix part then runs unmasked (no float bias is built, the kernel reads none). A wrong
+    promise would turn a knockout into a silent no-op, so a cheap sample of the mask is checked
+    (every row's first and last prefix column, the first row in full): a guard against an engine
+    bug, not a proof; the engine derives the promise from the same blocked edges the mask is built
+    from.
     """
+    t0 = prefix[0].shape[-2]
     if t0 == 0:  # nothing shared (a prefix-LM knockout can start at position 0); fused kernels refuse 0 keys
-        out, _ = _own_part(q, key, value, mask, suffix, k)
+        out, _ = _own_part(q, *own, mask, suffix, k)
         return out
-    out_p, lse_p = _prefix_part(q, key[:, :t0], value[:, :t0], mask[..., :t0])
-    out_o, lse_o = _own_part(q, key[:, t0:], value[:, t0:], mask[..., t0:], suffix, k)
+    prefix_mask = mask[..., :t0]
+    if prefix_visible and not _looks_all_visible(prefix_mask):
+        raise RuntimeError("shared-prefix attention was told the prefix is fully visible, but its mask blocks prefix keys")
+    out_p, lse_p = _prefix_part(q, *prefix, None if prefix_visible else prefix_mask)
+    out_o, lse_o = _own_part(q, *own, mask[..., t0:], suffix, k)
     lse = torch.logaddexp(lse_p, lse_o)  # [h, g, rows]; never -inf: no row is empty (checked by the engine)
     out_p.mul_(torch.exp(lse_p - lse)[..., None])
     return out_p.add_(out_o.mul_(torch.exp(lse_o - lse)[..., None]))
 
 
-def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _looks_all_visible(mask: torch.Tensor) -> bool:
+    """A cheap necessary condition for ``mask [.., rows, t0]`` being all True (see :func:`_attend`)."""
+    return bool(mask[..., 0].all()) and bool(mask[..., -1].all()) and bool(mask[..., 0, :].all())
+
+
+def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row over the shared prefix: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
     On CPU torch's fused flash kernel (which also returns the log-sum-exp) is used when present;
     otherwise explicit products with a float32 softmax, as transformers' eager attention computes.
-    Rows that may see no prefix key get ``lse = -inf`` and a zero output.
+    Rows that may see no prefix key get ``lse = -inf`` and a zero output. ``mask`` ``None``: every
+    row sees every prefix key (no mask is built or applied).
     """
     h, g, rows, dim = q.shape
     t0 = key.shape[-2]
-    visible = any_last(mask)  # [h|1, g|1, rows]
     fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-        bias = bias.expand(bias.shape[0], g, rows, t0).reshape(1, bias.shape[0], g * rows, t0)
+        bias = None
+        if mask is not None:
+            bias = torch.where(mask, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
+            bias = bias.expand(bias.shape[0], g, rows, t0).reshape(1, bias.shape[0], g * rows, t0)
         out, lse = fused(q.reshape(1, h, g * rows, dim), key[None], value[None], 0.0, False, attn_mask=bias, scale=1.0)
         out, lse = out.view(h, g, rows, dim).float(), lse.view(h, g, rows).float()
     else:
         scores = torch.matmul(q, key[:, None].transpose(-1, -2)).float()  # [h, g, rows, t0]
-        scores.masked_fill_(~mask, float("-inf"))
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
         lse = torch.logsumexp(scores, -1)
-        probs = scores.sub_(lse.masked_fill(~visible, 0.0)[..., None]).exp_()
+        visible = any_last(mask) if mask is not None else None
+        probs = scores.sub_((lse if visible is None else lse.masked_fill(~visible, 0.0))[..., None]).exp_()
         out = torch.matmul(probs.to(value.dtype), value[:, None]).float()
+    if mask is None:
+        return out, lse
     # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
-    return out, lse.masked_fill(~visible, float("-inf"))
+    return out, lse.masked_fill(~any_last(mask), float("-inf"))
 
 
 def _own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, suffix: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of variant ``v``'s rows over its own ``S`` keys: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
-    ``key/value [h, k*S, D]``; ``mask [h|1, g|1, k*S, S]``. Small batched products, float32 softmax.
+    ``q [h, g, k*Q, D]`` (``Q`` rows per variant); ``key/value [h, k*S, D]``; ``mask [h|1, g|1, k*Q, S]``.
+    On CPU one call of torch's fused flash kernel with the variants as its batch (the query groups
+    of a key/value head folded into its rows, as in :func:`_prefix_part`); otherwise small batched
+    products with a float32 softmax. Rows that may see no own key get ``lse = -inf`` and output 0.
     """
     h, g, rows, dim = q.shape
+    per_variant = rows // k
+    m = mask.reshape(*mask.shape[:2], k, per_variant, suffix)  # [h|1, g|1, k, Q, S]
+    visible = any_last(m)  # [h|1, g|1, k, Q]
+    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
+        qb = q.view(h, g, k, per_variant, dim).permute(2, 0, 1, 3, 4).reshape(k, h, g * per_variant, dim)
+        kb = key.view(h, k, suffix, dim).transpose(0, 1)  # [k, h, S, D]
+        vb = value.view(h, k, suffix, dim).transpose(0, 1)
+        bias = torch.where(m, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
+        bias = bias.permute(2, 0, 1, 3, 4).expand(k, bias.shape[0], g, per_variant, suffix)
+        bias = bias.reshape(k, bias.shape[1], g * per_variant, suffix)  # [k, h|1, g*Q, S]
+        out, lse = fused(qb, kb, vb, 0.0, False, attn_mask=bias, scale=1.0)[:2]  # [k, h, g*Q, D], [k, h, g*Q]
+        out = out.view(k, h, g, per_variant, dim).permute(1, 2, 0, 3, 4).float()
+        lse = lse.view(k, h, g, per_variant).permute(1, 2, 0, 3).float()
+        # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
+        lse = lse.masked_fill(~visible, float("-inf"))
+        return out.reshape(h, g, rows, dim), lse.reshape(h, g, rows)
     ko = key.reshape(h, 1, k, suffix, dim)
     vo = value.reshape(h, 1, k, suffix, dim)
-    m = mask.reshape(*mask.shape[:2], k, suffix, suffix)
-    scores = torch.matmul(q.view(h, g, k, suffix, dim), ko.transpose(-1, -2)).float()  # [h, g, k, S, S]
+    scores = torch.matmul(q.view(h, g, k, per_variant, dim), ko.transpose(-1, -2)).float()  # [h, g, k, Q, S]
     scores.masked_fill_(~m, float("-inf"))
-    lse = torch.logsumexp(scores, -1)  # [h, g, k, S]
-    probs = scores.sub_(lse.masked_fill(~any_last(m), 0.0)[..., None]).exp_()
+    lse = torch.logsumexp(scores, -1)  # [h, g, k, Q]
+    probs = scores.sub_(lse.masked_fill(~visible, 0.0)[..., None]).exp_()
     out = torch.matmul(probs.to(value.dtype), vo).float()
     return out.view(h, g, rows, dim), lse.view(h, g, rows)
 
 
-def compact_to_dense(compact: torch.Tensor, t0: int, suffix: int) -> torch.Tensor:
-    """The block-diagonal dense mask ``[.., k*S, t0 + k*S]`` of a compact mask ``[.., k*S, t0 + S]``.
+def compact_to_dense(compact: torch.Tensor, t0: int, suffix: int, queries: int | None = None) -> torch.Tensor:
+    """The block-diagonal dense mask ``[.., k*Q, t0 + k*S]`` of a compact mask ``[.., k*Q, t0 + S]``.
+
+    ``queries``: query rows per variant ``Q`` (default ``S``).
 
     >>> compact_to_dense(torch.ones(1, 1, 4, 3, dtype=torch.bool), t0=1, suffix=2)[0, 0].int().tolist()
     [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 1], [1, 0, 0, 1, 1]]
     """
+    per_variant = queries if queries is not None else suffix
     rows = compact.shape[-2]
-    own = torch.zeros(*compact.shape[:-1], rows, dtype=compact.dtype, device=compact.device)
-    for lo in range(0, rows, suffix):  # one S x S block per variant
-        own[..., lo : lo + suffix, lo : lo + suffix] = compact[..., lo : lo + suffix, t0:]
+    k = rows // per_variant
+    own = torch.zeros(*compact.shape[:-1], k * suffix, dtype=compact.dtype, device=compact.device)
+    for v in range(k):  # one Q x S block per variant
+        own[..., v * per_variant : (v + 1) * per_variant, v * suffix : (v + 1) * suffix] = compact[
+            ..., v * per_variant : (v + 1) * per_variant, t0:
+        ]
     return torch.cat([compact[..., :t0], own], dim=-1)
 
 

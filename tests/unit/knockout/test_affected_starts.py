@@ -27,6 +27,9 @@ class _Pattern:
     def base_allowed(self, layer, rows, n_keys, encoded):
         return self.allowed(layer)[rows][:, :n_keys]
 
+    def is_causal(self):
+        return False  # derive the start from the pattern, even when it is causal
+
 
 def _causal(n: int = N) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool).tril()
@@ -47,6 +50,23 @@ def test_causal_attention_starts_at_the_first_target():
     adapter = _Pattern(lambda layer: _causal())
     ks = [_knockout([9], [2, 3], [0]), _knockout([5, 11], [1], [2, 3]), Knockout(edges=(((4,), ()),), layers=(0,))]
     assert affected_starts(adapter, _encoded(), 4, ks) == [9, 5, -1]
+
+
+def test_a_causal_adapter_takes_the_first_target_without_reading_the_pattern():
+    from vlmflow.adapters.registry import adapter_for_family
+
+    class _Causal(_Pattern):
+        def base_allowed(self, layer, rows, n_keys, encoded):
+            raise AssertionError("a causal adapter's start needs no attention pattern")
+
+        def is_causal(self):
+            return True
+
+    ks = [_knockout([9], [2, 3], [0]), _knockout([5, 11], [1], [2, 3]), Knockout(edges=(((4,), ()),), layers=(0,))]
+    assert affected_starts(_Causal(None), _encoded(), 4, ks) == affected_starts(_Pattern(lambda layer: _causal()), _encoded(), 4, ks)
+    # Only families that keep the default (causal) clean pattern say so.
+    assert adapter_for_family("llava").is_causal() and adapter_for_family("qwen2_vl").is_causal()
+    assert not adapter_for_family("gemma3").is_causal() and not adapter_for_family("paligemma").is_causal()
 
 
 def test_a_bidirectional_block_moves_the_start_to_the_block_when_a_target_is_inside_it():

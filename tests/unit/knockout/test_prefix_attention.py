@@ -104,3 +104,42 @@ def test_no_shared_prefix_is_attention_over_own_keys_only(monkeypatch, fused):
     finally:
         pa._LAYOUT.reset(token)
     torch.testing.assert_close(out, _dense_reference(query, key, value, compact, 0, suffix, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("n_heads", "n_kv", "per_head"), [(4, 2, False), (4, 4, True)])
+def test_fewer_query_rows_than_keys_per_variant(monkeypatch, fused, n_heads, n_kv, per_head):
+    # The top layer: only each variant's last row queries, against all its S own keys.
+    monkeypatch.setattr(pa, "USE_FUSED_CPU", fused)
+    query, key, value, compact, t0, suffix = _case(n_heads, n_kv, per_head, seed=2)
+    k = query.shape[2] // suffix
+    last = torch.arange(k) * suffix + suffix - 1
+    token = pa._LAYOUT.set(pa.PrefixLayout(t0=t0, suffix=suffix, queries=1))
+    try:
+        out, _ = pa.shared_prefix_attention_forward(nn.Module().eval(), query[:, :, last], key, value, compact[:, :, last], scaling=0.3)
+    finally:
+        pa._LAYOUT.reset(token)
+    expected = _dense_reference(query, key, value, compact, t0, suffix, 0.3)[:, last]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_fully_visible_prefix_runs_unmasked_and_a_false_promise_is_refused(monkeypatch, fused):
+    monkeypatch.setattr(pa, "USE_FUSED_CPU", fused)
+    query, key, value, compact, t0, suffix = _case(4, 2, False, seed=3)
+    compact[..., :t0] = True
+    expected = _dense_reference(query, key, value, compact, t0, suffix, 0.3)
+    token = pa._LAYOUT.set(pa.PrefixLayout(t0=t0, suffix=suffix, prefix_visible=True))
+    try:
+        out, _ = pa.shared_prefix_attention_forward(nn.Module().eval(), query, key, value, compact, scaling=0.3)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        compact[..., 0, 2] = False  # one blocked prefix key in the first row: the promise no longer holds
+        with pytest.raises(RuntimeError, match="told the prefix is fully visible"):
+            pa.shared_prefix_attention_forward(nn.Module().eval(), query, key, value, compact, scaling=0.3)
+    finally:
+        pa._LAYOUT.reset(token)
+
+
+def test_compact_to_dense_with_one_query_row_per_variant():
+    compact = torch.ones(1, 1, 2, 3, dtype=torch.bool)  # 2 variants x 1 query row, t0 = 1, S = 2
+    assert pa.compact_to_dense(compact, t0=1, suffix=2, queries=1)[0, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 1, 1]]
