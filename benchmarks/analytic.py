@@ -130,20 +130,9 @@ def knockout_minimum(targets: Sequence[int], windows: Sequence[tuple[int, int]],
     >>> knockout_minimum([9], [(0, 1), (0, 2), (1, 3)], n=10, n_layers=4, f_kv=0.2)  # one row: L - start
     9.0
     """
-    t0 = min(targets)
-    n_targets = len(targets)
-    suffix = n - t0
+    suffix = n - min(targets)
     last_is_target = (n - 1) in targets
-    by_start: dict[int, list[int]] = defaultdict(list)
-    for first, last in windows:
-        by_start[first].append(last)
-    total = 0.0
-    for first, ends in by_start.items():
-        branch = first  # the layer where this window first differs from work already done
-        for end in sorted(ends):
-            total += _rows_from(branch, n_targets, suffix, last_is_target, n_layers, f_kv)
-            branch = end + 1
-    return total
+    return sum(_rows_from(b, len(targets), suffix, last_is_target, n_layers, f_kv) for b in _branch_layers(windows))
 
 
 def knockout_scheduled(targets: Sequence[int], windows: Sequence[tuple[int, int]], n: int, n_layers: int, f_qkv: float) -> float:
@@ -153,18 +142,31 @@ def knockout_scheduled(targets: Sequence[int], windows: Sequence[tuple[int, int]
     9.0
     """
     suffix = n - min(targets)
+    total = 0.0
+    for branch in _branch_layers(windows):
+        for layer in range(branch, n_layers):
+            top = layer == n_layers - 1 and suffix > 1
+            total += 1.0 + f_qkv * (suffix - 1) if top else suffix
+    return total
+
+
+def _branch_layers(windows: Sequence[tuple[int, int]]) -> list[int]:
+    """Per window (grouped by first layer), the layer where it first differs from work already done:
+    its first layer, or one past the end of the previous (shorter) window with the same first layer.
+
+    >>> _branch_layers([(0, 0), (0, 1), (2, 3)])
+    [0, 1, 2]
+    """
     by_start: dict[int, list[int]] = defaultdict(list)
     for first, last in windows:
         by_start[first].append(last)
-    total = 0.0
+    branches = []
     for first, ends in by_start.items():
         branch = first
         for end in sorted(ends):
-            for layer in range(branch, n_layers):
-                top = layer == n_layers - 1 and suffix > 1
-                total += 1.0 + f_qkv * (suffix - 1) if top else suffix
+            branches.append(branch)
             branch = end + 1
-    return total
+    return branches
 
 
 def _rows_from(branch: int, n_targets: int, suffix: int, last_is_target: bool, n_layers: int, f_kv: float) -> float:

@@ -63,7 +63,7 @@ from vlmflow.knockout.folding import (
     head_selection,
 )
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
-from vlmflow.knockout.prefix_attention import shared_prefix_attention
+from vlmflow.knockout.prefix_attention import PrefixLayout, shared_prefix_attention
 from vlmflow.knockout.spec import Knockout, check_layers
 
 log = logging.getLogger(__name__)
@@ -456,7 +456,7 @@ def _top_layer_last_rows(
     suffix: int,
     full_positions: torch.Tensor,
     rows: torch.Tensor,
-    layout: Any,
+    layout: PrefixLayout | None,
 ) -> torch.Tensor:
     """The top layer for the last row of each of ``k`` folded variants: ``[1, k, d_model]``.
 
@@ -471,10 +471,9 @@ def _top_layer_last_rows(
     pe_last = adapter.rotary(model, x_last, pos_last)
     if layout is not None:  # the shared-prefix attention takes the prefix from the layout
         cache = _FixedKV(keys, values)
+        layout.queries = 1
     else:
         cache = _FixedKV(torch.cat([prefix[0], keys], dim=-2), torch.cat([prefix[1], values], dim=-2))
-    if layout is not None:
-        layout.queries = 1
     try:
         return adapter.run_layer(model, layer, x_last, mask[:, :, last], pos_last, pe_last, cache)
     finally:
