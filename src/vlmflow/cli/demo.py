@@ -15,7 +15,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A smaller run (3 questions per task) for a smoke test."),
     seed: int | None = typer.Option(None, "--seed", help="Scene seed (default: the demo's)."),
     window: int | None = typer.Option(None, "--window", "-k", help="Layers per knockout window (default: the demo's)."),
-    model: str = typer.Option("organism", "--model", "-m", help="Checkpoint (default: the organism shipped with vlmflow)."),
+    model: str = typer.Option("organism-planted", "--model", "-m", help="Checkpoint (default: the planted-route organism shipped with vlmflow; 'organism': the plain one)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:

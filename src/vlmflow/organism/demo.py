@@ -1,10 +1,15 @@
-"""The whole study on the shipped organism, on CPU, in about a minute (``vlmflow demo``).
+"""The whole study on a shipped organism, on CPU, in about a minute (``vlmflow demo``).
 
 :func:`run_demo` writes a small scene set (six task CSVs in the released GQA layout, images beside),
 then for every task type runs the paper's six attention-knockout flows and the logit-lens readout
 with the ordinary runner (one run directory each), and writes ``summary.json`` and ``summary.md``:
 per task, the organism's accuracy, the strongest drop of every flow (mean % change of the answer's
 probability, and at which layer), and the layer where the answer first becomes the lens' top-1.
+
+By default it runs the planted-route organism (``organism-planted``), whose routes are known by
+construction: its flow figures shade each flow's planted band, and the summary says, per flow and
+over all tasks, which band the knockouts recover. Any model whose checkpoint declares planted
+routes (``planted_routes.json``) gets the same; others (``--model organism``) get the plain figures.
 
 Layout of the demo directory::
 
@@ -35,7 +40,8 @@ from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 from vlmflow.loading import LoadedModel
-from vlmflow.organism import ALIAS
+from vlmflow.organism import PLANTED_ALIAS
+from vlmflow.organism.routes import PlantedRoutes, band_names, routes_for_model
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
 from vlmflow.positions.groups import PAPER_FLOWS
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 DEMO_SEED = 2025
 #: Layers per knockout window on the organism (6 decoder layers; the paper blocks ~22% of depth).
 DEMO_WINDOW = 1
+#: A flow planted nowhere counts as recovered when its mean change stays below this (%) at every layer.
+NEAR_ZERO = 5.0
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -71,7 +79,7 @@ def run_demo(
     per_task: int = 12,
     seed: int = DEMO_SEED,
     window: int = DEMO_WINDOW,
-    model: str = ALIAS,
+    model: str = PLANTED_ALIAS,
     tasks: tuple[TaskType, ...] = tuple(TaskType),
     progress: ProgressCallback | None = None,
     loaded: LoadedModel | None = None,
@@ -84,7 +92,7 @@ def run_demo(
         per_task: scene questions per task type.
         seed: scene seed.
         window: layers per knockout window.
-        model: checkpoint name or folder (default: the shipped organism).
+        model: checkpoint name or folder (default: the shipped planted-route organism).
         tasks: task types to run.
         progress: ``update(done, total, message)``, counted in samples over all runs.
         loaded: an already loaded model (then ``model`` only names it in the run specs).
@@ -96,6 +104,16 @@ def run_demo(
     spec_model = ModelSpec(model, dtype="float32", device="cpu")
     loaded = loaded or spec_model.load()
     result = DemoResult(path=out, scenes=scenes)
+    routes = routes_for_model(str(loaded.info.get("model", model)))  # the loaded checkpoint's folder
+    decorate = None
+    if routes is not None:
+        from vlmflow.validation.figure import shade_flow_figure
+
+        bands = {str(flow): band for flow, band in routes.flows.items()}
+
+        def decorate(fig: Any, order: list[str]) -> None:
+            shade_flow_figure(fig, order, bands)
+
     experiments = {
         "flows": FlowSettings(flows=PAPER_FLOWS, window=window),
         "lens": LensSettings(),
@@ -116,17 +134,18 @@ def run_demo(
             done += per_task
         if plot:
             runs = result.runs[task.value]
-            result.figures += write_flow_figures(runs["flows"], formats=("png",))
+            result.figures += write_flow_figures(runs["flows"], formats=("png",), decorate=decorate)
             result.figures += write_lens_figures(runs["lens"], flows_run=runs["flows"], formats=("png",))
-    result.summary = summarise_demo(result, loaded)
+    result.summary = summarise_demo(result, loaded, routes)
     json_path, md_path = result.summary_files
     json_path.write_text(json.dumps(result.summary, indent=2) + "\n")
     md_path.write_text(summary_markdown(result.summary) + "\n")
     return result
 
 
-def summarise_demo(result: DemoResult, loaded: LoadedModel) -> dict[str, Any]:
-    """Per task: accuracy, each flow's strongest mean drop and its layer, the lens' first top-1 layer."""
+def summarise_demo(result: DemoResult, loaded: LoadedModel, routes: PlantedRoutes | None = None) -> dict[str, Any]:
+    """Per task: accuracy, each flow's strongest mean drop and its layer, the lens' first top-1 layer;
+    with ``routes``, per flow over all tasks: its planted band and whether the knockouts recover it."""
     from vlmflow.results.store import RunStore
 
     tasks: dict[str, Any] = {}
@@ -147,13 +166,46 @@ def summarise_demo(result: DemoResult, loaded: LoadedModel) -> dict[str, Any]:
                 readout: (lens.get(readout, {}).get("answer_any") or {}).get("median_first_top1") for readout in ("raw", "normed")
             }
         tasks[task] = entry
-    return {
+    window = result.runs and json.loads(next(iter(result.runs.values()))["flows"].joinpath("spec.json").read_text())["settings"]["window"]
+    summary = {
         "model": loaded.info.get("model"),
         "n_layers": loaded.n_layers,
-        "window": result.runs and json.loads(next(iter(result.runs.values()))["flows"].joinpath("spec.json").read_text())["settings"]["window"],
+        "window": window,
         "prompt_template": loaded.info.get("prompt_template"),
         "scenes": str(result.scenes),
         "tasks": tasks,
+    }
+    if routes is not None and result.runs:
+        summary["planted"] = planted_recovery(result, routes, int(window), loaded.n_layers)
+    return summary
+
+
+def planted_recovery(result: DemoResult, routes: PlantedRoutes, window: int, n_layers: int) -> dict[str, Any]:
+    """Per scored flow, over every task's kept samples: the planted band, the strongest change, the
+    share of ``|change|`` inside the band (precision) and whether the strongest change lies in it."""
+    import pandas as pd
+
+    from vlmflow.plots.flows import kept_flows
+    from vlmflow.results.store import RunStore
+    from vlmflow.validation.benchmark import flow_curves
+    from vlmflow.validation.scores import score_curves
+
+    frames = [kept_flows(RunStore.load(runs["flows"])) for runs in result.runs.values()]
+    frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) else None
+    if frame is None:
+        return {}
+    bands = {str(flow): band for flow, band in routes.flows.items()}
+    table = score_curves(flow_curves(frame, n_layers), bands, window)
+    return {
+        flow: {
+            "band": list(score.band),
+            "band_names": band_names(routes, score.band),
+            "peak": round(score.peak_value, 1),
+            "peak_layer": score.peak_layer,
+            "precision": None if score.precision is None else round(score.precision, 3),
+            "recovered": bool(score.peak_in_band) if score.band else score.max_abs < NEAR_ZERO,
+        }
+        for flow, score in table.flows.items()
     }
 
 
@@ -161,7 +213,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table: one row per task, one column per flow (``min % @ layer``)."""
     flows = [str(f) for f in PAPER_FLOWS]
     lines = [
-        f"# vlmflow demo: {summary['n_layers']}-layer organism, window {summary['window']}",
+        f"# vlmflow demo: {Path(str(summary['model'])).name} ({summary['n_layers']} layers), window {summary['window']}",
         "",
         "Strongest mean change of the answer's probability when a flow is blocked (%, at layer), "
         "and the first layer where the answer is the logit lens' top-1 (raw readout, median).",
@@ -177,4 +229,22 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         first = (entry.get("lens_first_top1") or {}).get("raw")
         lens_cell = "-" if first is None else f"{first:g}"
         lines.append(f"| {task} | {entry['correct']}/{entry['samples']} | " + " | ".join(cells) + f" | {lens_cell} |")
+    if summary.get("planted"):
+        lines += [
+            "",
+            f"## Planted routes recovered (all tasks, window {summary['window']})",
+            "",
+            "The organism's routes are known by construction; the figures shade each flow's planted band. "
+            "Precision: share of the flow's |change| inside its band.",
+            "",
+            "| flow | planted band | strongest change (%, at layer) | precision | recovered |",
+            "|---|---|---|---|---|",
+        ]
+        for flow, entry in summary["planted"].items():
+            precision = "-" if entry["precision"] is None else f"{entry['precision']:.2f}"
+            if entry["band"]:
+                verdict = f"yes: peak in the {entry['band_names']} band" if entry["recovered"] else "no: peak outside the band"
+            else:
+                verdict = f"yes: below {NEAR_ZERO:g}% everywhere" if entry["recovered"] else f"no: reaches {NEAR_ZERO:g}% or more"
+            lines.append(f"| {flow} | {entry['band_names']} | {entry['peak']:+.0f} @ {entry['peak_layer']} | {precision} | {verdict} |")
     return "\n".join(lines)

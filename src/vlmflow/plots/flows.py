@@ -15,7 +15,7 @@ at layer 31).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,14 +159,19 @@ def kept_flows(store: RunStore) -> pd.DataFrame:
 
 
 def write_flow_figures(
-    run_dir: Path | str, *, out: Path | str | None = None, formats: Sequence[str] = DEFAULT_FORMATS
+    run_dir: Path | str,
+    *,
+    out: Path | str | None = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    decorate: Callable[[Figure, list[str]], None] | None = None,
 ) -> list[Path]:
     """Write the flow figure of a run directory, one file per task; return the paths written.
 
     Files are ``<out>/flows_<task>.<format>`` (``flows.<format>`` when the samples have no task),
     ``out`` defaulting to ``run_dir/figures``. Only kept samples are drawn (the ``samples`` table's
     ``kept`` column: correctly answered ones unless the run kept all). A run without a ``flows``
-    table writes nothing.
+    table writes nothing. ``decorate(figure, flow_order)``, when given, draws on each figure
+    before it is saved (e.g. shaded layer bands).
 
     >>> write_flow_figures("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")   # doctest: +SKIP
     [PosixPath('runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d/figures/flows_ChooseAttr.png'), ...]
@@ -190,5 +195,7 @@ def write_flow_figures(
         title = f"{model}: {task + ', ' if task else ''}{frame['sample_id'].nunique()} samples, window {window}"
         order = [f for f in flow_order if f in set(frame["flow"])] if flow_order else None
         fig = plot_flows(frame, title=title, flow_order=order)
+        if decorate is not None:
+            decorate(fig, order or list(dict.fromkeys(frame["flow"])))
         written += save_figure(fig, folder, f"flows_{task}" if task else "flows", formats)
     return written
