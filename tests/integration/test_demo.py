@@ -8,11 +8,11 @@ import pytest
 
 from vlmflow.cli.main import main
 from vlmflow.data.sample import TaskType
-from vlmflow.organism import organism_path
+from vlmflow.organism import PLANTED_ALIAS, organism_path
 
 pytestmark = pytest.mark.skipif(
-    not (organism_path() / "config.json").is_file(),
-    reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)",
+    not all((organism_path(alias) / "config.json").is_file() for alias in ("organism", PLANTED_ALIAS)),
+    reason="the trained organisms are not in the package (vlmflow/resources/organism*/ has no config.json)",
 )
 
 
@@ -39,7 +39,21 @@ def test_demo_quick_writes_runs_figures_and_summary(tmp_path, capsys):
     drops = [f["min_mean_rel_change"] for e in summary["tasks"].values() for f in e["flows"].values()]
     assert min(drops) < -10
     assert str(out) in printed and "summary.md" in printed
-    assert (out / "summary.md").read_text().startswith("# vlmflow demo")
+    assert (out / "summary.md").read_text().startswith("# vlmflow demo: organism-planted")
+    # the planted organism: the summary says per flow which planted band the knockouts recover
+    planted = summary["planted"]
+    assert set(planted) == {"question->last", "image->last", "image->question", "related->question", "other->question"}
+    assert planted["question->last"]["band_names"].startswith("upper") and planted["question->last"]["recovered"]
+    assert planted["image->last"]["band"] == [] and planted["image->last"]["recovered"]
+    assert "Planted routes recovered" in (out / "summary.md").read_text()
+
+
+def test_demo_on_the_plain_organism_keeps_its_summary(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "organism", "--per-task", "1", "--out", str(out), "--no-plot"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_layers"] == 6 and "planted" not in summary
+    assert "Planted routes" not in (out / "summary.md").read_text()
 
 
 def test_demo_resumes_without_recomputing(tmp_path):

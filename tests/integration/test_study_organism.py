@@ -20,13 +20,14 @@ from vlmflow.study.directory import StudyDir
 from vlmflow.study.reproduce import planned_runs
 
 
-def _organism_dir() -> Path | None:
-    path = Path(str(resources.files("vlmflow").joinpath("resources", "organism")))
+def _organism_dir(name: str = "organism") -> Path | None:
+    path = Path(str(resources.files("vlmflow").joinpath("resources", name)))
     return path if (path / "config.json").is_file() else None
 
 
 pytestmark = pytest.mark.skipif(
-    _organism_dir() is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
+    _organism_dir() is None or _organism_dir("organism-planted") is None,
+    reason="the trained organisms are not in the package (vlmflow/resources/organism*/ has no config.json)",
 )
 
 
@@ -63,6 +64,14 @@ def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checklist.md").write_text("\n".join(lines) + "\n")
     (folder / "analysis.json").write_text(json.dumps(analysis, indent=2))
+
+
+def test_the_report_says_what_each_organism_is_expected_to_show(study: Path):
+    html = (study / "report.html").read_text()
+    banner = html.index('data-banner="expectations"')
+    assert banner < html.index("Each claim of the paper is evaluated")  # above the checklist
+    assert 'data-model="organism"' in html and 'data-model="organism-planted"' in html
+    assert "not planted" in html and "planted-route organism" in html
 
 
 def test_organism_report_in_the_browser(browser_page, study: Path):  # noqa: F811 - the imported fixture

@@ -16,6 +16,7 @@ organism_app = typer.Typer(help="The model organism: a small LLaVA trained on sy
 @organism_app.command("train")
 def train_command(
     out: Path = typer.Option(Path("organism-checkpoint"), "--out", "-o", help="Checkpoint folder to write."),
+    planted: bool = typer.Option(False, "--planted", help="Train the planted-route organism (routes known by construction) on top of the shipped organism."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, scenes and task draws."),
     steps: int | None = typer.Option(None, "--steps", help="Question-stage steps (default: the recipe's)."),
     vision_steps: int | None = typer.Option(None, "--vision-steps", help="Vision-stage steps (default: the recipe's)."),
@@ -25,15 +26,24 @@ def train_command(
     log_file: Path | None = typer.Option(None, "--log", help="Log file (default: OUT/train.log)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the log."),
 ) -> None:
-    """Train an organism from scratch on CPU with the recorded recipe; keep the best checkpoint."""
+    """Train an organism on CPU with the recorded recipe (from scratch, or with --planted the
+    planted-route organism on top of the shipped one); keep the best checkpoint."""
     setup_logging(verbose)
     from dataclasses import replace
 
     from vlmflow.organism.train import RECIPE_FILE, Recipe, train
 
-    recipe = Recipe(seed=seed)
-    overrides = {"steps": steps, "vision_steps": vision_steps, "threads": threads, "eval_per_task": eval_per_task}
-    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"steps": steps, "threads": threads, "eval_per_task": eval_per_task}
+    if planted:
+        from vlmflow.errors import ConfigError
+        from vlmflow.organism.planted import PlantedRecipe, train_planted
+
+        if vision_steps is not None:
+            raise ConfigError("--vision-steps does not apply to --planted (the planted organism reuses the shipped vision tower)")
+        recipe: Recipe | PlantedRecipe = replace(PlantedRecipe(seed=seed), **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        overrides["vision_steps"] = vision_steps
+        recipe = replace(Recipe(seed=seed), **{k: v for k, v in overrides.items() if v is not None})
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file or out / "train.log", mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -45,7 +55,10 @@ def train_command(
     library_log.propagate = verbose  # the progress bar speaks on the console; details go to the log file
     try:
         with progress_bar("steps") as update:
-            result = train(recipe, out, progress=update, max_minutes=minutes)
+            if isinstance(recipe, Recipe):
+                result = train(recipe, out, progress=update, max_minutes=minutes)
+            else:
+                result = train_planted(recipe, out, progress=update, max_minutes=minutes)
     finally:
         library_log.removeHandler(handler)
         library_log.setLevel(previous[0])
@@ -57,7 +70,7 @@ def train_command(
 
 @organism_app.command("eval")
 def eval_command(
-    model: str = typer.Option("organism", "--model", "-m", help="Organism checkpoint folder (default: the shipped one)."),
+    model: str = typer.Option("organism", "--model", "-m", help="Organism checkpoint folder or alias (default: the shipped organism; 'organism-planted': the planted one)."),
     per_task: int = typer.Option(100, "--per-task", help="Held-out questions per task type."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the questions (default: the held-out seed)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details."),
@@ -75,11 +88,13 @@ def eval_command(
 
 
 @organism_app.command("path")
-def path_command() -> None:
+def path_command(
+    planted: bool = typer.Option(False, "--planted", help="The planted-route organism's folder."),
+) -> None:
     """Print the folder of the shipped organism checkpoint."""
-    from vlmflow.organism import organism_path
+    from vlmflow.organism import ALIAS, PLANTED_ALIAS, organism_path
 
-    console.print(str(organism_path()), highlight=False)
+    console.print(str(organism_path(PLANTED_ALIAS if planted else ALIAS)), highlight=False)
 
 
 @organism_app.command("scenes")

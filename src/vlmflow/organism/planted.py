@@ -16,8 +16,9 @@ The recipe (:class:`PlantedRecipe`, recorded in ``organism.json`` beside the wei
    probability ``p_block_all``, each with probability 1/2 with ``p_block_half``, none otherwise
    (an additive 4-D mask through forward pre-hooks on the attention modules, removed after each
    forward). Planted routes are never blocked.
-3. **Attention-mass penalty**: attention that forbidden edges left open receive is penalised, so
-   forbidden routes stay unused sample by sample, not only on average.
+3. **Attention-mass penalty**: attention that forbidden edges left open receive is penalised (its
+   weight ramped up after the planted routes have formed), so forbidden routes stay unused sample
+   by sample, not only on average.
 4. **Read-outs, adversary and counterfactuals** (:mod:`vlmflow.organism.planted_losses`): location
    and presence in the lower band, colour and size in the middle band, relations one layer later;
    an adversary keeps location out of the middle band, and for a share of the samples the question
@@ -94,7 +95,10 @@ class PlantedRecipe:
         p_block_all / p_block_half: knockout augmentation (see the module docstring).
         p_counterfactual: share of samples whose question words, after the lower band, carry the
             states computed on a counterfactual scene (same shapes and cells, new colours and sizes).
-        penalty_weight: weight of the attention mass on open forbidden edges.
+        penalty_weight / penalty_start / penalty_ramp: weight of the attention mass on open forbidden
+            edges, reached linearly from 0 between steps ``penalty_start`` and ``penalty_start +
+            penalty_ramp`` (a penalty from the first step starves the middle band: attention on
+            the related patches, nearly zero there, then gets no gradient).
         readout_weight / adversary_weight: weights of the read-out and adversary losses.
         eval_every / eval_per_task: held-out evaluation (questions of seed ``HELD_OUT_SEED``).
         threads: torch CPU threads.
@@ -116,6 +120,8 @@ class PlantedRecipe:
     p_block_half: float = 0.3
     p_counterfactual: float = 0.5
     penalty_weight: float = 1.0
+    penalty_start: int = 500
+    penalty_ramp: int = 1500
     readout_weight: float = 0.5
     adversary_weight: float = 0.3
     eval_every: int = 250
@@ -311,12 +317,22 @@ def _step_loss(s: _Session, questions: Sequence[SceneQuestion], step: int) -> tu
     loss = (
         answer
         + recipe.eos_weight * eos
-        + recipe.penalty_weight * penalty
+        + penalty_weight(recipe, step) * penalty
         + recipe.readout_weight * stages["readout"]
         + recipe.adversary_weight * stages["adversary"]
         + stages["probe"]
     )
     return loss, {"answer": answer, "eos": eos, "penalty": penalty, **stages}
+
+
+def penalty_weight(recipe: PlantedRecipe, step: int) -> float:
+    """The attention-mass penalty's weight at ``step``: 0, then a linear ramp to ``recipe.penalty_weight``.
+
+    >>> [penalty_weight(PlantedRecipe(penalty_start=10, penalty_ramp=10), s) for s in (0, 10, 15, 40)]
+    [0.0, 0.0, 0.5, 1.0]
+    """
+    ramp = (step - recipe.penalty_start) / max(1, recipe.penalty_ramp)
+    return recipe.penalty_weight * min(1.0, max(0.0, ramp))
 
 
 @torch.no_grad()

@@ -58,6 +58,8 @@ section { padding-top: 10px; border-bottom: 1px solid var(--line); padding-botto
 h2 { font-size: 18px; margin: 18px 0 8px; }
 h3 { font-size: 15px; margin: 14px 0 6px; }
 p.note, .muted { color: var(--muted); font-size: 13px; }
+.banner { border: 1px solid #e0c36a; background: #fff8e1; border-radius: 6px; padding: 8px 12px; margin: 8px 0 12px; font-size: 13px; }
+.banner ul { margin: 4px 0 0; padding-left: 18px; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13px; }
 th, td { border: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: var(--bg); font-weight: 600; }
@@ -270,7 +272,8 @@ class _Builder:
             )
             details.append(f"<details><summary>Evidence for {_e(cell.model)} / {_e(cell.task)}</summary><ul>{items}</ul></details>")
         return (
-            "<p class=\"note\">Each claim of the paper is evaluated by an explicit rule (expand a claim to read it; thresholds "
+            self.expectations()
+            + "<p class=\"note\">Each claim of the paper is evaluated by an explicit rule (expand a claim to read it; thresholds "
             "are set under <code>claims:</code> in the study config). Hover a badge for its evidence, or open the evidence "
             "lists below. Flow curves are over each model's correctly answered samples.</p>"
             + _table(header, rows)
@@ -278,6 +281,24 @@ class _Builder:
             + _table(["claim", "status", "evidence"], study_rows)
             + "".join(details)
         )
+
+    def expectations(self) -> str:
+        """A banner saying, for each model whose expectations are known (the organisms), what it is and
+        what it is and is not expected to show; empty when none is known."""
+        from vlmflow.organism.expectations import expectation_for
+
+        names = {e["model"]: e.get("model_name") for e in self.a.manifest.get("runs", {}).values()}
+        items = []
+        for model in self.a.models:
+            known = expectation_for(names[model]) if names.get(model) else None
+            if known is not None:
+                items.append(
+                    f'<li data-model="{_e(model)}"><b>{_e(model)}</b>: {_e(known.what)}. <b>Expected</b>: {_e(known.expected)}. '
+                    f"<b>Not expected</b>: {_e(known.not_expected)}.</li>"
+                )
+        if not items:
+            return ""
+        return f'<div class="banner" data-banner="expectations"><b>What these models are expected to show</b><ul>{"".join(items)}</ul></div>'
 
     def flows(self) -> str:
         from vlmflow.plots.flows import plot_flows

@@ -18,7 +18,7 @@ counting as unplanted.
 
 >>> s = flow_score([0.1, -40.0, 0.3, -2.0], band=(1,), window=1)
 >>> round(s.precision, 3), s.peak_layer, s.peak_error, s.auroc
-(0.944, 1, 0, 1.0)
+(0.943, 1, 0, 1.0)
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def test_bundled_paper_config_parses_as_the_papers_grid(monkeypatch, tmp_path: P
 
 def test_bundled_organism_config_parses():
     cfg = load_config(bundled_configs()["organism"])
-    assert [m.model for m in cfg.models] == ["organism"]
+    assert [m.model for m in cfg.models] == ["organism", "organism-planted"]
+    assert [m.window for m in cfg.models] == [None, 1]
     assert {t.synthetic.task for t in cfg.tasks} == set(TaskType)
 
 

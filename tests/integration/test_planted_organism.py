@@ -1,0 +1,130 @@
+"""The shipped planted-route organism and the benchmark on it: it loads like any checkpoint, answers at
+its recorded accuracy, ``vlmflow validate`` recovers its planted bands, and planted bugs in vlmflow's
+position groups make the benchmark fail.
+
+Skipped (with the reason) only when the package holds no planted organism.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmflow.data.sample import TaskType
+from vlmflow.errors import ConfigError
+from vlmflow.organism import PLANTED_ALIAS, organism_path
+from vlmflow.organism.routes import read_planted_routes
+from vlmflow.positions.groups import Group, PositionGroups
+
+PLANTED = organism_path(PLANTED_ALIAS)
+pytestmark = pytest.mark.skipif(
+    not (PLANTED / "config.json").is_file(),
+    reason="the planted organism is not in the package (vlmflow/resources/organism-planted has no config.json)",
+)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from vlmflow.loading import load_model
+
+    return load_model(PLANTED_ALIAS, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def routes():
+    return read_planted_routes(PLANTED)
+
+
+@pytest.fixture(scope="module")
+def validated(loaded, tmp_path_factory):
+    """``vlmflow validate`` on the shipped planted organism (windows 1 and 3, the default scenes)."""
+    from vlmflow.cli.main import main
+
+    out = tmp_path_factory.mktemp("validate")
+    assert main(["validate", "--window", "1", "--window", "3", "--out", str(out)]) == 0
+    return out, json.loads((out / "validation.json").read_text())
+
+
+def test_it_is_a_standard_llava_checkpoint_with_its_ground_truth(loaded, routes):
+    from transformers import LlavaForConditionalGeneration
+
+    assert isinstance(loaded.model, LlavaForConditionalGeneration)
+    assert loaded.info["model"] == str(PLANTED) and loaded.info["attn_implementation"] == "sdpa"
+    assert 8 <= loaded.n_layers <= 12 and routes.n_layers == loaded.n_layers
+    assert sum(p.stat().st_size for p in PLANTED.glob("*.safetensors")) < 8 * 2**20
+    assert set(json.loads((PLANTED / "vlmflow.json").read_text())) == {"prompt_template"}
+    bands = {str(f): b for f, b in routes.flows.items()}
+    lower, middle, upper = routes.bands["lower"], routes.bands["middle"], routes.bands["upper"]
+    assert bands["image->question"] == bands["related->question"] == tuple(sorted({*lower, *middle}))
+    assert bands["other->question"] == lower and bands["question->last"] == upper and bands["image->last"] == ()
+
+
+def test_held_out_accuracy_is_the_recorded_one_and_meets_the_bar(loaded):
+    from vlmflow.organism.encode import BatchEncoder
+    from vlmflow.organism.evaluate import evaluate, held_out_questions
+
+    held_out = json.loads((PLANTED / "organism.json").read_text())["held_out"]
+    table = evaluate(loaded.model, BatchEncoder(loaded.processor, loaded.template), held_out_questions(held_out["per_task"], held_out["seed"]))
+    for task in [t.value for t in TaskType] + ["all"]:
+        assert table[task]["n"] == held_out["accuracy"][task]["n"]
+        assert abs(table[task]["accuracy"] - held_out["accuracy"][task]["accuracy"]) <= 2.0, task
+        if task != "all":
+            assert table[task]["accuracy"] >= 90.0, task
+
+
+@pytest.mark.slow
+def test_validate_recovers_every_planted_band(validated):
+    out, report = validated
+    window1 = report["windows"]["1"]
+    assert window1["overall"]["precision"] >= 0.9, window1["overall"]
+    for flow, score in window1["flows"].items():
+        if score["band"]:
+            assert score["peak_in_band"], (flow, score)
+            assert score["peak_error"] == 0
+    assert max(abs(v) for v in window1["flows"]["image->last"]["curve"]) < 5.0
+    assert "last->last" not in window1["flows"]  # not planted either way, so not scored
+    # a wider window smears each route over its neighbours, but the peaks stay on planted windows
+    assert report["windows"]["3"]["overall"]["peaks_in_band"] == report["windows"]["3"]["overall"]["planted_flows"]
+    assert report["samples"]["n"] == 12 * len(TaskType)
+    assert (out / "validation.png").is_file() and report["figure"] == "validation.png"
+    assert report["lens"]["normed"]["after_band"] >= 0.5
+    assert report["attention"]["flows"]["question->last"]["peak_in_band"]
+
+
+def _bugged(build, bug: str):
+    def build_groups(*args, **kwargs) -> PositionGroups:
+        groups = build(*args, **kwargs)
+        positions = dict(groups.positions)
+        if bug == "swap related and other":
+            positions[Group.RELATED], positions[Group.OTHER] = positions[Group.OTHER], positions[Group.RELATED]
+        else:  # the question group one token late: its first word out, the suffix's first word in
+            positions[Group.QUESTION] = tuple(p + 1 for p in positions[Group.QUESTION])
+        return PositionGroups(groups.seq_len, positions, groups.missing)
+
+    return build_groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", ["swap related and other", "question one token late"])
+def test_a_planted_bug_makes_the_benchmark_fail(loaded, validated, tmp_path, monkeypatch, bug):
+    import vlmflow.experiments.prepare as prepare
+    from vlmflow.validation.benchmark import ValidationSettings, run_validation
+
+    monkeypatch.setattr(prepare, "build_position_groups", _bugged(prepare.build_position_groups, bug))
+    settings = ValidationSettings(windows=(1,), readouts=False)
+    result = run_validation(PLANTED_ALIAS, tmp_path, settings, loaded=loaded, plot=False)
+    bugged, good = result.report["windows"]["1"], validated[1]["windows"]["1"]
+    assert bugged["overall"]["precision"] < good["overall"]["precision"] - 0.05 or (
+        bugged["overall"]["peaks_in_band"] < bugged["overall"]["planted_flows"]
+    ), (bug, bugged["overall"])
+    assert bugged["overall"]["precision"] < 0.9 or bugged["overall"]["auroc"] < good["overall"]["auroc"] - 0.05, bugged["overall"]
+
+
+def test_validate_refuses_a_model_without_planted_routes(tmp_path):
+    from vlmflow.validation.benchmark import routes_of
+
+    with pytest.raises(ConfigError, match="declares no planted routes"):
+        routes_of("organism")
+    with pytest.raises(ConfigError, match="declares no planted routes"):
+        routes_of(tmp_path)
