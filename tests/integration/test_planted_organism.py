@@ -96,29 +96,43 @@ def _bugged(build, bug: str):
     def build_groups(*args, **kwargs) -> PositionGroups:
         groups = build(*args, **kwargs)
         positions = dict(groups.positions)
-        if bug == "swap related and other":
-            positions[Group.RELATED], positions[Group.OTHER] = positions[Group.OTHER], positions[Group.RELATED]
-        else:  # the question group one token late: its first word out, the suffix's first word in
-            positions[Group.QUESTION] = tuple(p + 1 for p in positions[Group.QUESTION])
+        if bug == "related and other swapped":
+            if Group.RELATED in positions and Group.OTHER in positions:  # the self-test's sample has no boxes
+                positions[Group.RELATED], positions[Group.OTHER] = positions[Group.OTHER], positions[Group.RELATED]
+        else:  # the question group one token early: the "?" out, the image's last token in
+            positions[Group.QUESTION] = tuple(p - 1 for p in positions[Group.QUESTION])
         return PositionGroups(groups.seq_len, positions, groups.missing)
 
     return build_groups
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bug", ["swap related and other", "question one token late"])
-def test_a_planted_bug_makes_the_benchmark_fail(loaded, validated, tmp_path, monkeypatch, bug):
+def _validate_with_bug(loaded, out, monkeypatch, bug: str) -> dict:
     import vlmflow.experiments.prepare as prepare
     from vlmflow.validation.benchmark import ValidationSettings, run_validation
 
     monkeypatch.setattr(prepare, "build_position_groups", _bugged(prepare.build_position_groups, bug))
-    settings = ValidationSettings(windows=(1,), readouts=False)
-    result = run_validation(PLANTED_ALIAS, tmp_path, settings, loaded=loaded, plot=False)
-    bugged, good = result.report["windows"]["1"], validated[1]["windows"]["1"]
-    assert bugged["overall"]["precision"] < good["overall"]["precision"] - 0.05 or (
-        bugged["overall"]["peaks_in_band"] < bugged["overall"]["planted_flows"]
-    ), (bug, bugged["overall"])
-    assert bugged["overall"]["precision"] < 0.9 or bugged["overall"]["auroc"] < good["overall"]["auroc"] - 0.05, bugged["overall"]
+    result = run_validation(PLANTED_ALIAS, out, ValidationSettings(windows=(1,), readouts=False), loaded=loaded, plot=False)
+    return result.report["windows"]["1"]
+
+
+@pytest.mark.slow
+def test_swapped_related_and_other_patches_fail_the_benchmark(loaded, validated, tmp_path, monkeypatch):
+    bugged = _validate_with_bug(loaded, tmp_path, monkeypatch, "related and other swapped")
+    good = validated[1]["windows"]["1"]
+    assert bugged["overall"]["precision"] < 0.9 <= good["overall"]["precision"], bugged["overall"]
+    assert bugged["overall"]["peaks_in_band"] < bugged["overall"]["planted_flows"]
+    assert not bugged["flows"]["other->question"]["peak_in_band"]  # it now carries the middle band's dip
+
+
+@pytest.mark.slow
+def test_a_question_group_one_token_off_weakens_question_to_last(loaded, validated, tmp_path, monkeypatch):
+    """A one-token shift keeps the question's content words in the group, so the routes are still found
+    where they are (localisation is not fooled), but the knockout of question->last misses the "?", where
+    the answer is read from, and its effect shrinks."""
+    bugged = _validate_with_bug(loaded, tmp_path, monkeypatch, "question one token early")
+    good = validated[1]["windows"]["1"]
+    assert bugged["flows"]["question->last"]["max_abs"] < 0.9 * good["flows"]["question->last"]["max_abs"]
+    assert bugged["flows"]["question->last"]["peak_layer"] == good["flows"]["question->last"]["peak_layer"]
 
 
 def test_validate_refuses_a_model_without_planted_routes(tmp_path):

@@ -16,16 +16,20 @@ The recipe (:class:`PlantedRecipe`, recorded in ``organism.json`` beside the wei
    probability ``p_block_all``, each with probability 1/2 with ``p_block_half``, none otherwise
    (an additive 4-D mask through forward pre-hooks on the attention modules, removed after each
    forward). Planted routes are never blocked.
-3. **Attention-mass penalty**: attention that forbidden edges left open receive is penalised (its
+3. **The whole image in the lower band**: the question words' attention there is drawn towards an
+   even spread over the image patches (a cross-entropy to the uniform distribution), so they take
+   in the whole image rather than look up the related patches, and every patch weighs in.
+4. **Attention-mass penalty**: attention that forbidden edges left open receive is penalised (its
    weight ramped up after the planted routes have formed), so forbidden routes stay unused sample
    by sample, not only on average.
-4. **Read-outs, adversary and counterfactuals** (:mod:`vlmflow.organism.planted_losses`): location
-   and presence in the lower band, colour and size in the middle band, relations one layer later;
+5. **Read-outs, adversary and counterfactuals** (:mod:`vlmflow.organism.planted_losses`): location
+   and presence in the lower band, colour and size in the middle band, relations one layer later,
+   the answer at the question's last token when the upper band starts;
    an adversary keeps location out of the middle band, and for a share of the samples the question
    words' states after the lower band are those computed on a counterfactual scene (same shapes in
    the same cells, other colours and sizes: an interchange intervention), so colour and size must
    come from the middle band. Each band is needed.
-5. Answer-only cross-entropy (answer token, then end of sequence), task types drawn more often when
+6. Answer-only cross-entropy (answer token, then end of sequence), task types drawn more often when
    their held-out accuracy is lower, AdamW with warm-up and cosine decay; the checkpoint with the best
    worst-task held-out accuracy (the later one on ties) is kept.
 
@@ -71,6 +75,7 @@ from vlmflow.organism.planted_masks import (
     layer_masks,
     masked_attention,
     patched_layer_input,
+    spread_loss,
 )
 from vlmflow.organism.routes import PlantedRoutes, Route
 from vlmflow.organism.train import RECIPE_FILE, lr_at, task_weights, training_questions
@@ -99,6 +104,8 @@ class PlantedRecipe:
             edges, reached linearly from 0 between steps ``penalty_start`` and ``penalty_start +
             penalty_ramp`` (a penalty from the first step starves the middle band: attention on
             the related patches, nearly zero there, then gets no gradient).
+        spread_weight: weight of the loss that makes the question words' attention in the lower band
+            even over the image patches (the whole image, not a lookup of the related patches).
         readout_weight / adversary_weight: weights of the read-out and adversary losses.
         eval_every / eval_per_task: held-out evaluation (questions of seed ``HELD_OUT_SEED``).
         threads: torch CPU threads.
@@ -122,6 +129,7 @@ class PlantedRecipe:
     penalty_weight: float = 1.0
     penalty_start: int = 500
     penalty_ramp: int = 1500
+    spread_weight: float = 0.5
     readout_weight: float = 0.5
     adversary_weight: float = 0.3
     eval_every: int = 250
@@ -307,22 +315,25 @@ def _step_loss(s: _Session, questions: Sequence[SceneQuestion], step: int) -> tu
             input_ids=batch.input_ids, pixel_values=batch.pixel_values, use_cache=False, output_hidden_states=True
         )
         penalty = forbidden_mass(probs, open_forbidden)
+        # The lower band reads the whole image evenly: what it takes from the related patches is weighed against every other patch.
+        spread = sum(spread_loss(probs[layer], groups["question"], groups["image"]) for layer in bands.lower) / len(bands.lower)
     first, second = logits_at_answer(s.model, outputs.last_hidden_state, batch.last)
     answer = nn.functional.cross_entropy(first, batch.answer_ids)
     eos = nn.functional.cross_entropy(second, torch.full_like(batch.answer_ids, s.encoder.eos_id))
-    word = targets(batch, s.ids["shape"], s.ids["color"], s.ids["size"])
+    word = targets(batch, groups["question"], s.ids["shape"], s.ids["color"], s.ids["size"])
     stages = stage_losses(
-        s.probes, outputs.hidden_states, word, max(bands.lower), min(bands.middle), max(bands.middle)
+        s.probes, outputs.hidden_states, word, max(bands.lower), min(bands.middle), max(bands.middle), min(bands.upper)
     )
     loss = (
         answer
         + recipe.eos_weight * eos
         + penalty_weight(recipe, step) * penalty
+        + recipe.spread_weight * spread
         + recipe.readout_weight * stages["readout"]
         + recipe.adversary_weight * stages["adversary"]
         + stages["probe"]
     )
-    return loss, {"answer": answer, "eos": eos, "penalty": penalty, **stages}
+    return loss, {"answer": answer, "eos": eos, "penalty": penalty, "spread": spread, **stages}
 
 
 def penalty_weight(recipe: PlantedRecipe, step: int) -> float:

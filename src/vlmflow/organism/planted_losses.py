@@ -6,9 +6,12 @@ targets.
 * **Read-outs** (linear probes on the residual stream, trained with the model): after the lower
   band, each shape word of the question must tell whether its shape is in the scene, its column,
   row and side of the image; after the middle band, its colour and size; one layer later, its
-  relations to the previously named shape, whether it has the colour named earlier in the
-  question, and at every colour or size word that follows a shape word, whether an earlier-named
-  shape in the scene has it ("Is there a circle or a star that is red?").
+  relations to the previously named shape and whether it has the colour named earlier in the
+  question; after the middle band, at every colour or size word that follows a shape word, whether
+  an earlier-named shape in the scene has it ("Is there a circle or a star that is red?"); and when
+  the upper band starts, the question's last token ("?") must tell the answer, so the last position
+  has one place to read it from (without it the last position never learns to look at the colour
+  word of "... that is red?", whose attention weight is nearly zero, and LogicalObj stays at chance).
 * **Adversary** (a max-entropy linear probe): a probe learns to read column and row from the middle
   band's update of the residual at the shape words; the model is trained to make its predictions
   uniform (the probe's weights are detached from that loss). Without it the middle band, which sees
@@ -31,17 +34,21 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from vlmflow.data.scene_questions import ANSWERS
 from vlmflow.data.scenes import COLORS, SIZES, Scene, place
 from vlmflow.organism.encode import QuestionBatch
 from vlmflow.organism.train import PAIR_HEADS, Probes, word_targets
 
 GRID = 4
+#: Every gold answer of the scene questions (lower case, sorted): the classes of the answer read-out.
+ANSWER_WORDS: tuple[str, ...] = tuple(sorted({a for answers in ANSWERS.values() for a in answers}))
 #: Read-out heads per stage: classes of each.
 READOUT_HEADS: dict[str, dict[str, int]] = {
     "lower": {"present": 2, "col": GRID, "row": GRID, "side": 2},
     "middle": {"color": len(COLORS), "size": len(SIZES)},
     "pair": dict(PAIR_HEADS),
     "attribute": {"earlier_shape_has_it": 2},
+    "answer": {"answer": len(ANSWER_WORDS)},
 }
 #: Adversary heads: what must not be readable (location in the middle band's update).
 ADVERSARY_HEADS: dict[str, dict[str, int]] = {"location": {"col": GRID, "row": GRID}}
@@ -56,6 +63,8 @@ class WordTargets:
         labels: per head, ``[n]`` labels (-100: none), from :func:`vlmflow.organism.train.word_targets`.
         attr_rows / attr_positions / attr_labels: ``[m]`` the colour and size words that follow a
             shape word, and whether an earlier-named shape present in the scene has that attribute.
+        question_end / answers: ``[B]`` each row's last question token ("?") and its answer's class
+            (index in :data:`ANSWER_WORDS`).
     """
 
     rows: torch.Tensor
@@ -64,6 +73,8 @@ class WordTargets:
     attr_rows: torch.Tensor
     attr_positions: torch.Tensor
     attr_labels: torch.Tensor
+    question_end: torch.Tensor
+    answers: torch.Tensor
 
 
 def attribute_word_targets(
@@ -93,13 +104,18 @@ def attribute_word_targets(
     return torch.tensor(rows, **as_long), torch.tensor(positions, **as_long), torch.tensor(labels, **as_long)
 
 
-def targets(batch: QuestionBatch, shape_ids: dict[int, str], color_ids: dict[int, str], size_ids: dict[int, str]) -> WordTargets:
-    """All read-out targets of one batch."""
+def targets(
+    batch: QuestionBatch, question: torch.Tensor, shape_ids: dict[int, str], color_ids: dict[int, str], size_ids: dict[int, str]
+) -> WordTargets:
+    """All read-out targets of one batch; ``question`` ``[B, T]`` marks the question tokens."""
     rows, positions, labels = word_targets(batch, shape_ids, color_ids)
     col = labels["col"]
     labels["side"] = torch.where(col == -100, col, (col >= GRID // 2).long())  # 0: left half, 1: right half
     attr_rows, attr_positions, attr_labels = attribute_word_targets(batch, shape_ids, {**color_ids, **size_ids})
-    return WordTargets(rows, positions, labels, attr_rows, attr_positions, attr_labels)
+    width = question.shape[1]
+    question_end = width - 1 - question.flip(1).long().argmax(1)  # [B]: last True of each row
+    answers = torch.tensor([ANSWER_WORDS.index(q.sample.answer) for q in batch.questions])
+    return WordTargets(rows, positions, labels, attr_rows, attr_positions, attr_labels, question_end, answers)
 
 
 def uniform_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,12 +170,14 @@ def stage_losses(
     lower_end: int,
     middle_start: int,
     middle_end: int,
+    upper_start: int,
 ) -> dict[str, torch.Tensor]:
     """Read-out and adversary losses from the hidden states ``hidden[j]`` ``[B, T, d]`` (``j`` = after ``j`` layers).
 
     Returns ``readout`` and ``adversary`` (the model's losses) and ``probe`` (the adversary probe's own loss).
 
-    ``lower_end`` / ``middle_start`` / ``middle_end``: last layer of the lower band, first and last of the middle band.
+    ``lower_end`` / ``middle_start`` / ``middle_end`` / ``upper_start``: last layer of the lower band, first
+    and last of the middle band, first of the upper band.
     """
     at = (word.rows, word.positions)
     after_lower = hidden[lower_end + 1][at]  # [n shape words, d]
@@ -171,9 +189,14 @@ def stage_losses(
     pair, _ = probes.readouts["pair"].loss(settled, word.labels)
     readout = lower + middle + pair
     if len(word.attr_rows):
-        words = hidden[middle_end + 2][word.attr_rows, word.attr_positions]
+        words = hidden[middle_end + 1][word.attr_rows, word.attr_positions]
         attribute, _ = probes.readouts["attribute"].loss(words, {"earlier_shape_has_it": word.attr_labels})
         readout = readout + attribute
+    # The question's last token holds the answer when the upper band starts: one place for the last position to read.
+    rows = torch.arange(len(word.question_end))
+    ends = hidden[upper_start][rows, word.question_end]  # [B, d]
+    answer, _ = probes.readouts["answer"].loss(ends, {"answer": word.answers})
+    readout = readout + answer
     probe, model = probes.adversaries["location"].losses(after_middle - entering_middle, word.labels)
     return {"readout": readout, "probe": probe, "adversary": model}
 

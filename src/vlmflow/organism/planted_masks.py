@@ -252,3 +252,23 @@ def patched_layer_input(model: nn.Module, layer: int, where: torch.Tensor, donor
         yield
     finally:
         handle.remove()
+
+
+def spread_loss(probs: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """How far the attention of ``rows`` is from even over ``keys``: the mean over heads and rows of
+    ``-mean_k log p[k]`` over the keys, minus its minimum ``log n_keys`` (0 when every row attends
+    evenly to the keys and nowhere else).
+
+    ``probs`` ``[B, head, T, T]``; ``rows`` / ``keys`` ``[B, T]`` bool.
+
+    >>> p = torch.tensor([[[[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.25, 0.25, 0.5]]]])
+    >>> float(spread_loss(p, torch.tensor([[False, False, True]]), torch.tensor([[True, True, False]]))) > 0
+    True
+    >>> float(spread_loss(p, torch.tensor([[False, True, False]]), torch.tensor([[True, True, False]])))
+    0.0
+    """
+    logp = torch.log(probs.float().clamp_min(1e-9))  # [B, head, T, T]
+    n_keys = keys.sum(-1).clamp_min(1).float()  # [B]
+    cross = -(logp * keys[:, None, None, :]).sum(-1) / n_keys[:, None, None]  # [B, head, T]
+    excess = cross.mean(1) - torch.log(n_keys)[:, None]  # [B, T]
+    return excess[rows].mean() if bool(rows.any()) else probs.new_zeros(())
