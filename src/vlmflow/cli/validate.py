@@ -84,7 +84,8 @@ def _print_report(report: dict[str, Any]) -> None:
         console.print(
             f"Logit lens ({readout}): the answer first becomes top-1 after the question->last band (boundary >= "
             f"{score['expected_from']}) in {100 * score['after_band']:.0f}% of samples, before it in "
-            f"{100 * score['before_band']:.0f}%, never in {100 * score['never']:.0f}% (median boundary {score['median_first_top1']})",
+            f"{100 * score['before_band']:.0f}% (the last position's guess before it reads the question), never in "
+            f"{100 * score['never']:.0f}%; mean answer probability {score['p_before']:.2f} before the band, {score['p_after']:.2f} after",
             highlight=False,
             soft_wrap=True,
         )

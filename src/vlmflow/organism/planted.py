@@ -160,14 +160,14 @@ def planted_routes(recipe: PlantedRecipe) -> PlantedRoutes:
         bands={"lower": bands.lower, "middle": bands.middle, "upper": bands.upper},
         unscored=(LAST_LAST,),
         description=(
-            f"planted-route organism: a {recipe.layers}-layer LLaVA trained so that the whole image reaches the "
+            f"planted-route organism: a LLaVA with {recipe.layers} decoder layers, trained so that the whole image reaches the "
             f"question words only in layer(s) {_layers(bands.lower)}, the related patches only in {_layers(bands.middle)}, "
             f"the question reaches the last position only in {_layers(bands.upper)}, and the image never reaches it directly"
         ),
         expected=(
             "each flow's knockout effect inside its planted band: image->question and related->question in the lower and "
             "middle bands, other->question in the lower band only, question->last in the upper band, image->last about 0 "
-            "everywhere; the answer appears in the logit lens only after the upper band"
+            "everywhere; the answer's probability in the logit lens at the last position jumps only after the upper band"
         ),
         not_expected=(
             "the paper's depths or magnitudes (the bands are one layer wide by construction), other->question effects "

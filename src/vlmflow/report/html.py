@@ -283,22 +283,10 @@ class _Builder:
         )
 
     def expectations(self) -> str:
-        """A banner saying, for each model whose expectations are known (the organisms), what it is and
-        what it is and is not expected to show; empty when none is known."""
-        from vlmflow.organism.expectations import expectation_for
+        from vlmflow.report.banner import expectations_banner
 
         names = {e["model"]: e.get("model_name") for e in self.a.manifest.get("runs", {}).values()}
-        items = []
-        for model in self.a.models:
-            known = expectation_for(names[model]) if names.get(model) else None
-            if known is not None:
-                items.append(
-                    f'<li data-model="{_e(model)}"><b>{_e(model)}</b>: {_e(known.what)}. <b>Expected</b>: {_e(known.expected)}. '
-                    f"<b>Not expected</b>: {_e(known.not_expected)}.</li>"
-                )
-        if not items:
-            return ""
-        return f'<div class="banner" data-banner="expectations"><b>What these models are expected to show</b><ul>{"".join(items)}</ul></div>'
+        return expectations_banner([(model, names.get(model)) for model in self.a.models])
 
     def flows(self) -> str:
         from vlmflow.plots.flows import plot_flows

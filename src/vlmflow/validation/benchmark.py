@@ -200,6 +200,14 @@ def attention_curves(frame: pd.DataFrame, flows: Sequence[Flow], n_layers: int) 
     return out
 
 
+def answer_probability(lens: pd.DataFrame, readout: str, after: int) -> dict[str, float]:
+    """Mean probability of the answer (the likelier of its two forms) at the last position, on the
+    layer boundaries just before (``after - 1``) and just after (``after``) the question->last band."""
+    frame = lens[(lens["group"] == Group.LAST.value) & (lens["readout"] == readout) & lens["form"].isin(["answer", "answer_capitalized"])]
+    best = frame.groupby(["sample_id", "layer"])["prob"].max().groupby("layer").mean()
+    return {"p_before": float(best.get(after - 1, float("nan"))), "p_after": float(best.get(after, float("nan")))}
+
+
 def _score(
     out: Path,
     routes: PlantedRoutes,
@@ -238,15 +246,17 @@ def _score(
         }
         report["windows"][str(window)] = entry
     if attention:
-        result.attention_curves = attention_curves(pd.concat(attention, ignore_index=True), list(routes.flows), n)
+        result.attention_curves = attention_curves(pd.concat(attention, ignore_index=True), PAPER_FLOWS, n)
         result.attention = score_curves(result.attention_curves, bands, 1)
         report["attention"] = result.attention.as_dict()
     question_last = routes.flows.get(Flow(Group.QUESTION, Group.LAST))
     if lens and question_last:
-        firsts = first_top1_layers(pd.concat(lens, ignore_index=True))
+        frame = pd.concat(lens, ignore_index=True)
+        firsts = first_top1_layers(frame)
         answer = firsts[firsts["form"] == "answer_any"]
+        after = max(question_last) + 1
         report["lens"] = {
-            readout: lens_score(part["first_top1"].tolist(), after=max(question_last) + 1)
+            readout: {**lens_score(part["first_top1"].tolist(), after=after), **answer_probability(frame, readout, after)}
             for readout, part in answer.groupby("readout")
         }
     return result

@@ -68,6 +68,9 @@ def plot_validation(
                 values = per_window[name]
                 top.plot(range(len(values)), values, _WINDOW_STYLES[i % len(_WINDOW_STYLES)], color=colors[name], marker=".", label=f"window {window}")
         top.axhline(0.0, color="grey", linewidth=0.5)
+        # Flat curves stay flat: at least 5 points of change on the axis, so noise of 1e-6 % is not blown up.
+        values = [v for per_window in curves.values() for v in per_window.get(name, ())]
+        top.set_ylim(min(-5.0, 1.1 * min(values, default=0.0)), max(1.0, 1.1 * max(values, default=0.0)))
         top.set_title(f"{Flow.parse(name).label}\n({state})", fontsize="small")
         if band:
             shade_band(top, band, colors[name])
@@ -80,7 +83,7 @@ def plot_validation(
                 bottom.plot(range(len(attention[name])), attention[name], color=colors[name], marker=".")
             if band:
                 shade_band(bottom, band, colors[name])
-            bottom.set_ylim(bottom=0)
+            bottom.set_ylim(0, max(0.05, 1.1 * max(attention.get(name, ()), default=0.0)))
             if col == 0:
                 bottom.set_ylabel("Attention mass")
         for row in range(rows):
