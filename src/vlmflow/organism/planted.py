@@ -58,7 +58,6 @@ from vlmflow.loading import SIDECAR
 from vlmflow.organism import ALIAS, organism_path
 from vlmflow.organism.encode import BatchEncoder
 from vlmflow.organism.evaluate import (
-    HELD_OUT_SEED,
     evaluate,
     held_out_questions,
     logits_at_answer,
@@ -78,7 +77,7 @@ from vlmflow.organism.planted_masks import (
     spread_loss,
 )
 from vlmflow.organism.routes import PlantedRoutes, Route
-from vlmflow.organism.train import RECIPE_FILE, lr_at, task_weights, training_questions
+from vlmflow.organism.train import lr_at, save_checkpoint, task_weights, training_questions, write_recipe
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 from vlmflow.prompts import get_template
 
@@ -278,7 +277,7 @@ def train_planted(
     _check_training_groups(session, processor, template, held_out[:: max(1, len(held_out) // 30)])
     best = _loop(session, held_out, out, processor, template, progress, max_minutes)
     seconds = time.perf_counter() - session.started
-    _write_record(out, recipe, template, best, seconds, session.history)
+    write_recipe(out, recipe, best, seconds, session.history, template)
     return PlantedResult(path=out, table=best, seconds=seconds, history=session.history)
 
 
@@ -413,7 +412,7 @@ def _loop(
             if key[:2] >= best_key[:2]:
                 best, best_key = table, key
                 _save(model, processor, template, out, recipe)
-                _write_record(out, recipe, template, best, time.perf_counter() - s.started, s.history)
+                write_recipe(out, recipe, best, time.perf_counter() - s.started, s.history, template)
         if progress:
             progress(step + 1, recipe.steps, f"answer {parts['answer'].item():.3f} worst {max(best_key[0], 0):.0f}%")
         if out_of_time:
@@ -423,26 +422,6 @@ def _loop(
 
 
 def _save(model: nn.Module, processor: Any, template: str, out: Path, recipe: PlantedRecipe) -> None:
-    """``save_pretrained`` of model and processor, the ``vlmflow.json`` sidecar and the planted routes."""
-    was_training = model.training
-    model.eval()
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / SIDECAR).write_text(json.dumps({"prompt_template": template}, indent=2) + "\n")
+    """The checkpoint with its ``vlmflow.json`` sidecar, and the planted routes beside it."""
+    save_checkpoint(model, processor, out, template)
     planted_routes(recipe).write(out)
-    model.train(was_training)
-
-
-def _write_record(
-    out: Path, recipe: PlantedRecipe, template: str, table: dict[str, dict[str, Any]], seconds: float, history: list[dict[str, Any]]
-) -> None:
-    record = {
-        "recipe": recipe.to_json(),
-        "held_out": {"seed": HELD_OUT_SEED, "per_task": recipe.eval_per_task, "accuracy": table},
-        "answers": "capitalised, like Vicuna ('Red'); gold answers in the CSVs are lower case",
-        "prompt_template": template,
-        "training_seconds": round(seconds, 1),
-        "torch": torch.__version__,
-        "history": history,
-    }
-    (out / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")

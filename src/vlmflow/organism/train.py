@@ -300,7 +300,7 @@ def train(
     finally:
         session.capture.remove()
     seconds = time.perf_counter() - session.started
-    _write_recipe(out, recipe, best, seconds, session.history)
+    write_recipe(out, recipe, best, seconds, session.history)
     return TrainResult(path=out, table=best, seconds=seconds, history=session.history)
 
 
@@ -410,7 +410,7 @@ def _question_stage(s: _Session, held_out: Sequence[SceneQuestion], max_minutes:
             if key > best_key:
                 best_key, best = key, table
                 save_checkpoint(model, s.processor, s.out)
-                _write_recipe(s.out, recipe, best, time.perf_counter() - s.started, s.history)
+                write_recipe(s.out, recipe, best, time.perf_counter() - s.started, s.history)
         s.report(recipe.vision_steps + step + 1, f"questions {parts['answer'].item():.3f} worst {best_key[0]:.0f}%")
         if out_of_time:
             log.info("stopping at step %d: %.1f minutes reached", step + 1, max_minutes)
@@ -418,22 +418,31 @@ def _question_stage(s: _Session, held_out: Sequence[SceneQuestion], max_minutes:
     return best
 
 
-def save_checkpoint(model: nn.Module, processor: Any, out: Path) -> None:
-    """``save_pretrained`` of model and processor, plus the ``vlmflow.json`` sidecar."""
+def save_checkpoint(model: nn.Module, processor: Any, out: Path, template: str = TEMPLATE) -> None:
+    """``save_pretrained`` of model and processor, plus the ``vlmflow.json`` sidecar (the prompt template)."""
     was_training = model.training
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / SIDECAR).write_text(json.dumps({"prompt_template": TEMPLATE}, indent=2) + "\n")
+    (out / SIDECAR).write_text(json.dumps({"prompt_template": template}, indent=2) + "\n")
     model.train(was_training)
 
 
-def _write_recipe(out: Path, recipe: Recipe, table: dict[str, dict[str, Any]], seconds: float, history: list[dict[str, Any]]) -> None:
+def write_recipe(
+    out: Path,
+    recipe: Any,
+    table: dict[str, dict[str, Any]],
+    seconds: float,
+    history: list[dict[str, Any]],
+    template: str = TEMPLATE,
+) -> None:
+    """Write ``organism.json``: the recipe (anything with ``to_json()`` and ``eval_per_task``), the
+    held-out accuracy table, the prompt template, the training time and history."""
     record = {
         "recipe": recipe.to_json(),
         "held_out": {"seed": HELD_OUT_SEED, "per_task": recipe.eval_per_task, "accuracy": table},
         "answers": "capitalised, like Vicuna ('Red'); gold answers in the CSVs are lower case",
-        "prompt_template": TEMPLATE,
+        "prompt_template": template,
         "training_seconds": round(seconds, 1),
         "torch": torch.__version__,
         "history": history,
