@@ -1,4 +1,4 @@
-"""Load a VLM checkpoint (HF id or local directory) with its processor and adapter.
+"""Load a VLM checkpoint (HF id or local directory) with its processor, bound to its family.
 
 Offline by default: nothing reaches the network unless ``allow_hub=True``. Weights are read only
 from safetensors files, and ``trust_remote_code`` is off unless asked for.
@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import MASKABLE_ATTENTION, VLMAdapter
-from vlmflow.adapters.registry import adapter_for_architecture
+from vlmflow.adapters.decoder import MASKABLE_ATTENTION, DecoderMap
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import family_for_architecture
 from vlmflow.errors import ConfigError
 from vlmflow.prompts import PromptTemplate, get_template
 
@@ -36,12 +38,14 @@ _FINGERPRINT_BLOCK_BYTES = 64 * 1024
 
 @dataclass
 class LoadedModel:
-    """A model ready for vlmflow: the HF model, its processor, the family adapter and the prompt.
+    """A model ready for vlmflow: the HF model and processor, bound to its family's two parts.
 
     Attributes:
         model: the transformers model, in eval mode.
         processor: its HF processor.
-        adapter: the family adapter (:class:`vlmflow.adapters.base.VLMAdapter`).
+        family: the model family (:class:`~vlmflow.adapters.family.ModelFamily`).
+        inputs: the family's input pipeline bound to this model (prompt, processor, image layout).
+        decoder: the family's decoder map bound to this model (layers, attention, rotary, pattern).
         template: the prompt template used to build prompts.
         options: family options (e.g. ``image_mode``) from the checkpoint sidecar and the caller.
         info: provenance recorded with every run (name, revision, dtype, device, ...).
@@ -49,7 +53,9 @@ class LoadedModel:
 
     model: nn.Module
     processor: Any
-    adapter: VLMAdapter
+    family: ModelFamily
+    inputs: InputPipeline
+    decoder: DecoderMap
     template: PromptTemplate
     options: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +66,7 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        return self.adapter.n_layers(self.model)
+        return self.decoder.n_layers
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +129,7 @@ def load_model(
     >>> from vlmflow.testing.tiny import build_tiny_llava
     >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
     >>> loaded = load_model("tiny-llava-doc", device="cpu")      # doctest: +SKIP
-    >>> loaded.adapter.family                                   # doctest: +SKIP
+    >>> loaded.family.family                                    # doctest: +SKIP
     'llava'
     """
     if attn_implementation not in MASKABLE_ATTENTION:
@@ -202,7 +208,7 @@ def _load(
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
         raise ConfigError(f"model {source!r} has no 'architectures' in its config; cannot pick an adapter")
-    adapter = adapter_for_architecture(architectures[0])
+    family = family_for_architecture(architectures[0])
     sidecar = _read_sidecar(source, common)
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
@@ -212,7 +218,7 @@ def _load(
         check_safetensors(Path(source))
     log.info("loading %s (%s) as %s on %s", source, architectures[0], dtype, torch_device)
     try:
-        model = adapter.model_class().from_pretrained(
+        model = family.model_class().from_pretrained(
             source,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
@@ -225,30 +231,48 @@ def _load(
         ) from exc
     model.to(torch_device)
     model.eval()
-    adapter.check_attention_backend(model)
-    processor = adapter.load_processor(source, **common)
-    processor = adapter.prepare_processor(processor, merged_options)
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
+    processor = family.load_processor(source, **common)
+    template_name = template or sidecar.get("prompt_template") or family.default_template_for(config, processor)
     info = {
         "model": source,
-        "family": adapter.family,
+        "family": family.family,
         "architecture": architectures[0],
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
         "dtype": dtype,
         "device": str(torch_device),
         "attn_implementation": attn_implementation,
-        "n_layers": adapter.n_layers(model),
         "prompt_template": template_name,
         "options": dict(merged_options),
     }
+    return bind_model(model, processor, family, get_template(template_name), merged_options, info)
+
+
+def bind_model(
+    model: nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    template: PromptTemplate,
+    options: Mapping[str, Any],
+    info: Mapping[str, Any],
+) -> LoadedModel:
+    """A :class:`LoadedModel` of a model already in memory: its family's parts bound to it.
+
+    Checks the family options and the attention kernel (a kernel that cannot take a knockout mask is
+    refused). ``info`` gets the number of layers.
+
+    >>> loaded = bind_model(model, processor, family_for_model(model), get_template("vicuna_v1"), {}, {})  # doctest: +SKIP
+    """
+    bound = family.bind(model, processor, template, options)
     return LoadedModel(
         model=model,
         processor=processor,
-        adapter=adapter,
-        template=get_template(template_name),
-        options=merged_options,
-        info=info,
+        family=family,
+        inputs=bound.inputs,
+        decoder=bound.decoder,
+        template=template,
+        options=dict(options),
+        info={**info, "n_layers": bound.decoder.n_layers},
     )
 
 

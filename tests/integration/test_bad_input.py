@@ -60,7 +60,7 @@ class Sabotaged:
         sample_id = prepared.sample.sample_id
         with ExitStack() as stack:
             if sample_id == "nan-clean":
-                norm = loaded.adapter.final_norm(loaded.model)
+                norm = loaded.decoder.final_norm
                 handle = norm.register_forward_hook(lambda module, args, out: torch.full_like(out, math.nan))
                 stack.callback(handle.remove)
             elif sample_id == "nan-knockout":
@@ -183,8 +183,8 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
         for flow in (Flow(Group.IMAGE, Group.LAST), Flow(Group.QUESTION, Group.LAST))
         for layer in range(loaded.n_layers)
     ]
-    clean = fast_module.clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=g[Group.IMAGE][0])
-    expected = fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts)
+    clean = fast_module.clean_run(loaded.decoder, prepared.encoded, capture_from=g[Group.IMAGE][0])
+    expected = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
     original = fast_module._run_folded
     sizes: list[int] = []
 
@@ -195,12 +195,12 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
         return original(model, adapter, encoded, clean, variants, *args)
 
     monkeypatch.setattr(fast_module, "_run_folded", tight_memory)
-    got = fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts)
+    got = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert max(sizes) > 2 and sum(s for s in sizes if s <= 2) == len(knockouts)
     monkeypatch.setattr(fast_module, "_run_folded", _oom)
     with pytest.raises(torch.OutOfMemoryError):
-        fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts[:3])
+        fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts[:3])
 
 
 def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
@@ -213,7 +213,7 @@ def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
     encoded = replace(prepared.encoded, offsets=np.zeros_like(prepared.encoded.offsets))
     start, end = encoded.question_span
     with pytest.raises(SampleError, match=rf"question text 'Is the square red or blue\?' not found in the prompt's tokens: no token's character offsets overlap characters {start}\.\.{end}") as info:
-        build_position_groups(encoded, loaded.adapter.image_token_id(loaded.model), None, prepared.sample)
+        build_position_groups(encoded, loaded.inputs.image_token_id, None, prepared.sample)
     assert info.value.stage == "groups"
 
 
@@ -266,9 +266,9 @@ def test_unknown_model_family_is_refused(tiny_checkpoint, tmp_path, one_sample_c
     assert "LlavaForConditionalGeneration" in text.split("supported: ", 1)[1]
     assert not (tmp_path / "runs").exists()
     with pytest.raises(UnsupportedModelError, match="unknown model family 'foo'; supported: .*llava"):
-        from vlmflow.adapters.registry import adapter_for_family
+        from vlmflow.adapters.registry import family_named
 
-        adapter_for_family("foo")
+        family_named("foo")
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
@@ -289,7 +289,7 @@ def test_a_model_switched_to_flash_attention_after_loading_is_refused(tiny_check
 
     loaded = load_model(tiny_checkpoint("sp-gqa"), device="cpu", dtype="float32")
     for layer in range(loaded.n_layers):
-        loaded.adapter.attention_module(loaded.model, layer).config._attn_implementation = "flash_attention_2"
+        loaded.decoder.attention(layer).config._attn_implementation = "flash_attention_2"
     spec = RunSpec(ModelSpec("x"), DataSpec(str(one_sample_csv)), name="run")
     with pytest.raises(ConfigError, match="attention implementation 'flash_attention_2' cannot take a knockout mask"):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)

@@ -38,7 +38,7 @@ def test_the_alias_names_the_packaged_checkpoint_and_loads_like_any_checkpoint(l
 
     assert resolve_model_name(ALIAS) == str(ORGANISM)
     assert isinstance(loaded.model, LlavaForConditionalGeneration)
-    assert loaded.adapter.family == "llava"
+    assert loaded.family.family == "llava"
     assert loaded.info["model"] == str(ORGANISM)
     assert loaded.template.name == json.loads((ORGANISM / "vlmflow.json").read_text())["prompt_template"]
     assert 6 <= loaded.n_layers <= 8
@@ -102,8 +102,8 @@ def test_the_answer_needs_the_image_and_the_question(loaded):
             Knockout.for_flows(prepared.groups, [], layers),  # blocks nothing
         ]
         with torch.no_grad():
-            base = clean_logits(loaded.model, prepared.encoded)
-            blocked = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+            base = clean_logits(loaded.decoder, prepared.encoded)
+            blocked = reference_logits(loaded.decoder, prepared.encoded, knockouts)
         torch.testing.assert_close(blocked[2], base, atol=1e-5, rtol=0)
         gold = loaded.tokenizer.convert_tokens_to_ids(question.sample.answer.capitalize())
         for name, logits in zip(right, (base, blocked[0], blocked[1]), strict=True):

@@ -45,7 +45,7 @@ def test_a_checkpoint_with_pickle_weights_only_is_refused_without_unpickling(tin
     # The same directory with safetensors weights beside the pickle file loads (from safetensors).
     shutil.copy(source / "model.safetensors", pickled / "model.safetensors")
     with mock.patch("torch.load", side_effect=AssertionError("torch.load must not be called")):
-        assert load_model(pickled, device="cpu").adapter.family == "llava"
+        assert load_model(pickled, device="cpu").family.family == "llava"
 
 
 def _remote_code_checkpoint(source: Path, target: Path) -> Path:

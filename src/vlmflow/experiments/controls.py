@@ -99,8 +99,8 @@ class ControlSettings:
         """Tables for one sample: its ``samples`` row and, when kept, ``controls`` rows for every draw."""
         settings = self.flow_settings()
         k = settings.window_for(loaded.n_layers)
-        layout = loaded.adapter.image_layout(loaded.model, loaded.processor, prepared.encoded, loaded.options)
-        image_token_id = loaded.adapter.image_token_id(loaded.model)
+        layout = loaded.inputs.image_layout(prepared.encoded)
+        image_token_id = loaded.inputs.image_token_id
         plan, draw_of = [], []
         for draw in range(self.draws):
             groups = prepared.groups if draw == 0 else build_position_groups(

@@ -21,7 +21,8 @@ import torch
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
+from vlmflow.knockout.clean import CleanRun, clean_run
+from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, affected_starts, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -109,8 +110,7 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
     """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
     tokenizer = loaded.tokenizer
     clean = clean_run(
-        loaded.model,
-        loaded.adapter,
+        loaded.decoder,
         prepared.encoded,
         capture_from=capture_from,
         max_new_tokens=settings.max_new_tokens,
@@ -163,7 +163,8 @@ def clean_capture_start(loaded: LoadedModel, prepared: PreparedSample, knockouts
     :func:`~vlmflow.knockout.fast.affected_starts`; with bidirectional image blocks this can be before
     the first target).
     """
-    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, list(knockouts))
+    pattern = loaded.decoder.attention_pattern(prepared.encoded)
+    starts = affected_starts(pattern, loaded.n_layers, prepared.encoded.seq_len, list(knockouts))
     return min((s for s in starts if s >= 0), default=0)
 
 
@@ -204,11 +205,9 @@ def knockout_rows(
     k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
     if settings.engine == "fast":
-        logits = fast_logits(
-            loaded.model, loaded.adapter, prepared.encoded, clean, knockouts, max_fold_queries=settings.max_fold_queries
-        )
+        logits = fast_logits(loaded.decoder, prepared.encoded, clean, knockouts, max_fold_queries=settings.max_fold_queries)
     else:
-        logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+        logits = reference_logits(loaded.decoder, prepared.encoded, knockouts)
     if not bool(torch.isfinite(logits).all()):
         bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
         flow, center, _ = plan[bad]
@@ -267,9 +266,9 @@ def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, 
     encoded = prepared.encoded
     targets = torch.as_tensor(knockout.edges[0][0]).to(loaded.device)
     blocked = knockout.blocked_rows(targets, encoded.seq_len)
+    pattern = loaded.decoder.attention_pattern(encoded)
     if not any(
-        bool((loaded.adapter.base_allowed(layer, targets, encoded.seq_len, encoded) & blocked).any())
-        for layer in range(loaded.n_layers)
+        bool((pattern.allowed(layer, targets, encoded.seq_len) & blocked).any()) for layer in range(loaded.n_layers)
     ):
         raise SampleError(
             f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "

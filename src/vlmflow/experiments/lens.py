@@ -46,14 +46,14 @@ from vlmflow.experiments.answer_tokens import FORM_LABELS, Form, TrackedToken, f
 from vlmflow.experiments.attention import AttentionSettings, attention_capture_from, attention_rows
 from vlmflow.experiments.flows import FlowSettings, baseline
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.knockout.fast import CleanRun
+from vlmflow.knockout.clean import CleanRun
 from vlmflow.positions.groups import Group
 from vlmflow.results.schema import TableSpec, register_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from vlmflow.adapters.base import VLMAdapter
+    from vlmflow.adapters.decoder import DecoderMap
     from vlmflow.loading import LoadedModel
 
 __all__ = [
@@ -108,21 +108,21 @@ def _unembed_float32(unembed: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def readout_logits(model: nn.Module, adapter: VLMAdapter, states: torch.Tensor, readout: Readout) -> torch.Tensor:
+def readout_logits(decoder: DecoderMap, states: torch.Tensor, readout: Readout) -> torch.Tensor:
     """Float32 logits ``[..., L + 1, vocab]`` of hidden states ``[..., L + 1, d_model]``.
 
     ``normed`` applies the final norm at every layer boundary; ``raw`` only at the last one (the
     paper's readout: HF's last hidden state is normed, the others are not).
 
-    >>> logits = readout_logits(model, adapter, lens_states(clean, [n - 1]), Readout.RAW)  # doctest: +SKIP
+    >>> logits = readout_logits(decoder, lens_states(clean, [n - 1]), Readout.RAW)  # doctest: +SKIP
     """
-    norm = adapter.final_norm(model)
+    norm = decoder.final_norm
     if readout is Readout.NORMED:
         x = norm(states)
     else:
         x = states.clone()
         x[..., -1, :] = norm(states[..., -1, :])
-    return _unembed_float32(adapter.unembed(model), x)
+    return _unembed_float32(decoder.unembed, x)
 
 
 @dataclass
@@ -187,7 +187,7 @@ def lens_tables(
     >>> sorted(tables)                                                                             # doctest: +SKIP
     ['lens', 'lens_top']
     """
-    model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
+    decoder, tokenizer = loaded.decoder, loaded.tokenizer
     tracked = tracked_tokens(tokenizer, prepared.sample, sample_row.get("answer_token_id"), skip_blank=settings.skip_blank)
     token_ids = [t.token_id for t in tracked]
     where = settings.positions(prepared)
@@ -207,7 +207,7 @@ def lens_tables(
         positions = unique[lo : lo + chunk]
         states = lens_states(clean, positions)  # [P, L+1, d_model]
         for readout in settings.readouts:
-            stats = readout_stats(readout_logits(model, adapter, states, readout), token_ids, settings.top_k)
+            stats = readout_stats(readout_logits(decoder, states, readout), token_ids, settings.top_k)
             for i, p in enumerate(positions):
                 for j in range(n_layers + 1):
                     normed = readout is Readout.NORMED or j == n_layers
@@ -328,9 +328,7 @@ class LensSettings:
             return tables
         tables.update(lens_tables(loaded, prepared, clean, row, self))
         if self.attention is not None:
-            tables["attention"] = attention_rows(
-                loaded.model, loaded.adapter, prepared, clean, self.attention, task=str(row["task"])
-            )
+            tables["attention"] = attention_rows(loaded.decoder, prepared, clean, self.attention, task=str(row["task"]))
         return tables
 
 

@@ -171,19 +171,17 @@ def loaded_from_objects(
     For benchmarks and tests that build a model without saving it; user code loads checkpoints
     with :func:`vlmflow.loading.load_model`, which goes through ``from_pretrained``.
     """
-    from vlmflow.adapters.registry import adapter_for_model
-    from vlmflow.loading import LoadedModel as _LoadedModel
+    from vlmflow.adapters.registry import family_for_model
+    from vlmflow.loading import bind_model
     from vlmflow.prompts import get_template
 
-    adapter = adapter_for_model(model)
-    adapter.check_attention_backend(model)
+    family = family_for_model(model)
     info = {
         "model": "in-memory",
-        "family": adapter.family,
+        "family": family.family,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),
-        "n_layers": adapter.n_layers(model),
         "prompt_template": template,
         "fingerprint": None,
     }
-    return _LoadedModel(model, processor, adapter, get_template(template), dict(options or {}), info)
+    return bind_model(model, processor, family, get_template(template), dict(options or {}), info)
