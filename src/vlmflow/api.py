@@ -86,7 +86,7 @@ class Run:
         return self.store.tables()
 
     def table(self, name: str) -> pd.DataFrame:
-        """All rows of table ``name`` (schemas: :mod:`vlmflow.results.schema`, ``docs/results.md``)."""
+        """All rows of table ``name`` (columns: :mod:`vlmflow.results.tables`, ``docs/results.md``)."""
         return self.store.read(name)
 
     # --- the tables users reach for --------------------------------------------------------------------
@@ -112,6 +112,21 @@ class Run:
     def lens(self) -> pd.DataFrame:
         """The lens table: probability and rank of each tracked form per (sample, readout, position, layer)."""
         return self.table("lens")
+
+    @property
+    def lens_top(self) -> pd.DataFrame:
+        """The lens's top-k tokens and entropy per (sample, readout, position, layer), with the input token."""
+        return self.table("lens_top")
+
+    @property
+    def controls(self) -> pd.DataFrame:
+        """The random-patch control: ``flows`` rows of ``random->TARGET`` knockouts plus the random ``draw``."""
+        return self.table("controls")
+
+    @property
+    def attention(self) -> pd.DataFrame:
+        """Attention mass per (sample, layer, target group, source group): ``mass`` and ``mass_per_head``."""
+        return self.table("attention")
 
     def curves(self) -> pd.DataFrame:
         """The flow figure's numbers: mean % change and 95% bootstrap band per (task, flow, layer).

@@ -32,8 +32,8 @@ from vlmflow.experiments.runner import (
     stored_spec,
 )
 from vlmflow.results.identity import identity_of, read_spec
-from vlmflow.results.schema import table_spec
 from vlmflow.results.store import RunStore
+from vlmflow.results.tables import table_spec
 
 N_SAMPLES = 10
 MISSING = "q7"  # its image file does not exist: an ``errors`` row, in every executor alike

@@ -26,8 +26,8 @@ import pytest
 import torch
 
 from vlmflow.cli.main import main
-from vlmflow.results.schema import TABLES
 from vlmflow.results.store import PARTS_DIR, RunStore
+from vlmflow.results.tables import TABLES
 from vlmflow.testing.dataset import write_scene_dataset
 
 N_SAMPLES = 14

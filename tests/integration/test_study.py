@@ -115,7 +115,7 @@ def test_random_control_is_a_knockout_of_size_matched_non_related_patches(tiny_l
         direct = analyse_sample(loaded, prepared, FlowSettings(flows=(Flow(Group.RANDOM, Group.QUESTION),), window=3, keep_all=True))
         mine = rows[rows["draw"] == draw].sort_values("layer")
         torch.testing.assert_close(
-            torch.tensor(mine["p_blocked"].to_numpy()), torch.tensor([r["p_blocked"] for r in direct.rows], dtype=torch.float64), rtol=1e-5, atol=1e-7
+            torch.tensor(mine["p_blocked"].to_numpy()), torch.tensor([r.p_blocked for r in direct.rows], dtype=torch.float64), rtol=1e-5, atol=1e-7
         )
         assert (mine["n_source"] == len(related)).all()
     assert len(set(drawn)) > 1  # the draws differ

@@ -129,7 +129,7 @@ class ShardWorker:
                 log.info("shard %d: %d samples already committed, skipped", shard, len(result.skipped))
         for tables in iter_samples(self.loaded, todo, Path(images), spec.experiment):
             store.commit(tables)
-            ids = sorted({row["sample_id"] for name in ("samples", "errors") for row in tables.get(name, ())})
+            ids = sorted({row.sample_id for name in ("samples", "errors") for row in tables.get(name, ())})
             result.committed.extend(ids)
             if on_commit is not None:
                 on_commit(ids)

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
@@ -33,7 +32,7 @@ from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.knockout.fast import CleanRun
 from vlmflow.knockout.mask import to_kernel_mask
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.results.schema import TableSpec, register_table
+from vlmflow.results.tables import AttentionRow
 
 DEFAULT_TARGETS = (Group.IMAGE, Group.QUESTION, Group.LAST)
 DEFAULT_SOURCES = (Group.SYSTEM, Group.IMAGE, Group.RELATED, Group.OTHER, Group.QUESTION, Group.SUFFIX, Group.LAST)
@@ -202,47 +201,22 @@ def attention_rows(
     settings: AttentionSettings,
     *,
     task: str = "",
-) -> list[dict[str, Any]]:
+) -> list[AttentionRow]:
     """Rows of the ``attention`` table for one sample (see :func:`group_attention_mass`)."""
     groups = prepared.groups
     masses = group_attention_mass(model, adapter, prepared.encoded, groups, clean, settings)
     return [
-        {
-            "sample_id": prepared.sample.sample_id,
-            "task": task,
-            "layer": layer,
-            "target": target.value,
-            "source": source.value,
-            "mass": float(per_head.mean()),
-            "mass_per_head": per_head.tolist(),
-            "n_target": len(groups[target]),
-            "n_source": len(groups[source]),
-        }
+        AttentionRow(
+            sample_id=prepared.sample.sample_id,
+            task=task,
+            layer=layer,
+            target=target.value,
+            source=source.value,
+            mass=float(per_head.mean()),
+            mass_per_head=per_head.tolist(),
+            n_target=len(groups[target]),
+            n_source=len(groups[source]),
+        )
         for (layer, target, source), per_head in masses.items()
     ]
 
-
-def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
-    return pa.field(name, type_, nullable=False, metadata={"doc": doc})
-
-
-ATTENTION_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-        _field("task", pa.string(), "Task name of the sample; '' when unknown."),
-        _field("layer", pa.int32(), "Decoder layer, 0-based."),
-        _field("target", pa.string(), "Query group (the positions that attend)."),
-        _field("source", pa.string(), "Key group (the positions attended to)."),
-        _field(
-            "mass",
-            pa.float64(),
-            "Attention probability the target's queries put on the source's keys: summed over the keys, "
-            "averaged over the target's queries, then over heads (0..1).",
-        ),
-        _field("mass_per_head", pa.list_(pa.float64()), "The same before averaging over heads, one value per head."),
-        _field("n_target", pa.int32(), "Number of target positions."),
-        _field("n_source", pa.int32(), "Number of source positions."),
-    ]
-)
-
-ATTENTION_TABLE = register_table(TableSpec("attention", ATTENTION_SCHEMA, ("sample_id", "layer", "target", "source")))

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 from vlmflow.errors import ConfigError
 from vlmflow.experiments.flows import (
     ENGINES,
@@ -33,7 +31,7 @@ from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
 from vlmflow.positions.groups import Flow, Group
-from vlmflow.results.schema import FLOWS_SCHEMA, TableSpec, register_table
+from vlmflow.results.tables import ControlRow, Row
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class ControlSettings:
             "max_new_tokens": self.max_new_tokens,
         }
 
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
         """Tables for one sample: its ``samples`` row and, when kept, ``controls`` rows for every draw."""
         settings = self.flow_settings()
         k = settings.window_for(loaded.n_layers)
@@ -111,20 +109,9 @@ class ControlSettings:
             draw_of.extend([draw] * len(part))
         capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
         clean, row = baseline(loaded, prepared, settings, capture_from)
-        tables: dict[str, list[dict[str, Any]]] = {"samples": [row]}
-        if row["kept"]:
+        tables: dict[str, list[Row]] = {"samples": [row]}
+        if row.kept:
             rows = knockout_rows(loaded, prepared, clean, row, plan, settings)
-            tables["controls"] = [{**r, "draw": d} for r, d in zip(rows, draw_of, strict=True)]
+            tables["controls"] = [ControlRow.of(r, draw=d) for r, d in zip(rows, draw_of, strict=True)]
         return tables
 
-
-CONTROLS_SCHEMA = FLOWS_SCHEMA.append(
-    pa.field(
-        "draw",
-        pa.int32(),
-        nullable=False,
-        metadata={"doc": "Index of the random draw of size-matched non-related patches (0-based)."},
-    )
-)
-
-CONTROLS_TABLE = register_table(TableSpec("controls", CONTROLS_SCHEMA, ("sample_id", "flow", "draw", "layer")))

@@ -26,6 +26,7 @@ from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group, PositionGroups
+from vlmflow.results.tables import FlowRow, Row, SampleRow
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class FlowSettings:
             "max_new_tokens": self.max_new_tokens,
         }
 
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
         """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
         result = analyse_sample(loaded, prepared, self)
         return {"samples": [result.sample], "flows": result.rows}
@@ -93,8 +94,8 @@ class FlowSettings:
 class SampleResult:
     """Rows produced for one sample: its ``samples`` row and its ``flows`` rows."""
 
-    sample: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    sample: SampleRow
+    rows: list[FlowRow] = field(default_factory=list)
     clean: CleanRun | None = None
 
 
@@ -105,7 +106,7 @@ def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None
             groups[group]  # raises with the reason
 
 
-def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, dict[str, Any]]:
+def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, SampleRow]:
     """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
     tokenizer = loaded.tokenizer
     clean = clean_run(
@@ -125,22 +126,22 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
     prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
     sample = prepared.sample
     correct = prediction.lower() == sample.answer.strip().lower()
-    row = {
-        "sample_id": sample.sample_id,
-        "task": sample.task.value if sample.task else "",
-        "image_id": sample.image_id,
-        "question": sample.question,
-        "answer": sample.answer,
-        "prediction": prediction,
-        "correct": correct,
-        "kept": bool(correct or settings.keep_all),
-        "answer_token_id": answer_id,
-        "answer_token": str(tokenizer.convert_ids_to_tokens(answer_id)),
-        "p_base": float(log_probs[answer_id].exp()),
-        "seq_len": prepared.encoded.seq_len,
-        "n_image_tokens": len(prepared.groups[Group.IMAGE]),
-        "group_sizes": json.dumps(prepared.groups.sizes(), sort_keys=True),
-    }
+    row = SampleRow(
+        sample_id=sample.sample_id,
+        task=sample.task.value if sample.task else "",
+        image_id=sample.image_id,
+        question=sample.question,
+        answer=sample.answer,
+        prediction=prediction,
+        correct=correct,
+        kept=bool(correct or settings.keep_all),
+        answer_token_id=answer_id,
+        answer_token=str(tokenizer.convert_ids_to_tokens(answer_id)),
+        p_base=float(log_probs[answer_id].exp()),
+        seq_len=prepared.encoded.seq_len,
+        n_image_tokens=len(prepared.groups[Group.IMAGE]),
+        group_sizes=json.dumps(prepared.groups.sizes(), sort_keys=True),
+    )
     return clean, row
 
 
@@ -150,7 +151,7 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
     capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
-    if not sample_row["kept"]:
+    if not sample_row.kept:
         return result
     result.rows = knockout_rows(loaded, prepared, clean, sample_row, plan, settings)
     return result
@@ -190,10 +191,10 @@ def knockout_rows(
     loaded: LoadedModel,
     prepared: PreparedSample,
     clean: CleanRun,
-    sample_row: dict[str, Any],
+    sample_row: SampleRow,
     plan: Sequence[tuple[Flow, int, Knockout]],
     settings: FlowSettings,
-) -> list[dict[str, Any]]:
+) -> list[FlowRow]:
     """One ``flows`` row per ``(flow, centre, knockout)`` of ``plan``, in plan order.
 
     ``clean`` and ``sample_row`` come from :func:`baseline`; ``settings`` gives the engine and the
@@ -217,34 +218,34 @@ def knockout_rows(
             f"{_non_finite(logits[bad])})",
             stage="knockout",
         )
-    answer_id = sample_row["answer_token_id"]
+    answer_id = sample_row.answer_token_id
     logp_base = torch.log_softmax(clean.logits.cpu(), dim=-1)[answer_id]
     logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
     top = torch.argmax(logits, dim=-1)
     p_base = float(logp_base.exp())
-    rows: list[dict[str, Any]] = []
+    rows: list[FlowRow] = []
     for i, (flow, center, knockout) in enumerate(plan):
         p_blocked = float(logp[i].exp())
         target, source = knockout.edges[0]
         rows.append(
-            {
-                "sample_id": prepared.sample.sample_id,
-                "task": sample_row["task"],
-                "flow": str(flow),
-                "layer": center,
-                "layers_blocked": list(knockout.layers),
-                "window": k,
-                "p_base": p_base,
-                "p_blocked": p_blocked,
-                "rel_change": 100.0 * (p_blocked - p_base) / p_base,
-                "logprob_diff": float(logp[i] - logp_base),
-                "answer_changed": int(top[i]) != answer_id,
-                "answer_token_id": answer_id,
-                "blocked_token_id": int(top[i]),
-                "n_source": len(source),
-                "n_target": len(target),
-                "engine": settings.engine,
-            }
+            FlowRow(
+                sample_id=prepared.sample.sample_id,
+                task=sample_row.task,
+                flow=flow,
+                layer=center,
+                layers_blocked=list(knockout.layers),
+                window=k,
+                p_base=p_base,
+                p_blocked=p_blocked,
+                rel_change=100.0 * (p_blocked - p_base) / p_base,
+                logprob_diff=float(logp[i] - logp_base),
+                answer_changed=int(top[i]) != answer_id,
+                answer_token_id=answer_id,
+                blocked_token_id=int(top[i]),
+                n_source=len(source),
+                n_target=len(target),
+                engine=settings.engine,
+            )
         )
     return rows
 

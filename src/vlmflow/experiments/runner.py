@@ -30,6 +30,7 @@ from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
 from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.loading import LoadedModel, load_model
+from vlmflow.results.tables import ErrorRow, Row
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Experiment(Protocol):
         """JSON-able settings that must match for a run directory to be resumed."""
         ...
 
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
         """Tables to commit for one sample (always including its ``samples`` row)."""
         ...
 
@@ -196,7 +197,7 @@ def provenance(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]:
+def load_data(spec: DataSpec) -> tuple[list[Sample], list[ErrorRow], Path]:
     """Read the samples and resolve the images folder; raise :class:`ConfigError` on bad config.
 
     Returns the samples (limited), error rows for malformed lines, and the images folder.
@@ -205,9 +206,7 @@ def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]
 
     result, _task = load_samples(spec.data)
     samples = result.samples[: spec.limit] if spec.limit else result.samples
-    errors = [
-        {"sample_id": f"line:{err.line}", "stage": "read", "reason": err.reason} for err in result.errors
-    ]
+    errors = [ErrorRow(sample_id=f"line:{err.line}", stage="read", reason=err.reason) for err in result.errors]
     if spec.images is not None:
         images = Path(spec.images)
     else:
@@ -239,7 +238,7 @@ def iter_samples(
     samples: list[Sample],
     images: Path,
     experiment: Experiment,
-) -> Iterator[dict[str, list[dict[str, Any]]]]:
+) -> Iterator[dict[str, list[Row]]]:
     """Yield, per sample, the tables to commit (the experiment's tables, or an ``errors`` row)."""
     for sample in samples:
         out_of_memory: str | None = None
@@ -249,7 +248,7 @@ def iter_samples(
             tables = experiment.analyse(loaded, prepared)
         except SampleError as exc:
             log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
-            yield {"errors": [{"sample_id": sample.sample_id, "stage": exc.stage, "reason": exc.reason}]}
+            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage=exc.stage, reason=exc.reason)]}
             continue
         except torch.OutOfMemoryError as exc:  # the engine already retried with smaller folds
             out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
@@ -258,7 +257,7 @@ def iter_samples(
             free_memory()
             reason = f"out of memory even at the smallest fold size: {out_of_memory}"
             log.warning("sample %s skipped: %s", sample.sample_id, reason)
-            yield {"errors": [{"sample_id": sample.sample_id, "stage": "memory", "reason": reason}]}
+            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage="memory", reason=reason)]}
             continue
         yield tables
 
@@ -332,7 +331,7 @@ def open_run(
     spec: RunSpec,
     out: Path | str,
     stored: dict[str, Any],
-    data: tuple[list[Sample], list[dict[str, Any]], Path],
+    data: tuple[list[Sample], list[ErrorRow], Path],
 ) -> OpenRun:
     """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
 
@@ -345,7 +344,7 @@ def open_run(
     path = Path(out) / spec.run_name()
     store = RunStore.open(path, stored)
     done = store.done_sample_ids()
-    fresh_read_errors = [e for e in read_errors if e["sample_id"] not in done]
+    fresh_read_errors = [e for e in read_errors if e.sample_id not in done]
     if fresh_read_errors:
         store.commit({"errors": fresh_read_errors})
     todo = [s for s in samples if s.sample_id not in done]

@@ -23,7 +23,7 @@ from vlmflow.experiments.lens import (
     tracked_tokens,
 )
 from vlmflow.positions.groups import Group
-from vlmflow.results.schema import TABLES
+from vlmflow.results.tables import TABLES
 from vlmflow.testing.tokenizers import build_tokenizer
 
 KINDS = ["sentencepiece", "bytelevel", "word"]
