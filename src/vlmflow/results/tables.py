@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vlmflow.errors import ConfigError
@@ -179,8 +180,8 @@ class AttentionRow:
     n_source: Int32 = column("Number of source positions.")
 
 
-#: Every result table, by name (the order of ``docs/results.md``).
-TABLES: Mapping[str, TableSpec] = {
+#: Every result table, by name (the order of ``docs/results.md``); read-only.
+TABLES: Mapping[str, TableSpec] = MappingProxyType({
     spec.name: spec
     for spec in (
         TableSpec("samples", SampleRow, ("sample_id",), core=True),
@@ -191,7 +192,7 @@ TABLES: Mapping[str, TableSpec] = {
         TableSpec("lens_top", LensTopRow, ("sample_id", "readout", "group", "position", "layer")),
         TableSpec("attention", AttentionRow, ("sample_id", "layer", "target", "source")),
     )
-}
+})
 
 #: Any row of a result table.
 Row = SampleRow | ErrorRow | FlowRow | ControlRow | LensRow | LensTopRow | AttentionRow
