@@ -152,33 +152,25 @@ def setting(
 
 
 @dataclass(frozen=True)
-class Declared:
-    """One declared field, resolved for its consumers.
+class Declared(_Declaration):
+    """One declared field, resolved for its consumers: what :func:`setting` recorded, plus
 
     Attributes:
-        attr: the attribute name (also the identity key).
         key: the name users give it (CLI parameter, API keyword).
-        default: the field's default (``MISSING``: required).
         flags: CLI spellings (empty: not on the CLI).
         config: study-config key (``None``: not read from configs).
+        attr: the attribute name (also the identity key).
+        default: the field's default (``MISSING``: required).
         hint: the field's resolved type; ``optional``/``many``/``item`` its shape
             (``tuple[Flow, ...] | None``: optional, many, item ``Flow``).
         nested: the settings type of a field holding one (e.g. ``LensSettings.attention``).
     """
 
-    attr: str
     key: str
-    help: str
-    default: Any
     flags: tuple[str, ...]
     config: str | None
-    keyword: bool
-    identity: bool | Literal["inline"]
-    choices: tuple[str, ...]
-    minimum: int | None
-    invert: bool
-    invalid: str | None
-    encode: Callable[[Any], Any] | None
+    attr: str
+    default: Any
     hint: Any
     optional: bool
     many: bool
@@ -235,14 +227,13 @@ def declared(cls: type) -> tuple[Declared, ...]:
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING
         )
+        recorded = {r.name: getattr(record, r.name) for r in dataclasses.fields(record)}
         out.append(
             Declared(
-                attr=f.name, key=key, help=record.help, default=default, flags=flags, config=config,
-                keyword=record.keyword, identity=record.identity, choices=record.choices, minimum=record.minimum,
-                invert=record.invert, invalid=record.invalid, encode=record.encode, hint=hints[f.name],
-                optional=optional, many=many, item=item, nested=nested,
+                **{**recorded, "key": key, "flags": flags, "config": config},
+                attr=f.name, default=default, hint=hints[f.name], optional=optional, many=many, item=item, nested=nested,
             )
-        )  # fmt: skip
+        )
     return tuple(out)
 
 
