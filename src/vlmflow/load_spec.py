@@ -88,7 +88,7 @@ class LoadSpec(Settings):
     )
 
     def __post_init__(self) -> None:
-        options = self.options
+        options = () if self.options is None else self.options
         if isinstance(options, Mapping):
             options = tuple(sorted(options.items()))
         elif not isinstance(options, tuple):

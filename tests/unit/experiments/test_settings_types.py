@@ -105,6 +105,7 @@ def test_where_and_with_which_permissions_a_model_runs_is_not_identity():
 def test_image_mode_is_a_family_option():
     assert LoadSpec("m", image_mode="crop").options == (("image_mode", "crop"),)
     assert LoadSpec("m", options={"image_mode": "pad", "x": 1}).image_mode == "pad"
+    assert LoadSpec("m", options=None).options == ()  # load_model(..., options=None) as before
     assert LoadSpec("m", image_mode="crop", options={"image_mode": "pad"}).options == (("image_mode", "crop"),)
     spec = load_spec(LoadSpec("m", image_mode="pad"), {"image_mode": "crop"}, "load_model")
     assert spec.image_mode == "crop" and spec.options == (("image_mode", "crop"),)
