@@ -101,7 +101,7 @@ def test_a_changed_config_does_not_mix_into_existing_runs(study: Path, tiny_load
 def test_random_control_is_a_knockout_of_size_matched_non_related_patches(tiny_loaded):
     loaded = tiny_loaded(SHAPE)
     sample, image = make_scene_sample()
-    settings = ControlSettings(draws=3, window=3, keep_all=True)
+    settings = ControlSettings(draws=3, flow_settings=FlowSettings(window=3, keep_all=True))
     rows = pd.DataFrame(settings.analyse(loaded, prepare_sample(loaded, sample, image))["controls"])
     assert sorted(rows["draw"].unique()) == [0, 1, 2] and len(rows) == 3 * loaded.n_layers
     drawn = []

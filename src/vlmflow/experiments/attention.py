@@ -20,54 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmflow.adapters.base import Encoded, VLMAdapter
-from vlmflow.errors import ConfigError
 from vlmflow.experiments.prepare import PreparedSample
+from vlmflow.experiments.settings import AttentionSettings
 from vlmflow.knockout.fast import CleanRun
 from vlmflow.knockout.mask import to_kernel_mask
 from vlmflow.positions.groups import Group, PositionGroups
 from vlmflow.results.tables import AttentionRow
-
-DEFAULT_TARGETS = (Group.IMAGE, Group.QUESTION, Group.LAST)
-DEFAULT_SOURCES = (Group.SYSTEM, Group.IMAGE, Group.RELATED, Group.OTHER, Group.QUESTION, Group.SUFFIX, Group.LAST)
-
-
-@dataclass(frozen=True)
-class AttentionSettings:
-    """Which group-to-group masses to record.
-
-    Attributes:
-        targets: query groups (rows); one mass per (layer, target, source).
-        sources: key groups (columns). Groups may overlap (``related`` lies inside ``image``).
-        max_chunk_queries: query rows recomputed per layer call; bounds the ``[head, chunk, seq]``
-            probabilities held at once.
-
-    >>> AttentionSettings().identity()["targets"]
-    ['image', 'question', 'last']
-    """
-
-    targets: tuple[Group, ...] = DEFAULT_TARGETS
-    sources: tuple[Group, ...] = DEFAULT_SOURCES
-    max_chunk_queries: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.targets or not self.sources:
-            raise ConfigError("attention summaries need at least one target and one source group")
-        for name, groups in (("targets", self.targets), ("sources", self.sources)):
-            if len(set(groups)) != len(groups):
-                raise ConfigError(f"duplicate {name} in {[g.value for g in groups]}")
-        if self.max_chunk_queries < 1:
-            raise ConfigError(f"max_chunk_queries must be >= 1, got {self.max_chunk_queries}")
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings (the chunk size does not change results and is left out)."""
-        return {"targets": [g.value for g in self.targets], "sources": [g.value for g in self.sources]}
 
 
 def _available(groups: PositionGroups, wanted: tuple[Group, ...]) -> list[Group]:

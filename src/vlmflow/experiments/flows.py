@@ -14,80 +14,27 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 
-from vlmflow.errors import ConfigError, SampleError
+from vlmflow.errors import SampleError
+from vlmflow.experiments.engines import ENGINES
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
-from vlmflow.knockout.reference import reference_logits
+from vlmflow.experiments.settings import FlowSettings
+from vlmflow.experiments.windows import sweep
+from vlmflow.knockout.fast import CleanRun, affected_starts, clean_run
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
-from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group, PositionGroups
+from vlmflow.positions.groups import Flow, Group, PositionGroups
 from vlmflow.results.tables import FlowRow, Row, SampleRow
 
 log = logging.getLogger(__name__)
 
-Engine = Literal["fast", "reference"]
-ENGINES = ("fast", "reference")
 
-
-@dataclass(frozen=True)
-class FlowSettings:
-    """How to run the flow experiment.
-
-    Attributes:
-        flows: the flows to knock out (default: the paper's six).
-        window: layers per window (``None``: the paper's rule for the model depth, 7 for 32 layers).
-        keep_all: keep samples the model answers wrongly (the paper keeps only correct ones).
-        engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
-        max_new_tokens: greedy tokens generated for the baseline answer.
-        max_fold_queries: bound on query rows per folded layer call (memory/speed trade-off).
-
-    >>> FlowSettings(window=9).flows[0]
-    Flow(source=<Group.QUESTION: 'question'>, target=<Group.LAST: 'last'>)
-    """
-
-    flows: tuple[Flow, ...] = PAPER_FLOWS
-    window: int | None = None
-    keep_all: bool = False
-    engine: Engine = "fast"
-    max_new_tokens: int = 12
-    max_fold_queries: int = DEFAULT_FOLD_QUERIES
-
-    def __post_init__(self) -> None:
-        if not self.flows:
-            raise ConfigError("no flows given; pass at least one flow such as 'image->last'")
-        if len(set(self.flows)) != len(self.flows):
-            raise ConfigError(f"duplicate flows in {[str(f) for f in self.flows]}")
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"window must be a positive number of layers, got {self.window}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    name = "flows"
-
-    def window_for(self, n_layers: int) -> int:
-        return self.window if self.window is not None else default_window(n_layers)
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings that define the run (flows as ``"src->tgt"`` strings)."""
-        return {
-            "flows": [str(f) for f in self.flows],
-            "window": self.window,
-            "keep_all": self.keep_all,
-            "engine": self.engine,
-            "max_new_tokens": self.max_new_tokens,
-        }
-
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
-        """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
-        result = analyse_sample(loaded, prepared, self)
-        return {"samples": [result.sample], "flows": result.rows}
+def flow_tables(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> dict[str, list[Row]]:
+    """Tables for one sample (:meth:`FlowSettings.analyse`): its ``samples`` row and its ``flows`` rows."""
+    result = analyse_sample(loaded, prepared, settings)
+    return {"samples": [result.sample], "flows": result.rows}
 
 
 @dataclass
@@ -204,12 +151,7 @@ def knockout_rows(
     """
     k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
-    if settings.engine == "fast":
-        logits = fast_logits(
-            loaded.model, loaded.adapter, prepared.encoded, clean, knockouts, max_fold_queries=settings.max_fold_queries
-        )
-    else:
-        logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+    logits = ENGINES[settings.engine].knockout_logits(loaded, prepared.encoded, clean, knockouts, settings.max_fold_queries)
     if not bool(torch.isfinite(logits).all()):
         bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
         flow, center, _ = plan[bad]
@@ -244,7 +186,7 @@ def knockout_rows(
                 blocked_token_id=int(top[i]),
                 n_source=len(source),
                 n_target=len(target),
-                engine=settings.engine,
+                engine=str(settings.engine),
             )
         )
     return rows

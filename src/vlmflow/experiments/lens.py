@@ -25,7 +25,7 @@ Everything is computed from one :class:`~vlmflow.knockout.fast.CleanRun` (the sa
 the flow experiment uses): :func:`lens_tables` takes it, so a study that runs flows and the lens
 together pays for one forward. Only the kept positions' vectors are projected; nothing else is
 stored. The same readout can be taken at every position of chosen groups (e.g. the question
-tokens) with ``LensSettings(groups=...)``.
+tokens) with ``LensSettings(groups=...)`` (:mod:`vlmflow.experiments.settings`).
 """
 
 from __future__ import annotations
@@ -34,17 +34,16 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from vlmflow.errors import ConfigError
 from vlmflow.experiments.answer_tokens import FORM_LABELS, Form, TrackedToken, first_subtoken, tracked_tokens
-from vlmflow.experiments.attention import AttentionSettings, attention_capture_from, attention_rows
-from vlmflow.experiments.flows import FlowSettings, baseline
+from vlmflow.experiments.attention import attention_rows
+from vlmflow.experiments.flows import baseline
 from vlmflow.experiments.prepare import PreparedSample
+from vlmflow.experiments.settings import FlowSettings, LensSettings, Readout
 from vlmflow.knockout.fast import CleanRun
 from vlmflow.positions.groups import Group
 from vlmflow.results.tables import LensRow, LensTopRow, Row, SampleRow
@@ -64,6 +63,7 @@ __all__ = [
     "TrackedToken",
     "first_subtoken",
     "first_top1_layers",
+    "lens_sample_tables",
     "lens_states",
     "lens_tables",
     "readout_logits",
@@ -76,13 +76,6 @@ log = logging.getLogger(__name__)
 
 #: Upper bound on float32 logits held at once (positions x layers x vocab); ~128 MiB.
 MAX_LOGIT_ELEMENTS = 1 << 25
-
-
-class Readout(StrEnum):
-    """How a hidden state becomes logits (values are what users type)."""
-
-    RAW = "raw"  # the paper's: no final norm for j < L; final norm at j = L
-    NORMED = "normed"  # final norm at every j
 
 
 def lens_states(clean: CleanRun, positions: Sequence[int]) -> torch.Tensor:
@@ -239,98 +232,20 @@ def lens_tables(
     return {"lens": lens, "lens_top": top}
 
 
-@dataclass(frozen=True)
-class LensSettings:
-    """How to run the lens experiment (implements the runner's experiment protocol).
-
-    Attributes:
-        readouts: ``raw`` (the paper's) and/or ``normed``.
-        top_k: tokens kept per (position, layer) in the ``lens_top`` table.
-        groups: extra position groups read at every one of their positions (the last position is
-            always read, as group ``last``).
-        keep_all: keep wrongly answered samples too (the paper keeps only correct ones).
-        max_new_tokens: greedy tokens generated for the baseline answer (correctness filter).
-        skip_blank: skip a leading whitespace-only piece when taking a word's first sub-token
-            (see :func:`~vlmflow.experiments.answer_tokens.first_subtoken`); ``False`` is the
-            paper's literal ``encode(word)[0]``.
-        attention: also record group-to-group attention mass per layer (same clean forward).
-
-    >>> LensSettings(groups=(Group.QUESTION,)).identity()["groups"]
-    ['question']
-    """
-
-    readouts: tuple[Readout, ...] = (Readout.RAW, Readout.NORMED)
-    top_k: int = 10
-    groups: tuple[Group, ...] = ()
-    keep_all: bool = False
-    max_new_tokens: int = 12
-    skip_blank: bool = True
-    attention: AttentionSettings | None = None
-
-    name = "lens"
-
-    def __post_init__(self) -> None:
-        if not self.readouts:
-            raise ConfigError("no readout given; valid: raw, normed")
-        for r in self.readouts:
-            if not isinstance(r, Readout):
-                raise ConfigError(f"unknown readout {r!r}; valid: {', '.join(x.value for x in Readout)}")
-        if len(set(self.readouts)) != len(self.readouts):
-            raise ConfigError(f"duplicate readouts in {[r.value for r in self.readouts]}")
-        if self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if len(set(self.groups)) != len(self.groups):
-            raise ConfigError(f"duplicate groups in {[g.value for g in self.groups]}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings that define the run."""
-        return {
-            "readouts": [r.value for r in self.readouts],
-            "top_k": self.top_k,
-            "groups": [g.value for g in self.groups],
-            "keep_all": self.keep_all,
-            "max_new_tokens": self.max_new_tokens,
-            "skip_blank": self.skip_blank,
-            "attention": None if self.attention is None else self.attention.identity(),
-        }
-
-    def positions(self, prepared: PreparedSample) -> dict[str, tuple[int, ...]]:
-        """Positions read, by group label: ``last``, then each requested group this sample has.
-
-        A requested group the sample lacks (e.g. ``related`` without boxes) is skipped and logged.
-        """
-        groups = prepared.groups
-        out = {Group.LAST.value: groups[Group.LAST]}
-        for group in self.groups:
-            if group in groups:
-                out[group.value] = groups[group]
-            else:
-                log.info("sample %s has no %s positions; lens skips them", prepared.sample.sample_id, group.value)
-        return out
-
-    def capture_from(self, prepared: PreparedSample) -> int:
-        """First position whose hidden states the clean run must keep for this experiment."""
-        start = min(min(p) for p in self.positions(prepared).values() if p)
-        if self.attention is not None:
-            start = min(start, attention_capture_from(prepared.groups, self.attention))
-        return start
-
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
-        """Tables for one sample: ``samples``, and for kept samples ``lens``, ``lens_top``
-        (and ``attention``)."""
-        flow_like = FlowSettings(keep_all=self.keep_all, max_new_tokens=self.max_new_tokens)
-        clean, row = baseline(loaded, prepared, flow_like, self.capture_from(prepared))
-        tables: dict[str, list[Row]] = {"samples": [row]}
-        if not row.kept:
-            return tables
-        tables.update(lens_tables(loaded, prepared, clean, row, self))
-        if self.attention is not None:
-            tables["attention"] = attention_rows(
-                loaded.model, loaded.adapter, prepared, clean, self.attention, task=row.task
-            )
+def lens_sample_tables(loaded: LoadedModel, prepared: PreparedSample, settings: LensSettings) -> dict[str, list[Row]]:
+    """Tables for one sample (:meth:`LensSettings.analyse`): ``samples``, and for kept samples
+    ``lens``, ``lens_top`` (and ``attention``)."""
+    flow_like = FlowSettings(keep_all=settings.keep_all, max_new_tokens=settings.max_new_tokens)
+    clean, row = baseline(loaded, prepared, flow_like, settings.capture_from(prepared))
+    tables: dict[str, list[Row]] = {"samples": [row]}
+    if not row.kept:
         return tables
+    tables.update(lens_tables(loaded, prepared, clean, row, settings))
+    if settings.attention is not None:
+        tables["attention"] = attention_rows(
+            loaded.model, loaded.adapter, prepared, clean, settings.attention, task=row.task
+        )
+    return tables
 
 
 # --- reading results ---------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
 from vlmflow.errors import ConfigError, SampleError
-from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
+from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.knockout.fast import release_cached_memory
-from vlmflow.loading import LoadedModel, load_model
+from vlmflow.load_spec import LoadSpec
+from vlmflow.loading import LoadedModel
 from vlmflow.results.tables import ErrorRow, Row
 
 log = logging.getLogger(__name__)
@@ -41,36 +42,8 @@ MAX_SUMMARY_ERRORS = 100
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to load the model (the identity part of a run spec).
-
-    >>> ModelSpec("llava-hf/llava-1.5-7b-hf").dtype
-    'auto'
-    """
-
-    name: str
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    revision: str | None = None
-    allow_hub: bool = False
-    template: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
-    trust_remote_code: bool = False
-
-    def load(self) -> LoadedModel:
-        return load_model(
-            self.name,
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn_implementation,
-            revision=self.revision,
-            allow_hub=self.allow_hub,
-            trust_remote_code=self.trust_remote_code,
-            template=self.template,
-            options=dict(self.options),
-        )
+#: The old name of :class:`~vlmflow.load_spec.LoadSpec` (how to load the model; the model part of a run spec).
+ModelSpec = LoadSpec
 
 
 @dataclass(frozen=True)
@@ -90,6 +63,7 @@ class Experiment(Protocol):
     """What the runner needs from an experiment's settings (see :class:`FlowSettings`)."""
 
     name: str  # "flows", "lens", ...
+    engine: Engine  # the engine the start-up self-test checks
 
     def identity(self) -> dict[str, Any]:
         """JSON-able settings that must match for a run directory to be resumed."""
@@ -104,18 +78,18 @@ class Experiment(Protocol):
 class RunSpec:
     """Everything that defines a run: model, data and experiment; its hash names the run directory."""
 
-    model: ModelSpec
+    model: LoadSpec
     data: DataSpec
     experiment: Experiment = field(default_factory=FlowSettings)
     name: str | None = None
 
     def identity(self, loaded: LoadedModel | None = None) -> dict[str, Any]:
-        """The part of the spec that must match for a run directory to be resumed."""
-        model = asdict(self.model)
-        model.pop("device")  # where it runs is provenance, not identity
-        model.pop("allow_hub")  # permissions, not settings: they do not change results
-        model.pop("trust_remote_code")
-        model["options"] = dict(self.model.options)
+        """The part of the spec that must match for a run directory to be resumed.
+
+        The model's and the experiment's parts are their fields declared part of the identity
+        (:func:`vlmflow.settings.setting`); with ``loaded``, what the model resolved to as well.
+        """
+        model = self.model.identity()
         if loaded is not None:
             model["resolved_dtype"] = loaded.info["dtype"]
             model["prompt_template"] = loaded.info["prompt_template"]
@@ -283,7 +257,7 @@ def run_to_store(
     stops the run with :class:`~vlmflow.experiments.selftest.SelfTestError`. ``self_test=False``
     skips it (for benchmarks that time the samples alone).
 
-    >>> spec = RunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
+    >>> spec = RunSpec(LoadSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))   # doctest: +SKIP
     >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
     PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
     """
@@ -291,7 +265,7 @@ def run_to_store(
 
     data = load_data(spec.data)
     loaded = loaded or spec.model.load()
-    report = run_self_test(loaded, getattr(spec.experiment, "engine", "fast")) if self_test else None
+    report = run_self_test(loaded, spec.experiment.engine) if self_test else None
     torch.manual_seed(SEED)
     run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
     started = time.perf_counter()
