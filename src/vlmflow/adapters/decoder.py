@@ -24,9 +24,7 @@ from torch import nn
 from vlmflow.adapters.pattern import AttentionPattern, CausalPattern
 from vlmflow.errors import ConfigError
 from vlmflow.inputs import Encoded
-
-#: Attention implementations whose kernels receive the explicit 4-D mask vlmflow builds.
-MASKABLE_ATTENTION = ("eager", "sdpa")
+from vlmflow.load_spec import MASKABLE_ATTENTION
 
 
 class DecoderMap:

@@ -28,10 +28,10 @@ import numpy as np
 from vlmflow.analysis.evidence import EITHER_ANSWER, EITHER_FALSE, CellEvidence, capitalization
 from vlmflow.analysis.stats import Curve, Dip, find_dips
 from vlmflow.errors import ConfigError
+from vlmflow.positions.groups import PAPER_FLOWS, Flow
 
-Q2L, I2L, L2L, I2Q, R2Q, O2Q = (
-    "question->last", "image->last", "last->last", "image->question", "related->question", "other->question",
-)  # fmt: skip
+#: The paper's six flows, in its order.
+Q2L, I2L, L2L, I2Q, R2Q, O2Q = PAPER_FLOWS
 
 
 class Status(StrEnum):
@@ -373,7 +373,7 @@ def _question_last(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:
     return _result(claim, cond, evidence, numbers)
 
 
-def _near_zero(claim_id: str, flow: str, limit_of: Callable[[ClaimThresholds], float]) -> Callable[[ClaimThresholds, CellEvidence], ClaimResult]:
+def _near_zero(claim_id: str, flow: Flow, limit_of: Callable[[ClaimThresholds], float]) -> Callable[[ClaimThresholds, CellEvidence], ClaimResult]:
     def rule(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:
         claim = CLAIMS[claim_id]
         curve = ev.flows.get(flow)

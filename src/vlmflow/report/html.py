@@ -25,6 +25,7 @@ import yaml
 from vlmflow.analysis.claims import CLAIMS, STUDY_CLAIMS, ClaimResult, Status
 from vlmflow.analysis.stats import CurveSummary, format_bands
 from vlmflow.analysis.study import CellAnalysis, StudyAnalysis, analyse_study, require_cells
+from vlmflow.positions.groups import Flow, Group
 from vlmflow.report.figures import FORMATS, plot_control, plot_cross_model, save_figure
 from vlmflow.study.viewer import read_viewer
 
@@ -345,7 +346,7 @@ class _Builder:
         return "".join(parts) if len(parts) > 1 else "<p class=\"muted\">No flows were run.</p>"
 
     @staticmethod
-    def _summary_row(flow: str, s: CurveSummary | None, tokens: float | None) -> list[Any]:
+    def _summary_row(flow: Flow, s: CurveSummary | None, tokens: float | None) -> list[Any]:
         if s is None:
             return [flow, 0, "–", "–", "–", "–", "–"]
         return [
@@ -362,7 +363,7 @@ class _Builder:
         parts = []
         for cell in self.cells():
             for target, comparison in cell.evidence.control.items():
-                caption = f"{cell.model} / {cell.task}: related vs random ↛ {target}"
+                caption = f"{cell.model} / {cell.task}: related vs {Flow(Group.RANDOM, target).label}"
                 figure = self.figure(
                     lambda comparison=comparison, caption=caption: plot_control(comparison, caption),
                     self.a.study.figures_dir(cell.model, cell.task),
