@@ -82,12 +82,14 @@ properties = {json.dumps(PROPERTIES)}
 for name in names:
     frame = getattr(run, properties[name]) if name in properties else run.table(name)
     frame.to_pickle(out / f"{{name}}.pkl")
-loaded = sorted(m for m in sys.modules if m.startswith("vlmflow.experiments") or m in ("torch", "transformers"))
+declarations = {{"vlmflow.experiments", "vlmflow.experiments.settings", "vlmflow.experiments.windows"}}
+loaded = sorted(m for m in sys.modules if (m.startswith("vlmflow.experiments") and m not in declarations) or m in ("torch", "transformers"))
 print(json.dumps({{"tables": names, "imported": loaded}}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
+    # The API imports the torch-free settings declarations, never an experiment's code (or torch).
     assert report["imported"] == [], "reading a run must not import an experiment (or torch)"
     return {name: pd.read_pickle(out / f"{name}.pkl") for name in report["tables"]}
 
