@@ -36,7 +36,7 @@ def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
 
 
-def _nan_logits(model, adapter, encoded, clean, knockouts, **kwargs):
+def _nan_logits(decoder, encoded, clean, knockouts, **kwargs):
     out = torch.zeros(len(knockouts), clean.logits.shape[-1])
     out[0, 0] = math.nan
     return out
@@ -67,7 +67,7 @@ class Sabotaged:
             elif sample_id == "nan-knockout":
                 stack.enter_context(mock.patch.object(engines_module, "fast_logits", _nan_logits))
             elif sample_id == "oom":
-                stack.enter_context(mock.patch.object(fast_module, "_run_folded", _oom))
+                stack.enter_context(mock.patch.object(fast_module, "run_fold", _oom))
             return self.inner.analyse(loaded, prepared)
 
 
@@ -186,20 +186,20 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
     ]
     clean = fast_module.clean_run(loaded.decoder, prepared.encoded, capture_from=g[Group.IMAGE][0])
     expected = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
-    original = fast_module._run_folded
+    original = fast_module.run_fold
     sizes: list[int] = []
 
-    def tight_memory(model, adapter, encoded, clean, variants, *args):
-        sizes.append(len(variants))
-        if len(variants) > 2:
+    def tight_memory(plan, *args):
+        sizes.append(len(plan.variants))
+        if len(plan.variants) > 2:
             raise torch.OutOfMemoryError("simulated: more than two variants do not fit")
-        return original(model, adapter, encoded, clean, variants, *args)
+        return original(plan, *args)
 
-    monkeypatch.setattr(fast_module, "_run_folded", tight_memory)
+    monkeypatch.setattr(fast_module, "run_fold", tight_memory)
     got = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert max(sizes) > 2 and sum(s for s in sizes if s <= 2) == len(knockouts)
-    monkeypatch.setattr(fast_module, "_run_folded", _oom)
+    monkeypatch.setattr(fast_module, "run_fold", _oom)
     with pytest.raises(torch.OutOfMemoryError):
         fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts[:3])
 
