@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmflow.adapters.base import MASKABLE_ATTENTION, VLMAdapter
 from vlmflow.adapters.registry import adapter_for_architecture
+from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
 from vlmflow.prompts import PromptTemplate, get_template
 
@@ -110,7 +111,8 @@ def load_model(
 
     Args:
         name_or_path: a local directory or a Hugging Face model id (from the local cache unless
-            ``allow_hub``); ``"organism"`` names the organism shipped with the package.
+            ``allow_hub``), or a model alias (:mod:`vlmflow.aliases`; ``"organism"`` names the
+            organism shipped with the package).
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
@@ -132,8 +134,6 @@ def load_model(
             f"attention implementation {attn_implementation!r} cannot take a knockout mask (the kernel never "
             f"sees it, so a knockout would silently do nothing); valid: {', '.join(MASKABLE_ATTENTION)}"
         )
-    from vlmflow.organism import resolve_model_name
-
     name_or_path = resolve_model_name(name_or_path)
     torch_device = resolve_device(device)
     torch_dtype = parse_dtype(dtype, torch_device)
