@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava  # noqa: E402
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -122,7 +122,7 @@ def load_model(
         template: prompt template name; default: the checkpoint's ``vlmflow.json``, else the family's.
         options: family options such as ``{"image_mode": "pad"}``; override the sidecar.
 
-    >>> from vlmflow.testing.tiny import build_tiny_llava
+    >>> from vlmflow.tiny.llava import build_tiny_llava
     >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
     >>> loaded = load_model("tiny-llava-doc", device="cpu")      # doctest: +SKIP
     >>> loaded.adapter.family                                   # doctest: +SKIP

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support.dataset import write_scene_dataset
 from vlmflow.cli.main import main
 from vlmflow.results.schema import TABLES
 from vlmflow.results.store import PARTS_DIR, RunStore
-from vlmflow.testing.dataset import write_scene_dataset
 
 N_SAMPLES = 14
 N_KILLS = 3
