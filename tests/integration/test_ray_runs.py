@@ -203,6 +203,7 @@ def test_a_fresh_shard_worker_skips_what_a_dead_incarnation_committed(spec, tmp_
     assert_no_duplicate_rows_on_disk(run.path)
 
 
+@pytest.mark.slow
 def test_local_ray_run_equals_the_single_process_run_and_each_resumes_the_other(
     executor, spec, reference, tmp_path
 ):
@@ -227,6 +228,7 @@ def test_local_ray_run_equals_the_single_process_run_and_each_resumes_the_other(
     assert run_to_store(spec, tmp_path).summary["computed_this_session"] == 0
 
 
+@pytest.mark.slow
 def test_a_replica_killed_mid_shard_is_restarted_and_nothing_is_lost_or_doubled(
     executor, spec, reference, tmp_path
 ):
@@ -276,6 +278,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_cli_lens_with_ray_local_writes_the_single_process_run(
     ray_cluster, tiny_checkpoint, dataset, tmp_path
 ):
@@ -295,6 +298,7 @@ def test_cli_lens_with_ray_local_writes_the_single_process_run(
         assert_same_tables(tmp_path / "ray" / single.name, single)
 
 
+@pytest.mark.slow
 def test_reproduce_on_ray_writes_the_single_process_study(ray_cluster, tiny_checkpoint, tiny_loaded, tmp_path):
     """``vlmflow reproduce --ray``: every run of a study (flows, controls, lens) equals the run this
     process computes, row for row, and lands at the same place in the study directory."""

@@ -81,6 +81,7 @@ def _tables(run: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_checkpoint, dataset, tmp_path):
     csv, expected_ids = dataset
     model = tiny_checkpoint("word-mqa")

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support.soak import MIB, SoakResult
 
 # The soak runs in a fresh interpreter: the resident set of a process that has already run hundreds
@@ -29,6 +31,7 @@ print(json.dumps({"rss": result.rss, "warmup": result.warmup, "seconds": result.
 """
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_across_samples(tiny_checkpoint, tmp_path):
     tests = str(Path(__file__).resolve().parents[1])  # where the ``support`` scaffolding lives
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}

@@ -25,9 +25,12 @@ def _organism_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-pytestmark = pytest.mark.skipif(
-    _organism_dir() is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
-)
+pytestmark = [
+    pytest.mark.slow,  # the whole bundled study: a few minutes on CPU
+    pytest.mark.skipif(
+        _organism_dir() is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

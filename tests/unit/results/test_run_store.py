@@ -92,6 +92,7 @@ def _check_complete_samples(path: Path) -> set[str]:
     return ids
 
 
+@pytest.mark.slow
 def test_sigkill_during_commits_and_consolidation_loses_nothing_and_duplicates_nothing(tmp_path):
     # A fixed seed (VLMFLOW_KILL_SEED picks another). Where the kills land, and whether a session ends
     # before its kill, depends on the machine's speed: what is asserted holds wherever they land.
