@@ -24,7 +24,9 @@ import torch  # noqa: E402
 
 from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the models are tiny, so a second thread buys little, and on a shared 2-core
+# machine two spinning threads per process slow the suite down several times over.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
