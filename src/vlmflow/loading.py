@@ -11,18 +11,20 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import MASKABLE_ATTENTION, VLMAdapter
+from vlmflow.adapters.base import VLMAdapter
 from vlmflow.adapters.registry import adapter_for_architecture
 from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
+from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.prompts import PromptTemplate, get_template
+from vlmflow.settings import settings_keywords
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +97,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(
-    name_or_path: str | Path,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-    revision: str | None = None,
-    allow_hub: bool = False,
-    trust_remote_code: bool = False,
-    template: str | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> LoadedModel:
+@settings_keywords(LoadSpec)
+def load_model(spec: LoadSpec | str | Path, **fields: Any) -> LoadedModel:
     """Load a checkpoint through transformers and pick its family adapter.
 
     Args:
-        name_or_path: a local directory or a Hugging Face model id (from the local cache unless
-            ``allow_hub``), or a model alias (:mod:`vlmflow.aliases`; ``"organism"`` names the
-            organism shipped with the package).
-        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
-        revision: a hub revision (branch, tag or commit).
-        allow_hub: allow downloads from the Hugging Face hub.
-        trust_remote_code: allow custom modelling code shipped with the checkpoint.
-        template: prompt template name; default: the checkpoint's ``vlmflow.json``, else the family's.
-        options: family options such as ``{"image_mode": "pad"}``; override the sidecar.
+        spec: a :class:`~vlmflow.load_spec.LoadSpec`, or the model: a local directory or a Hugging
+            Face model id (from the local cache unless ``allow_hub``), or a model alias
+            (:mod:`vlmflow.aliases`; ``"organism"`` names the organism shipped with the package).
+        fields: fields of the spec by name (listed below), set on ``spec``. The checkpoint's
+            ``vlmflow.json`` gives the default template and family options.
 
     >>> from vlmflow.tiny.llava import build_tiny_llava
     >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
@@ -128,19 +114,12 @@ def load_model(
     >>> loaded.adapter.family                                   # doctest: +SKIP
     'llava'
     """
-    if attn_implementation not in MASKABLE_ATTENTION:
-        # Kernels such as flash-attention never see an explicit mask: a knockout would silently do nothing.
-        raise ConfigError(
-            f"attention implementation {attn_implementation!r} cannot take a knockout mask (the kernel never "
-            f"sees it, so a knockout would silently do nothing); valid: {', '.join(MASKABLE_ATTENTION)}"
-        )
-    name_or_path = resolve_model_name(name_or_path)
-    torch_device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, torch_device)
-    with hub_access(allow_hub):
-        return _load(
-            str(name_or_path), torch_dtype, torch_device, attn_implementation, revision, allow_hub, trust_remote_code, template, options
-        )
+    spec = load_spec(spec, fields, "load_model")
+    name_or_path = resolve_model_name(spec.name)
+    torch_device = resolve_device(spec.device)
+    torch_dtype = parse_dtype(spec.dtype, torch_device)
+    with hub_access(spec.allow_hub):
+        return _load(replace(spec, name=str(name_or_path)), torch_dtype, torch_device)
 
 
 @contextmanager
@@ -169,19 +148,12 @@ def hub_access(allowed: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def _load(
-    source: str,
-    torch_dtype: torch.dtype,
-    torch_device: torch.device,
-    attn_implementation: str,
-    revision: str | None,
-    allow_hub: bool,
-    trust_remote_code: bool,
-    template: str | None,
-    options: Mapping[str, Any] | None,
-) -> LoadedModel:
+def _load(spec: LoadSpec, torch_dtype: torch.dtype, torch_device: torch.device) -> LoadedModel:
+    """Load ``spec`` (its name resolved to a directory or hub id) as ``torch_dtype`` on ``torch_device``."""
     from transformers import AutoConfig
 
+    source, revision, allow_hub, trust_remote_code = spec.name, spec.revision, spec.allow_hub, spec.trust_remote_code
+    attn_implementation = spec.attn_implementation
     dtype = str(torch_dtype).removeprefix("torch.")
     local = Path(source).is_dir()
     common: dict[str, Any] = {
@@ -206,7 +178,7 @@ def _load(
     sidecar = _read_sidecar(source, common)
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
-    merged_options.update(options or {})
+    merged_options.update(spec.options)
 
     if local:
         check_safetensors(Path(source))
@@ -228,7 +200,7 @@ def _load(
     adapter.check_attention_backend(model)
     processor = adapter.load_processor(source, **common)
     processor = adapter.prepare_processor(processor, merged_options)
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
+    template_name = spec.template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
     info = {
         "model": source,
         "family": adapter.family,

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-import vlmflow.experiments.flows as flows_module
+import vlmflow.experiments.engines as engines_module
 import vlmflow.knockout.fast as fast_module
 from conftest import make_scene_sample
 from vlmflow.data.csvio import write_task_csv
@@ -23,7 +23,8 @@ from vlmflow.data.sample import Box, SceneObject
 from vlmflow.errors import ConfigError, SampleError, UnsupportedModelError
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import prepare_sample
-from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import Flow, Group
 from vlmflow.results.store import RunStore
 
@@ -64,7 +65,7 @@ class Sabotaged:
                 handle = norm.register_forward_hook(lambda module, args, out: torch.full_like(out, math.nan))
                 stack.callback(handle.remove)
             elif sample_id == "nan-knockout":
-                stack.enter_context(mock.patch.object(flows_module, "fast_logits", _nan_logits))
+                stack.enter_context(mock.patch.object(engines_module, "fast_logits", _nan_logits))
             elif sample_id == "oom":
                 stack.enter_context(mock.patch.object(fast_module, "_run_folded", _oom))
             return self.inner.analyse(loaded, prepared)
@@ -132,7 +133,7 @@ def catalogue_run(tiny_loaded, tmp_path_factory):
     csv.write_text("".join(lines) + "q-broken,img1,only three fields\n")
     loaded = tiny_loaded("sp-gqa")
     experiment = Sabotaged(FlowSettings(flows=FLOWS, keep_all=True, max_new_tokens=2))
-    spec = RunSpec(ModelSpec(str(folder / "model")), DataSpec(str(csv)), experiment, name="run")
+    spec = RunSpec(LoadSpec(str(folder / "model")), DataSpec(str(csv)), experiment, name="run")
     outcome = run_to_store(spec, folder / "runs", loaded=loaded)
     return outcome, malformed_line
 
@@ -228,7 +229,7 @@ def test_image_token_count_mismatch_is_a_sample_error_and_stops_a_run(tiny_check
     assert info.value.stage == "groups"
     image.save(tmp_path / "img1.png")
     write_task_csv([sample], tmp_path / "ChooseAttr.csv")
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), name="run")
     # Every sample would fail the same way: the start-up self-test stops the run before any work.
     with pytest.raises(ConfigError, match="self-test: .*image-token count mismatch"):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
@@ -290,7 +291,7 @@ def test_a_model_switched_to_flash_attention_after_loading_is_refused(tiny_check
     loaded = load_model(tiny_checkpoint("sp-gqa"), device="cpu", dtype="float32")
     for layer in range(loaded.n_layers):
         loaded.adapter.attention_module(loaded.model, layer).config._attn_implementation = "flash_attention_2"
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(one_sample_csv)), name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(one_sample_csv)), name="run")
     with pytest.raises(ConfigError, match="attention implementation 'flash_attention_2' cannot take a knockout mask"):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
     assert not (tmp_path / "runs").exists()
@@ -299,7 +300,7 @@ def test_a_model_switched_to_flash_attention_after_loading_is_refused(tiny_check
 def test_an_images_folder_without_any_of_the_images_is_refused(tiny_loaded, tmp_path, one_sample_csv):
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(one_sample_csv), images=str(empty)), name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(one_sample_csv), images=str(empty)), name="run")
     with pytest.raises(ConfigError, match=r"none of the 1 samples' images is in '.*elsewhere' \(e\.g\. 'img1' with extension \.jpg"):
         run_to_store(spec, tmp_path / "runs", loaded=tiny_loaded("sp-gqa"))
     assert not (tmp_path / "runs").exists()
@@ -310,10 +311,11 @@ def test_an_images_folder_without_any_of_the_images_is_refused(tiny_loaded, tmp_
     [
         (["--data", "gqa:NoSuchTask"], r"unknown GQA task 'NoSuchTask' in 'gqa:NoSuchTask'; valid: gqa:ChooseAttr"),
         (["--data", "missing.csv"], r"data 'missing\.csv' is neither an existing CSV file nor a packaged task"),
-        (["--flow", "pixels->last"], r"unknown position group 'pixels'; valid: image, question"),
-        (["--engine", "turbo"], r"unknown engine 'turbo'; valid: fast, reference"),
-        (["--dtype", "float8"], r"unknown dtype 'float8'; valid: auto, float32"),
-        (["--window", "0"], r"window must be a positive number of layers, got 0"),
+        (["--flow", "pixels->last"], r"--flow: unknown position group 'pixels'; valid: image, question"),
+        (["--engine", "turbo"], r"--engine: unknown engine 'turbo'; valid: fast, reference"),
+        (["--dtype", "float8"], r"--dtype: unknown dtype 'float8'; valid: auto, float32"),
+        (["--window", "0"], r"--window must be >= 1, got 0"),
+        (["--attn", "flash_attention_2"], r"--attn: attention implementation 'flash_attention_2' cannot take a knockout mask"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tiny_checkpoint, tmp_path, one_sample_csv, capsys, args, message):

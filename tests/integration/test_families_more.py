@@ -221,7 +221,7 @@ def test_flow_experiment_fast_and_reference_engines_agree(family_prepared, famil
     for engine in ("fast", "reference"):
         settings = FlowSettings(window=2, keep_all=True, engine=engine, max_new_tokens=1)
         result = analyse_sample(loaded, prepared, settings)
-        rows[engine] = [(r["flow"], r["layer"], r["p_blocked"]) for r in result.rows]
+        rows[engine] = [(r.flow, r.layer, r.p_blocked) for r in result.rows]
     assert len(rows["fast"]) == 6 * loaded.n_layers
     for (flow, layer, p_fast), (_, _, p_ref) in zip(rows["fast"], rows["reference"], strict=True):
         assert abs(p_fast - p_ref) < 1e-5, (flow, layer)

@@ -18,7 +18,7 @@ from vlmflow.experiments.lens import LensSettings, Readout, lens_states, readout
 from vlmflow.knockout.fast import clean_run
 from vlmflow.knockout.reference import clean_logits
 from vlmflow.positions.groups import Flow, Group
-from vlmflow.results.schema import build_table
+from vlmflow.results.tables import build_table
 
 SHAPES = ["sp-gqa", "bpe-mha", "word-mqa"]
 
@@ -88,7 +88,7 @@ def test_lens_rows_match_direct_probabilities_and_ranks(tiny_prepared, shape):
         expected = direct[row.readout][row.layer].topk(3).indices.tolist()
         assert list(row.top_token_ids) == expected
     for name, rows in tables.items():
-        build_table(name, rows)  # every row fits its registered schema
+        build_table(name, rows)  # every row fits its table
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,12 +96,12 @@ def test_final_layer_probability_is_the_flows_baseline(tiny_prepared, shape):
     loaded, prepared = tiny_prepared(shape)
     lens_tables = LensSettings(keep_all=True).analyse(loaded, prepared)
     flow_tables = FlowSettings(keep_all=True, flows=(Flow(Group.IMAGE, Group.LAST),)).analyse(loaded, prepared)
-    p_base = flow_tables["flows"][0]["p_base"]
-    assert lens_tables["samples"][0]["p_base"] == flow_tables["samples"][0]["p_base"] == p_base
+    p_base = flow_tables["flows"][0].p_base
+    assert lens_tables["samples"][0].p_base == flow_tables["samples"][0].p_base == p_base
     lens = pd.DataFrame(lens_tables["lens"])
     final = lens[(lens["layer"] == loaded.n_layers) & (lens["form"] == "generated")]
     assert len(final) == 2
-    assert final["token_id"].tolist() == [flow_tables["samples"][0]["answer_token_id"]] * 2
+    assert final["token_id"].tolist() == [flow_tables["samples"][0].answer_token_id] * 2
     for prob in final["prob"]:
         assert prob == pytest.approx(p_base, rel=1e-5)
     assert final["rank"].tolist() == [1, 1]  # the greedy token is top-1 of the model's own distribution
@@ -160,7 +160,7 @@ def test_group_positions_are_read_like_the_last_one(tiny_prepared, shape):
 def test_wrong_answers_are_dropped_unless_keep_all(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     tables = LensSettings().analyse(loaded, prepared)
-    if tables["samples"][0]["correct"]:
+    if tables["samples"][0].correct:
         pytest.skip("the random tiny model happens to answer correctly")
     assert set(tables) == {"samples"}
 

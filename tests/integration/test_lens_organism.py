@@ -76,7 +76,7 @@ def test_final_layer_answer_probability_is_the_flows_baseline_on_the_organism(or
     loaded, prepared = organism["sdpa"]
     lens = pd.DataFrame(LensSettings(keep_all=True).analyse(loaded, prepared)["lens"])
     flows = FlowSettings(keep_all=True, flows=(Flow(Group.IMAGE, Group.LAST),)).analyse(loaded, prepared)
-    p_base = flows["flows"][0]["p_base"]
+    p_base = flows["flows"][0].p_base
     final = lens[(lens["layer"] == loaded.n_layers) & (lens["form"] == "generated")]
     assert final["prob"].tolist() == pytest.approx([p_base, p_base], rel=1e-5)
     assert final["rank"].tolist() == [1, 1]

@@ -78,10 +78,10 @@ def test_the_fast_evaluator_scores_like_the_flow_experiment(loaded):
         prepared = prepare_sample(loaded, question.sample, question.scene.render())
         n = prepared.encoded.seq_len
         _, sample_row = baseline(loaded, prepared, FlowSettings(), capture_from=n - 1)
-        assert sample_row["correct"] == row["correct"], question.sample.question
-        assert sample_row["answer_token"] == row["first_token"]
-        if sample_row["correct"]:
-            assert sample_row["prediction"] == question.sample.answer.capitalize()  # "Red", like Vicuna
+        assert sample_row.correct == row["correct"], question.sample.question
+        assert sample_row.answer_token == row["first_token"]
+        if sample_row.correct:
+            assert sample_row.prediction == question.sample.answer.capitalize()  # "Red", like Vicuna
 
 
 def test_the_answer_needs_the_image_and_the_question(loaded):

@@ -25,16 +25,16 @@ from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.runner import (
     DataSpec,
-    ModelSpec,
     RunSpec,
     load_data,
     open_run,
     run_to_store,
     stored_spec,
 )
+from vlmflow.load_spec import LoadSpec
 from vlmflow.results.identity import identity_of, read_spec
-from vlmflow.results.schema import table_spec
 from vlmflow.results.store import RunStore
+from vlmflow.results.tables import table_spec
 
 N_SAMPLES = 10
 MISSING = "q7"  # its image file does not exist: an ``errors`` row, in every executor alike
@@ -84,7 +84,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def spec(tiny_checkpoint, dataset) -> RunSpec:
     return RunSpec(
-        ModelSpec(str(tiny_checkpoint("sp-gqa")), dtype="float32", device="cpu"),
+        LoadSpec(str(tiny_checkpoint("sp-gqa")), dtype="float32", device="cpu"),
         DataSpec(str(dataset)),
         FlowSettings(keep_all=True),
     )

@@ -28,8 +28,8 @@ import torch
 
 from support.dataset import write_scene_dataset
 from vlmflow.cli.main import main
-from vlmflow.results.schema import TABLES
 from vlmflow.results.store import PARTS_DIR, RunStore
+from vlmflow.results.tables import TABLES
 
 N_SAMPLES = 14
 N_KILLS = 3
@@ -189,12 +189,13 @@ def test_same_spec_skips_done_samples_and_a_different_spec_is_refused(tiny_check
 
 def test_same_spec_twice_gives_identical_rows_and_records_seeds_versions_and_revision(tiny_checkpoint, dataset, tmp_path):
     from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+    from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
+    from vlmflow.load_spec import LoadSpec
     from vlmflow.positions.groups import PAPER_FLOWS
 
     csv, _ = dataset
     spec = RunSpec(
-        ModelSpec(str(tiny_checkpoint("bpe-mha")), device="cpu"),
+        LoadSpec(str(tiny_checkpoint("bpe-mha")), device="cpu"),
         DataSpec(str(csv), limit=3),
         FlowSettings(flows=PAPER_FLOWS, keep_all=True, max_new_tokens=3),
     )

@@ -15,8 +15,9 @@ import vlmflow.knockout.reference as reference_module
 from conftest import make_scene_sample
 from vlmflow.data.csvio import write_task_csv
 from vlmflow.experiments.flows import FlowSettings
-from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
 from vlmflow.experiments.selftest import SelfTestError, run_self_test
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import Flow, Group
 
 
@@ -106,7 +107,7 @@ def test_a_run_stops_before_any_work_when_the_self_test_fails_and_records_it_whe
     image.save(tmp_path / "img1.png")
     write_task_csv([sample], tmp_path / "ChooseAttr.csv")
     settings = FlowSettings(flows=(Flow(Group.IMAGE, Group.LAST),), keep_all=True, max_new_tokens=1)
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), settings, name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), settings, name="run")
     original = AttentionInterface._global_mapping["sdpa"]
     patched = {"sdpa": _mask_ignoring_sdpa(original)}
     dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)  # as on CUDA

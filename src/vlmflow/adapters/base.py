@@ -28,11 +28,9 @@ from PIL import Image
 from torch import nn
 
 from vlmflow.errors import ConfigError, SampleError
+from vlmflow.load_spec import MASKABLE_ATTENTION
 from vlmflow.positions.groups import Group
 from vlmflow.prompts import PromptTemplate, RenderedPrompt
-
-#: Attention implementations whose kernels receive the explicit 4-D mask vlmflow builds.
-MASKABLE_ATTENTION = ("eager", "sdpa")
 
 
 @dataclass

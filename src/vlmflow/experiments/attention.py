@@ -20,55 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
 from vlmflow.adapters.base import Encoded, VLMAdapter
-from vlmflow.errors import ConfigError
 from vlmflow.experiments.prepare import PreparedSample
+from vlmflow.experiments.settings import AttentionSettings
 from vlmflow.knockout.fast import CleanRun
 from vlmflow.knockout.mask import to_kernel_mask
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.results.schema import TableSpec, register_table
-
-DEFAULT_TARGETS = (Group.IMAGE, Group.QUESTION, Group.LAST)
-DEFAULT_SOURCES = (Group.SYSTEM, Group.IMAGE, Group.RELATED, Group.OTHER, Group.QUESTION, Group.SUFFIX, Group.LAST)
-
-
-@dataclass(frozen=True)
-class AttentionSettings:
-    """Which group-to-group masses to record.
-
-    Attributes:
-        targets: query groups (rows); one mass per (layer, target, source).
-        sources: key groups (columns). Groups may overlap (``related`` lies inside ``image``).
-        max_chunk_queries: query rows recomputed per layer call; bounds the ``[head, chunk, seq]``
-            probabilities held at once.
-
-    >>> AttentionSettings().identity()["targets"]
-    ['image', 'question', 'last']
-    """
-
-    targets: tuple[Group, ...] = DEFAULT_TARGETS
-    sources: tuple[Group, ...] = DEFAULT_SOURCES
-    max_chunk_queries: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.targets or not self.sources:
-            raise ConfigError("attention summaries need at least one target and one source group")
-        for name, groups in (("targets", self.targets), ("sources", self.sources)):
-            if len(set(groups)) != len(groups):
-                raise ConfigError(f"duplicate {name} in {[g.value for g in groups]}")
-        if self.max_chunk_queries < 1:
-            raise ConfigError(f"max_chunk_queries must be >= 1, got {self.max_chunk_queries}")
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings (the chunk size does not change results and is left out)."""
-        return {"targets": [g.value for g in self.targets], "sources": [g.value for g in self.sources]}
+from vlmflow.results.tables import AttentionRow
 
 
 def _available(groups: PositionGroups, wanted: tuple[Group, ...]) -> list[Group]:
@@ -202,47 +165,22 @@ def attention_rows(
     settings: AttentionSettings,
     *,
     task: str = "",
-) -> list[dict[str, Any]]:
+) -> list[AttentionRow]:
     """Rows of the ``attention`` table for one sample (see :func:`group_attention_mass`)."""
     groups = prepared.groups
     masses = group_attention_mass(model, adapter, prepared.encoded, groups, clean, settings)
     return [
-        {
-            "sample_id": prepared.sample.sample_id,
-            "task": task,
-            "layer": layer,
-            "target": target.value,
-            "source": source.value,
-            "mass": float(per_head.mean()),
-            "mass_per_head": per_head.tolist(),
-            "n_target": len(groups[target]),
-            "n_source": len(groups[source]),
-        }
+        AttentionRow(
+            sample_id=prepared.sample.sample_id,
+            task=task,
+            layer=layer,
+            target=target.value,
+            source=source.value,
+            mass=float(per_head.mean()),
+            mass_per_head=per_head.tolist(),
+            n_target=len(groups[target]),
+            n_source=len(groups[source]),
+        )
         for (layer, target, source), per_head in masses.items()
     ]
 
-
-def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
-    return pa.field(name, type_, nullable=False, metadata={"doc": doc})
-
-
-ATTENTION_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-        _field("task", pa.string(), "Task name of the sample; '' when unknown."),
-        _field("layer", pa.int32(), "Decoder layer, 0-based."),
-        _field("target", pa.string(), "Query group (the positions that attend)."),
-        _field("source", pa.string(), "Key group (the positions attended to)."),
-        _field(
-            "mass",
-            pa.float64(),
-            "Attention probability the target's queries put on the source's keys: summed over the keys, "
-            "averaged over the target's queries, then over heads (0..1).",
-        ),
-        _field("mass_per_head", pa.list_(pa.float64()), "The same before averaging over heads, one value per head."),
-        _field("n_target", pa.int32(), "Number of target positions."),
-        _field("n_source", pa.int32(), "Number of source positions."),
-    ]
-)
-
-ATTENTION_TABLE = register_table(TableSpec("attention", ATTENTION_SCHEMA, ("sample_id", "layer", "target", "source")))

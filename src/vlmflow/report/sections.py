@@ -12,6 +12,7 @@ import yaml
 
 from vlmflow.analysis.claims import CLAIMS, Status
 from vlmflow.analysis.stats import CurveSummary, format_bands
+from vlmflow.positions.groups import Flow, Group
 from vlmflow.report.figures import plot_control, plot_cross_model, save_figure
 from vlmflow.report.markup import _badge, _conditions, _data_uri, _e, _fmt, _pairs, _Raw, _table
 from vlmflow.study.analysis import CellAnalysis, StudyAnalysis
@@ -172,7 +173,7 @@ class SectionBuilder:
         return "".join(parts) if len(parts) > 1 else "<p class=\"muted\">No flows were run.</p>"
 
     @staticmethod
-    def _summary_row(flow: str, s: CurveSummary | None, tokens: float | None) -> list[Any]:
+    def _summary_row(flow: Flow, s: CurveSummary | None, tokens: float | None) -> list[Any]:
         if s is None:
             return [flow, 0, "–", "–", "–", "–", "–"]
         return [
@@ -189,7 +190,7 @@ class SectionBuilder:
         parts = []
         for cell in self.cells():
             for target, comparison in cell.evidence.control.items():
-                caption = f"{cell.model} / {cell.task}: related vs random ↛ {target}"
+                caption = f"{cell.model} / {cell.task}: related vs {Flow(Group.RANDOM, target).label}"
                 figure = self.figure(
                     lambda comparison=comparison, caption=caption: plot_control(comparison, caption),
                     self.a.study.figures_dir(cell.model, cell.task),

@@ -14,6 +14,7 @@ study-level consistency claim uses those.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from vlmflow.analysis.claims import ClaimResult, ClaimThresholds, evaluate_cell,
 from vlmflow.analysis.evidence import CellEvidence, cell_evidence
 from vlmflow.analysis.stats import Bootstrap, CurveSummary, common_samples, summarise_curve
 from vlmflow.errors import ConfigError
+from vlmflow.positions.groups import Flow
 from vlmflow.results.store import RunStore
 from vlmflow.study.config import ReportEntry, analysis_settings
 from vlmflow.study.directory import StudyDir
@@ -49,7 +51,7 @@ class CellAnalysis:
     model: str
     task: str
     evidence: CellEvidence
-    summaries: dict[str, CurveSummary | None]
+    summaries: dict[Flow, CurveSummary | None]
     claims: list[ClaimResult]
     runs: dict[str, RunInfo]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
@@ -63,7 +65,7 @@ class CommonSet:
     models: list[str]
     sample_ids: set[str]
     evidence: dict[str, CellEvidence]
-    summaries: dict[str, dict[str, CurveSummary | None]]  # model -> flow -> summary
+    summaries: dict[str, dict[Flow, CurveSummary | None]]  # model -> flow -> summary
 
 
 @dataclass
@@ -85,8 +87,8 @@ class StudyAnalysis:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able summary (written as ``analysis.json``)."""
 
-        def summaries(items: dict[str, CurveSummary | None]) -> dict[str, Any]:
-            return {flow: (s.as_dict() if s else None) for flow, s in items.items()}
+        def summaries(items: Mapping[Flow | str, CurveSummary | None]) -> dict[str, Any]:
+            return {str(flow): (s.as_dict() if s else None) for flow, s in items.items()}
 
         return {
             "name": self.manifest.get("name"),
@@ -97,7 +99,7 @@ class StudyAnalysis:
                     "flow_summaries": summaries(c.summaries),
                     "claims": [r.as_dict() for r in c.claims],
                     "controls": {
-                        target: {
+                        str(target): {
                             "draws": cmp.draws,
                             "n_tokens": cmp.n_related_tokens,
                             "difference": summaries({"difference": summarise_curve(cmp.difference, self.boot.confidence)})["difference"],
@@ -123,10 +125,6 @@ def _read(path: Path, table: str) -> pd.DataFrame | None:
 
 def _load_run(study: StudyDir, key: str, entry: dict[str, Any]) -> tuple[RunInfo, dict[str, pd.DataFrame]]:
     import json
-
-    # Registering the tables of every experiment (lens, controls) before reading them.
-    import vlmflow.experiments.controls  # noqa: F401
-    import vlmflow.experiments.lens  # noqa: F401
 
     path = study.path / entry["path"]
     info = RunInfo(key=key, entry=entry)

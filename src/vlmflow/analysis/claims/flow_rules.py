@@ -26,6 +26,7 @@ from vlmflow.analysis.claims.landmarks import (
 )
 from vlmflow.analysis.evidence import CellEvidence, capitalization
 from vlmflow.analysis.stats import find_dips
+from vlmflow.positions.groups import Flow
 
 
 def _baseline_accuracy(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:
@@ -83,7 +84,7 @@ def _question_last(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:
     return _result(claim, cond, evidence, numbers)
 
 
-def _near_zero(claim_id: str, flow: str, limit_of: Callable[[ClaimThresholds], float]) -> Callable[[ClaimThresholds, CellEvidence], ClaimResult]:
+def _near_zero(claim_id: str, flow: Flow, limit_of: Callable[[ClaimThresholds], float]) -> Callable[[ClaimThresholds, CellEvidence], ClaimResult]:
     def rule(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:
         claim = CLAIMS[claim_id]
         curve = ev.flows.get(flow)

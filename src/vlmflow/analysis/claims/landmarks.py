@@ -10,10 +10,10 @@ import numpy as np
 from vlmflow.analysis.claims.checklist import Claim, ClaimResult, ClaimThresholds, Status
 from vlmflow.analysis.evidence import CellEvidence
 from vlmflow.analysis.stats import Curve, Dip, find_dips
+from vlmflow.positions.groups import PAPER_FLOWS
 
-Q2L, I2L, L2L, I2Q, R2Q, O2Q = (
-    "question->last", "image->last", "last->last", "image->question", "related->question", "other->question",
-)  # fmt: skip
+#: The paper's six flows, in its order.
+Q2L, I2L, L2L, I2Q, R2Q, O2Q = PAPER_FLOWS
 
 
 def _pct(x: float) -> str:
