@@ -36,7 +36,7 @@ from vlmflow.knockout.fast import clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.positions.groups import PAPER_FLOWS
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
 
 
 def main() -> None:

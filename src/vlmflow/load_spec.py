@@ -20,13 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlmflow.errors import ConfigError
 from vlmflow.settings import Settings, build, route_keywords, setting
-
-if TYPE_CHECKING:
-    from vlmflow.loading import LoadedModel
 
 __all__ = ["DTYPE_CHOICES", "MASKABLE_ATTENTION", "LoadSpec", "load_spec"]
 
@@ -105,11 +102,6 @@ class LoadSpec(Settings):
             object.__setattr__(self, "image_mode", given["image_mode"])
         object.__setattr__(self, "options", tuple(sorted(given.items())))
 
-    def load(self) -> LoadedModel:
-        """:func:`vlmflow.load_model` of this spec (imports torch)."""
-        from vlmflow.loading import load_model
-
-        return load_model(self)
 
 
 def load_spec(model: LoadSpec | str | Path, keywords: Mapping[str, Any], function: str) -> LoadSpec:

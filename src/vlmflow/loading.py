@@ -22,6 +22,7 @@ from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.family import ModelFamily
 from vlmflow.adapters.pipeline import InputPipeline
 from vlmflow.adapters.registry import family_for_architecture
+from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
 from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.prompts import PromptTemplate, get_template
@@ -108,20 +109,18 @@ def load_model(spec: LoadSpec | str | Path, **fields: Any) -> LoadedModel:
 
     Args:
         spec: a :class:`~vlmflow.load_spec.LoadSpec`, or the model: a local directory or a Hugging
-            Face model id (from the local cache unless ``allow_hub``); ``"organism"`` names the
-            organism shipped with the package.
+            Face model id (from the local cache unless ``allow_hub``), or a model alias
+            (:mod:`vlmflow.aliases`; ``"organism"`` names the organism shipped with the package).
         fields: fields of the spec by name (listed below), set on ``spec``. The checkpoint's
             ``vlmflow.json`` gives the default template and family options.
 
-    >>> from vlmflow.testing.tiny import build_tiny_llava
+    >>> from vlmflow.tiny.llava import build_tiny_llava
     >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
     >>> loaded = load_model("tiny-llava-doc", device="cpu")      # doctest: +SKIP
     >>> loaded.family.family                                    # doctest: +SKIP
     'llava'
     """
     spec = load_spec(spec, fields, "load_model")
-    from vlmflow.organism import resolve_model_name
-
     name_or_path = resolve_model_name(spec.name)
     torch_device = resolve_device(spec.device)
     torch_dtype = parse_dtype(spec.dtype, torch_device)

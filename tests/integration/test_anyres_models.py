@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from test_knockout_equivalence import _all_knockouts  # tests/integration is on sys.path
 from test_knockout_safety import _attention_weights
 
+from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
 from vlmflow.errors import ConfigError
 from vlmflow.experiments.prepare import prepare_sample
@@ -27,7 +28,6 @@ from vlmflow.knockout.fast import clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
-from vlmflow.testing.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
 
 SHAPES = {
     "next-vicuna": (build_tiny_llava_next, TinyAnyresConfig(tokenizer="sentencepiece")),

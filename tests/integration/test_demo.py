@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_runs_figures_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -42,6 +43,7 @@ def test_demo_quick_writes_runs_figures_and_summary(tmp_path, capsys):
     assert (out / "summary.md").read_text().startswith("# vlmflow demo")
 
 
+@pytest.mark.slow
 def test_demo_resumes_without_recomputing(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--per-task", "1", "--out", str(out), "--no-plot"]

@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from support.tiny_paligemma import build_tiny_paligemma
+from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.windows import sweep
 from vlmflow.knockout.executor import run_fold
@@ -26,10 +30,6 @@ from vlmflow.knockout.spec import Knockout
 from vlmflow.knockout.strategy import choose_strategy
 from vlmflow.loading import load_model
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
-from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from vlmflow.testing.tiny_paligemma import build_tiny_paligemma
-from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
 BUILDERS: dict[str, Callable[[Path], object]] = {
     "qwen2_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(), p),

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
+from vlmflow.aliases import resolve_model_name
 from vlmflow.data.sample import TaskType
 from vlmflow.data.scene_sets import task_questions
-from vlmflow.organism import ALIAS, organism_path, resolve_model_name
+from vlmflow.organism import ALIAS, organism_path
 
 ORGANISM = organism_path()
 pytestmark = pytest.mark.skipif(

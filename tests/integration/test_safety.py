@@ -95,7 +95,7 @@ def test_checkpoint_code_does_not_run_unless_asked(tiny_checkpoint, tmp_path, mo
         seen.update(trust_remote_code=spec.trust_remote_code, allow_hub=spec.allow_hub)
         raise ConfigError("stop here")
 
-    monkeypatch.setattr("vlmflow.loading.load_model", fake_load)
+    monkeypatch.setattr("vlmflow.experiments.runner.load_model", fake_load)
     args = ["flows", "--model", str(model), "--data", str(one_sample_csv), "--out", str(tmp_path / "runs"), "--device", "cpu"]
     assert main(args) == 2 and seen["trust_remote_code"] is False and seen["allow_hub"] is False
     assert main([*args, "--trust-remote-code"]) == 2 and seen["trust_remote_code"] is True

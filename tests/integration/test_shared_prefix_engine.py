@@ -26,9 +26,9 @@ from vlmflow.positions.groups import Flow, Group
 @pytest.fixture(scope="module")
 def qwen2_vl_prepared(tmp_path_factory):  # (loaded, prepared)
     from conftest import make_scene_sample
+    from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
     from vlmflow.experiments.prepare import prepare_sample
     from vlmflow.loading import load_model
-    from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
     path = tmp_path_factory.mktemp("tiny-qwen2-vl-shared")
     build_tiny_qwen2_vl(TinyQwen2VLConfig(), path)

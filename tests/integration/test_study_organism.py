@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from test_report_browser import artefacts, browser_page, check_report  # noqa: F401 - browser_page is a fixture
+from test_report_browser import browser_page, check_report  # noqa: F401 - browser_page is a fixture
 
 from vlmflow.analysis.claims import Status
 from vlmflow.cli.main import main
@@ -25,9 +25,12 @@ def _organism_dir() -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-pytestmark = pytest.mark.skipif(
-    _organism_dir() is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
-)
+pytestmark = [
+    pytest.mark.slow,  # the whole bundled study: a few minutes on CPU
+    pytest.mark.skipif(
+        _organism_dir() is None, reason="the trained organism is not in the package (vlmflow/resources/organism has no config.json)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,14 @@ def test_every_run_of_the_bundled_config_is_done(study: Path):
     assert (study / "report.html").is_file() and (study / "analysis.json").is_file()
 
 
-def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
+@pytest.fixture(scope="module")
+def artefacts(test_artifacts: Path) -> Path:
+    folder = test_artifacts / "organism-study"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_trained_organism_gives_real_flows_and_a_checklist(study: Path, artefacts: Path):
     analysis = json.loads((study / "analysis.json").read_text())
     lines = ["| model / task | claim | status | evidence |", "| --- | --- | --- | --- |"]
     for cell, data in analysis["cells"].items():
@@ -59,11 +69,9 @@ def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
             lines.append(f"| {cell} | {claim['id']} | {claim['status']} | {claim['evidence']} |")
     for claim in analysis["study_claims"]:
         lines.append(f"| study | {claim['id']} | {claim['status']} | {claim['evidence']} |")
-    folder = artefacts().parent / "organism-study"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "checklist.md").write_text("\n".join(lines) + "\n")
-    (folder / "analysis.json").write_text(json.dumps(analysis, indent=2))
+    (artefacts / "checklist.md").write_text("\n".join(lines) + "\n")
+    (artefacts / "analysis.json").write_text(json.dumps(analysis, indent=2))
 
 
-def test_organism_report_in_the_browser(browser_page, study: Path):  # noqa: F811 - the imported fixture
-    check_report(browser_page, study / "report.html", artefacts().parent / "organism-study")
+def test_organism_report_in_the_browser(browser_page, study: Path, artefacts: Path):  # noqa: F811 - the imported fixture
+    check_report(browser_page, study / "report.html", artefacts)

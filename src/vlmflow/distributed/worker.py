@@ -27,7 +27,7 @@ from vlmflow.errors import VlmflowError
 from vlmflow.experiments.runner import RunSpec, iter_samples, stored_spec
 from vlmflow.experiments.settings import Engine
 from vlmflow.load_spec import LoadSpec
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ShardWorker:
         self._load_error: VlmflowError | None = None
         self._self_tests: dict[Engine, dict[str, Any]] = {}  # engine -> self-test report
         try:
-            self._loaded: LoadedModel | None = model.load()
+            self._loaded: LoadedModel | None = load_model(model)
         except VlmflowError as exc:
             # Raised from the first call instead: a constructor error would reach the driver as a bare
             # "actor died" without the message that says what to fix.

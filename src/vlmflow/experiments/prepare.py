@@ -62,7 +62,7 @@ def check_answer_tokens(tokenizer: Any, sample: Sample) -> None:
     never be produced by the model, so the sample would be scored wrong for a reason that has
     nothing to do with the model's answer.
 
-    >>> from vlmflow.testing.tokenizers import build_tokenizer
+    >>> from vlmflow.tiny.tokenizers import build_tokenizer
     >>> check_answer_tokens(build_tokenizer("word"), Sample("q1", "i", "Is it red?", "zebra"))
     Traceback (most recent call last):
     ...

@@ -30,7 +30,7 @@ from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_samp
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.load_spec import LoadSpec
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 from vlmflow.results.tables import ErrorRow, Row
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ def run_to_store(
     from vlmflow.experiments.selftest import run_self_test
 
     data = load_data(spec.data)
-    loaded = loaded or spec.model.load()
+    loaded = loaded or load_model(spec.model)
     report = run_self_test(loaded, spec.experiment.engine) if self_test else None
     torch.manual_seed(SEED)
     run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)

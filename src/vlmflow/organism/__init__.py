@@ -3,7 +3,8 @@
 It is a real ``LlavaForConditionalGeneration`` (CLIP vision tower, projector, Llama decoder) with its
 own word-level tokenizer and processor, saved with ``save_pretrained`` under
 ``vlmflow/resources/organism``; :func:`vlmflow.loading.load_model` loads it like any checkpoint, and
-the name ``"organism"`` is an alias for that folder wherever a model is named (``--model organism``).
+the name ``"organism"`` is an alias for that folder wherever a model is named (``--model organism``;
+the alias is declared as an entry point, see :mod:`vlmflow.aliases`).
 
 >>> organism_path().name
 'organism'
@@ -25,20 +26,19 @@ def organism_path() -> Path:
     return Path(str(resources.files("vlmflow").joinpath("resources", ALIAS)))
 
 
-def resolve_model_name(name: str | Path) -> str:
-    """``"organism"`` (when no such local folder exists) becomes the packaged checkpoint's folder.
+def packaged_checkpoint() -> str:
+    """The folder of the packaged organism, which the model alias ``"organism"`` stands for.
 
-    Any other name is returned unchanged.
+    The alias is declared as an entry point of the group ``vlmflow.model_aliases`` (see
+    :mod:`vlmflow.aliases`), so the core finds it without importing this package.
 
     Raises:
-        ConfigError: the alias is used but the package holds no organism.
+        ConfigError: the package holds no organism.
 
-    >>> resolve_model_name("llava-hf/llava-1.5-7b-hf")
-    'llava-hf/llava-1.5-7b-hf'
+    >>> from vlmflow.aliases import resolve_model_name
+    >>> resolve_model_name(ALIAS) == packaged_checkpoint()   # doctest: +SKIP
+    True
     """
-    text = str(name)
-    if text != ALIAS or Path(text).is_dir():
-        return text
     path = organism_path()
     if not (path / "config.json").is_file():
         raise ConfigError(

@@ -34,7 +34,7 @@ from vlmflow.data.scene_sets import write_scene_set
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import ALIAS
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
@@ -94,7 +94,7 @@ def run_demo(
     scenes = out / "scenes"
     files = write_scene_set(scenes, per_task, seed, tasks)
     spec_model = ModelSpec(model, dtype="float32", device="cpu")
-    loaded = loaded or spec_model.load()
+    loaded = loaded or load_model(spec_model)
     result = DemoResult(path=out, scenes=scenes)
     experiments = {
         "flows": FlowSettings(flows=PAPER_FLOWS, window=window),

@@ -27,7 +27,7 @@ from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, VlmflowError
 from vlmflow.experiments.runner import DataSpec, Experiment, RunSpec, load_data, run_to_store
 from vlmflow.experiments.settings import ControlSettings, FlowSettings, LensSettings
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 from vlmflow.results.store import RunStore
 from vlmflow.study.config import ModelEntry, StudyConfig, TaskEntry
 from vlmflow.study.directory import StudyDir, run_key
@@ -183,7 +183,7 @@ def _reproduce_model(
     """Every run of one model entry (``executor``: a RayExecutor, or None for this process)."""
     runs = [(t, e) for m, t, e in plan if m is model]
     try:
-        loaded = loader(model) if loader is not None else model.spec.load()
+        loaded = loader(model) if loader is not None else load_model(model.spec)
     except VlmflowError as exc:
         log.error("model %s cannot be loaded: %s", model.label, exc)
         for task, experiment in runs:

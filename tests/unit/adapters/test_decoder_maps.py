@@ -17,12 +17,12 @@ from vlmflow.inputs import Encoded
 
 
 def _configs() -> dict[str, Callable[[], object]]:
-    from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava
-    from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-    from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-    from vlmflow.testing.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
-    from vlmflow.testing.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
-    from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
+    from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+    from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+    from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
+    from support.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+    from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
+    from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava
 
     return {
         "llava": lambda: build_tiny_llava(TinyLlavaConfig(layers=3))[0].config,

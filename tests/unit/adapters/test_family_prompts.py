@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 from vlmflow.adapters.expansion import ImageTextProcessor, check_template_tokens
 from vlmflow.adapters.registry import family_for_architecture, family_for_model
 from vlmflow.errors import ConfigError, UnsupportedModelError
 from vlmflow.prompts import ANSWER_SUFFIX, get_template
-from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
 QUESTION = "Is the square red or blue?"
 
@@ -105,7 +105,7 @@ def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
 
 
 def test_paligemma_prompt_equals_the_paligemma_processor():
-    from vlmflow.testing.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+    from support.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
 
     model, processor = build_tiny_paligemma(TinyPaliGemmaConfig(layers=1))
     encoded = _bind(model, processor, "paligemma").inputs.encode(QUESTION, _image())

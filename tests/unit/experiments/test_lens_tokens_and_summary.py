@@ -24,7 +24,7 @@ from vlmflow.experiments.lens import (
 )
 from vlmflow.positions.groups import Group
 from vlmflow.results.tables import TABLES
-from vlmflow.testing.tokenizers import build_tokenizer
+from vlmflow.tiny.tokenizers import build_tokenizer
 
 KINDS = ["sentencepiece", "bytelevel", "word"]
 

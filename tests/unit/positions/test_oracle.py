@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from support.oracle import oracle_tokens
 from vlmflow.data.datasets import load_samples, released_specs
 from vlmflow.data.sample import Box
-from vlmflow.positions.oracle import oracle_processor, oracle_tokens, paper_rule_tokens
+from vlmflow.positions.paper_rule import mask_processor, paper_rule_tokens
 from vlmflow.positions.patches import llava_geometry
 
 MODES = ("pad", "resize", "crop")
@@ -83,14 +84,14 @@ def test_oracle_processor_mirrors_the_llava_adapter_pipeline(mode, resample):
         image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
         shown = pipeline_.preprocess_image(image)
         pipeline = np.asarray(clip(images=[shown], return_tensors="np")["pixel_values"])
-        oracle = np.asarray(oracle_processor(mode, side, resample=resample)(images=[image], return_tensors="np")["pixel_values"])
+        oracle = np.asarray(mask_processor(mode, side, resample=resample)(images=[image], return_tensors="np")["pixel_values"])
         assert np.array_equal(pipeline, oracle), (mode, size)
 
 
 def test_paper_rule_with_nearest_is_ours_on_a_one_pixel_larger_box():
     """The paper's inclusive rectangle is the half-open box one pixel wider and taller."""
     rng = np.random.default_rng(5)
-    processor = oracle_processor("pad", 42, resample=Image.Resampling.NEAREST)
+    processor = mask_processor("pad", 42, resample=Image.Resampling.NEAREST)
     for (size, boxes) in _random_geometries(rng, 40):
         boxes = tuple(Box(int(b.x), int(b.y), max(1, int(b.w)), max(1, int(b.h))) for b in boxes)
         paper = paper_rule_tokens(size, boxes, view_size=42, patch_size=14, processor=processor)

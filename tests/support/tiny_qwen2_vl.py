@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
+from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 from vlmflow.adapters.expansion import ImageTextProcessor
-from vlmflow.testing.tiny_common import build_seeded, chat_tokenizer, save_tiny
 
 QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from support.dataset import write_scene_dataset
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 from vlmflow.loading import LoadedModel
-from vlmflow.testing.dataset import write_scene_dataset
 
 MIB = 1024 * 1024
 

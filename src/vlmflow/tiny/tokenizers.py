@@ -5,8 +5,9 @@
 * ``"bytelevel"`` — GPT-2 / Llama-3 / Qwen style byte-level BPE (``Ġ`` for spaces).
 * ``"word"`` — one token per word or punctuation mark; the model organism uses it.
 
-They let tests exercise position finding (question spans by character offsets) on the same kinds
-of tokenization real checkpoints have, without downloading anything.
+They give the tiny checkpoints and the model organism the same kinds of tokenization real
+checkpoints have (so position finding by character offsets is exercised), without downloading
+anything.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import pytest
 
 from vlmflow.data.csvio import ReadResult, RowError
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
-from vlmflow.data.stats import task_stats
+from vlmflow.positions.task_stats import task_stats
 
 
 def _sample(qid: str, size: tuple[int, int], *boxes: Box | None) -> Sample:

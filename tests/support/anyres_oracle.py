@@ -4,7 +4,7 @@ An independent check of :mod:`vlmflow.positions.anyres` (it shares no geometry c
 
 1. boxes are painted into mask images (16 geometries of one image size per mask, as bit-planes in
    the red and green channels; blue is 255 on every image pixel, the black fill is 0), exactly as
-   :mod:`vlmflow.positions.oracle` does for single-view LLaVA;
+   :mod:`support.oracle` does for single-view LLaVA;
 2. the masks go through the **real Hugging Face processor** (``LlavaNextProcessor`` or
    ``LlavaOnevisionProcessor`` with the checkpoint's image-processor settings, but nearest
    resampling and no rescaling or normalisation), which also expands the image placeholder: its
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from support.oracle import _IMAGE_BLUE, _PLANES, _bit_mask, _key
 from vlmflow.data.sample import Box
-from vlmflow.positions.oracle import _IMAGE_BLUE, _PLANES, _bit_mask, _key
 
 #: ``pack(features, image_sizes)``: per image ``[views, patches, channels]`` -> ``[tokens, channels]``.
 Packer = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], list[torch.Tensor]]

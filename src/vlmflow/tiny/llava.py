@@ -1,4 +1,5 @@
-"""Tiny random-weight LLaVA checkpoints, built offline, for tests, docs and benchmarks.
+"""Tiny random-weight LLaVA checkpoints, built offline: to try vlmflow without a real checkpoint,
+and as the base of the model organism.
 
 :func:`build_tiny_llava` makes a real ``LlavaForConditionalGeneration`` (CLIP vision tower,
 projector, Llama decoder) with a processor laid out like ``llava-hf/llava-1.5-7b-hf`` (CLIP image
@@ -6,7 +7,7 @@ processor with shortest-edge resize and centre crop, ``LlavaProcessor`` with ``p
 ``num_additional_image_tokens=1``), and can save it with ``save_pretrained`` so it loads back
 through exactly the path a user's checkpoint takes (:func:`vlmflow.load_model`).
 
-The CLI exposes it as ``vlmflow tiny-model PATH``.
+The CLI exposes it as ``vlmflow tiny-model PATH``; the tests and benchmarks build their models with it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from vlmflow.testing.tokenizers import TokenizerKind, build_tokenizer
+from vlmflow.tiny.tokenizers import TokenizerKind, build_tokenizer
 
 if TYPE_CHECKING:
     from vlmflow.loading import LoadedModel
@@ -38,7 +39,7 @@ class TinyLlavaConfig:
     """Shape of a tiny LLaVA. Defaults give ~16 image tokens and a ~60-token prompt.
 
     Attributes:
-        tokenizer: tokenizer style, see :mod:`vlmflow.testing.tokenizers`.
+        tokenizer: tokenizer style, see :mod:`vlmflow.tiny.tokenizers`.
         layers / hidden / heads / kv_heads / intermediate: the Llama decoder.
         image_size / patch_size: the CLIP view (``(image_size // patch_size) ** 2`` image tokens).
         vision_layers / vision_hidden: the CLIP tower.

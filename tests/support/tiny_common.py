@@ -1,7 +1,7 @@
 """What the tiny builders of the other families share: chat tokenizers, seeding, widening, saving.
 
-The family builders (:mod:`vlmflow.testing.tiny_qwen2_vl`, :mod:`vlmflow.testing.tiny_gemma3`,
-:mod:`vlmflow.testing.tiny_idefics3`) make real transformers models with random weights from
+The family builders (:mod:`support.tiny_qwen2_vl`, :mod:`support.tiny_gemma3`,
+:mod:`support.tiny_idefics3`) make real transformers models with random weights from
 configs, and processors laid out like the released checkpoints', and save them with
 ``save_pretrained`` so that they load back through :func:`vlmflow.loading.load_model`.
 """
@@ -17,8 +17,8 @@ import torch
 from tokenizers import processors
 from torch import nn
 
-from vlmflow.testing.tiny import _widen_init
-from vlmflow.testing.tokenizers import DEFAULT_CORPUS, TokenizerKind, build_tokenizer
+from vlmflow.tiny.llava import _widen_init
+from vlmflow.tiny.tokenizers import DEFAULT_CORPUS, TokenizerKind, build_tokenizer
 
 #: Extra training text: the chat formats' role words, so prompts tokenize into whole words.
 CHAT_CORPUS: tuple[str, ...] = (

@@ -18,8 +18,8 @@ Because nearest resampling never mixes values, many geometries of one image size
 red and green channels carry 16 bit-planes (one geometry each) and the blue channel is 255 on
 image pixels, so padding (blue = the mean colour's 104 for CLIP) is told apart in the same pass.
 
-:func:`paper_rule_tokens` is the paper's own rule (inclusive ``ImageDraw.rectangle``, bicubic
-resize, exactly-red pixels), kept to measure how far it is from ours.
+The paper's own rule (inclusive ``ImageDraw.rectangle``, bicubic resize, exactly-red pixels) is
+:func:`vlmflow.positions.paper_rule.paper_rule_tokens`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vlmflow.data.sample import Box
+from vlmflow.positions.paper_rule import OPENAI_CLIP_MEAN, mask_processor
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _PLANES = 16  # geometries per mask: 8 bit-planes in red + 8 in green
 _IMAGE_BLUE = 255
 
@@ -47,38 +47,6 @@ class OracleTokens:
 
     related: np.ndarray  # bool (n_tokens,): patch holds a pixel painted for a box
     padding: np.ndarray  # bool (n_tokens,): patch holds no image pixel
-
-
-def oracle_processor(
-    mode: Literal["pad", "resize", "crop"],
-    view_size: int,
-    *,
-    resample: int = Image.Resampling.NEAREST,
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
-) -> Any:
-    """The transformers LLaVA image processor configured like the pipeline's ``mode``, values kept 0-255.
-
-    >>> oracle_processor("pad", 336).do_pad
-    True
-    """
-    from transformers import LlavaImageProcessorPil
-
-    if mode == "resize":
-        size: dict[str, int] = {"height": view_size, "width": view_size}
-    elif mode in ("pad", "crop"):
-        size = {"shortest_edge": view_size}
-    else:
-        raise ValueError(f"unknown preprocessing mode {mode!r}; valid: pad, resize, crop")
-    return LlavaImageProcessorPil(
-        size=size,
-        crop_size={"height": view_size, "width": view_size},
-        do_center_crop=mode != "resize",
-        do_pad=mode == "pad",
-        resample=int(resample),
-        do_rescale=False,
-        do_normalize=False,
-        image_mean=list(image_mean),
-    )
 
 
 def oracle_tokens(
@@ -97,7 +65,7 @@ def oracle_tokens(
     >>> out[0].related.astype(int).tolist(), out[0].padding.astype(int).tolist()
     ([1, 0, 1, 0], [0, 0, 0, 0])
     """
-    processor = oracle_processor(mode, view_size, image_mean=image_mean)
+    processor = mask_processor(mode, view_size, image_mean=image_mean)
     pad_blue = int(255 * image_mean[2])
     if mode == "pad" and pad_blue == _IMAGE_BLUE:
         raise ValueError("the padding colour's blue is 255, so the oracle cannot tell padding from image")
@@ -154,32 +122,3 @@ def _read_view(view: np.ndarray, n_planes: int, patch: int, pad_blue: int) -> tu
     related = ((patch_bits.reshape(-1)[None, :] >> np.arange(n_planes)[:, None]) & 1).astype(bool)
     padding = ~image_px.reshape(n, patch, n, patch).any(axis=(1, 3)).reshape(-1)
     return related, padding
-
-
-def paper_rule_tokens(
-    image_size: tuple[int, int],
-    boxes: Sequence[Box],
-    *,
-    view_size: int = 336,
-    patch_size: int = 14,
-    resample: int = Image.Resampling.BICUBIC,
-    processor: Any = None,
-) -> np.ndarray:
-    """Related tokens by the paper's rule for LLaVA-1.5 (pad to square), bool ``(n_tokens,)``.
-
-    Green mask, each box filled red with ``ImageDraw.rectangle((x, y, x + w, y + h))`` (inclusive,
-    so one pixel wider and taller than the box), pad to square with the mean colour, resize
-    (bicubic by default), and keep patches holding a pixel exactly ``(255, 0, 0)``.
-
-    >>> int(paper_rule_tokens((28, 28), [Box(0, 0, 14, 14)], view_size=28, patch_size=14).sum())
-    4
-    """
-    processor = processor or oracle_processor("pad", view_size, resample=resample)
-    mask = Image.new("RGB", tuple(int(v) for v in image_size), (0, 255, 0))
-    draw = ImageDraw.Draw(mask)
-    for b in boxes:
-        draw.rectangle((b.x, b.y, b.x + b.w, b.y + b.h), fill=(255, 0, 0))
-    view = np.asarray(processor(images=[mask], return_tensors="np")["pixel_values"])[0]  # (3, S, S)
-    red = (view[0] == 255) & (view[1] == 0) & (view[2] == 0)
-    n = view.shape[1] // patch_size
-    return red.reshape(n, patch_size, n, patch_size).any(axis=(1, 3)).reshape(-1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from vlmflow.testing.tiny_common import build_seeded, chat_tokenizer, save_tiny
+from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 from vlmflow.adapters.expansion import ImageTextProcessor
-from vlmflow.testing.tiny_common import build_seeded, chat_tokenizer, save_tiny
 
 IDEFICS3_SPECIALS = (
     "<|begin_of_text|>",

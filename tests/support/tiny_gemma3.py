@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from vlmflow.testing.tiny_common import build_seeded, chat_tokenizer, save_tiny
+from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 
 GEMMA3_NAMED = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 GEMMA3_SPECIALS = ("<bos>", "<start_of_turn>", "<end_of_turn>")

@@ -2,7 +2,7 @@
 
 Independent checks of :mod:`vlmflow.positions.dynamic_grid`, of Gemma-3's and PaliGemma's use of
 :func:`vlmflow.positions.patches.llava_geometry` and of :mod:`vlmflow.positions.split_tiles`. As in
-:mod:`vlmflow.positions.oracle`, boxes are painted into masks (16 geometries per mask as bit-planes
+:mod:`support.oracle`, boxes are painted into masks (16 geometries per mask as bit-planes
 in the red and green channels, blue = 255 on image pixels), the masks go through the family's own
 transformers image processor (PIL backend, ``resample=NEAREST``, rescaling and normalisation off),
 and the tokens are read off what comes out, grouped the way the model groups patches into tokens:
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from support.oracle import _IMAGE_BLUE, _PLANES, OracleTokens, _bit_mask, _key
 from vlmflow.data.sample import Box
-from vlmflow.positions.oracle import _IMAGE_BLUE, _PLANES, OracleTokens, _bit_mask, _key
 
 Geometries = Sequence[tuple[tuple[int, int], Sequence[Box]]]
 # One processed mask -> (bits per token: uint32 (n_tokens,), padding: bool (n_tokens,)).

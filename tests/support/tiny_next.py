@@ -1,6 +1,6 @@
 """Tiny random-weight LLaVA-NeXT and LLaVA-OneVision checkpoints, built offline (tests, docs).
 
-Same idea as :mod:`vlmflow.testing.tiny`: real transformers classes from small configs, a processor
+Same idea as :mod:`vlmflow.tiny.llava`: real transformers classes from small configs, a processor
 laid out like the released checkpoints', ``save_pretrained`` so they load back through
 :func:`vlmflow.loading.load_model`.
 
@@ -38,8 +38,8 @@ from transformers import (
 )
 
 from vlmflow.prompts import LLAMA3_SYSTEM, VICUNA_SYSTEM
-from vlmflow.testing.tiny import TinyLlavaConfig, _decoder_kwargs, _random_model, _save, _vision_kwargs
-from vlmflow.testing.tokenizers import DEFAULT_CORPUS, build_tokenizer
+from vlmflow.tiny.llava import TinyLlavaConfig, _decoder_kwargs, _random_model, _save, _vision_kwargs
+from vlmflow.tiny.tokenizers import DEFAULT_CORPUS, build_tokenizer
 
 #: Meta-Llama-3-8B-Instruct's chat template (its ``tokenizer_config.json``), which LLaVA-NeXT's
 #: ``llava_llama_3`` conversation renders through ``apply_chat_template``.
