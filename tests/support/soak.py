@@ -21,7 +21,7 @@ import psutil
 from support.dataset import write_scene_dataset
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 
 MIB = 1024 * 1024
 
@@ -97,7 +97,7 @@ def run_soak(
         name="soak",
     )
     if loaded is None:
-        loaded = spec.model.load()
+        loaded = load_model(spec.model)
     process = psutil.Process()
     rss: list[int] = []
 
