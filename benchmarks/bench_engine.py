@@ -36,7 +36,7 @@ from vlmflow.knockout.fast import clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.positions.groups import PAPER_FLOWS
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
 
 
 def main() -> None:
@@ -95,11 +95,11 @@ def main() -> None:
     capture_from = min(k.first_target for k in knockouts)
 
     def run_reference() -> torch.Tensor:
-        return reference_logits(loaded.model, loaded.adapter, prepared.encoded, subset)
+        return reference_logits(loaded.decoder, prepared.encoded, subset)
 
     def run_fast() -> torch.Tensor:
-        clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=capture_from)
-        return fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts)
+        clean = clean_run(loaded.decoder, prepared.encoded, capture_from=capture_from)
+        return fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
 
     with torch.no_grad():
         ref, ref_wall, ref_cpu = timed(run_reference, args.repeats)

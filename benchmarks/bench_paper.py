@@ -48,6 +48,7 @@ from workloads import CPU_DIVISOR, FULL_SHAPES, Shape, build_model, prepare  # n
 from vlmflow.experiments.flows import FlowSettings, analyse_sample  # noqa: E402
 from vlmflow.experiments.windows import default_window, sweep  # noqa: E402
 from vlmflow.positions.groups import PAPER_FLOWS, Flow  # noqa: E402
+from vlmflow.results.tables import FlowRow  # noqa: E402
 
 #: Tolerated |log p| difference between the baseline and vlmflow, per dtype.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.05}
@@ -129,15 +130,15 @@ def dims_of(shape: Shape) -> DecoderDims:
     )
 
 
-def check_agreement(agree: Agreement, flow: Flow, baseline, rows: list[dict]) -> None:
+def check_agreement(agree: Agreement, flow: Flow, baseline, rows: list[FlowRow]) -> None:
     """Compare one baseline run with vlmflow's rows for the same flow; track the knockouts' effect."""
-    by_layer = {r["layer"]: r for r in rows if r["flow"] == str(flow)}
+    by_layer = {r.layer: r for r in rows if r.flow == flow}
     log = math.log
-    diffs = [abs(log(baseline.p_base) - log(by_layer[0]["p_base"]))]
-    diffs += [abs(log(p) - log(by_layer[c]["p_blocked"])) for c, p in baseline.rows]
+    diffs = [abs(log(baseline.p_base) - log(by_layer[0].p_base))]
+    diffs += [abs(log(p) - log(by_layer[c].p_blocked)) for c, p in baseline.rows]
     agree.max_diff = max(agree.max_diff, *diffs)
     agree.compared += len(diffs)
-    effect = max(abs(log(r["p_blocked"]) - log(r["p_base"])) for r in by_layer.values())
+    effect = max(abs(log(r.p_blocked) - log(r.p_base)) for r in by_layer.values())
     agree.min_effect = min(agree.min_effect, effect)
 
 

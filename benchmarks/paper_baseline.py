@@ -56,7 +56,7 @@ def paper_hooks(loaded: LoadedModel, layers: Sequence[int], targets: Sequence[in
 
     try:
         for layer in layers:
-            module = loaded.adapter.attention_module(loaded.model, layer)
+            module = loaded.decoder.attention(layer)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:

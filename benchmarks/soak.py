@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from vlmflow.experiments.flows import FlowSettings
-from vlmflow.testing.soak import run_soak
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the soak harness lives with the tests
+
+from support.soak import run_soak  # noqa: E402
+from vlmflow.experiments.flows import FlowSettings  # noqa: E402
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava  # noqa: E402
 
 
 def _organism() -> Path:

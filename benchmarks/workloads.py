@@ -30,7 +30,7 @@ from transformers import LlavaForConditionalGeneration
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
 from vlmflow.experiments.prepare import PreparedSample, prepare_sample
 from vlmflow.loading import LoadedModel
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava, loaded_from_objects
 
 
 @dataclass(frozen=True)

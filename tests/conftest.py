@@ -2,11 +2,16 @@
 
 Everything runs offline on CPU: checkpoints are built from configs (random weights) with offline
 tokenizers, saved with ``save_pretrained`` and loaded through :func:`vlmflow.load_model`.
+
+Tests write files only under pytest's temporary folders, or what they keep for a person to look at
+(screenshots, the organism's checklist) under :func:`test_artifacts`; a session that leaves a new
+file or folder in the repository fails (:func:`_repository_stays_clean`).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,9 +22,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava  # noqa: E402
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the models are tiny, so a second thread buys little, and on a shared 2-core
+# machine two spinning threads per process slow the suite down several times over.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: Model shapes the engine is checked on: SentencePiece + grouped-query attention, byte-level BPE +
 #: multi-head attention with 7-px patches, word-level + one KV head and more layers.
@@ -32,6 +41,40 @@ TINY_SHAPES: dict[str, TinyLlavaConfig] = {
         tokenizer="word", layers=6, hidden=32, heads=2, kv_heads=1, intermediate=64, image_size=24, patch_size=4, seed=2
     ),
 }
+
+
+def _untracked_in_repository() -> set[str] | None:
+    """Untracked and ignored entries of the repository (folders as one entry), None outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        )
+    except OSError:
+        return None
+    if done.returncode != 0:
+        return None
+    caches = ("__pycache__", ".pytest_cache", ".ruff_cache")
+    return {line[3:] for line in done.stdout.splitlines() if line[:2] in ("??", "!!") and not any(c in line for c in caches)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_stays_clean():
+    """The test session leaves no new file or folder in the repository (not even an ignored one)."""
+    before = _untracked_in_repository()
+    yield
+    after = _untracked_in_repository()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the tests left files in the repository (write them under tmp_path or test_artifacts): {sorted(after - before)}")
+
+
+@pytest.fixture(scope="session")
+def test_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tests keep files for a person to look at: ``$VLMFLOW_TEST_ARTIFACTS``, else a temporary folder."""
+    folder = os.environ.get("VLMFLOW_TEST_ARTIFACTS")
+    if not folder:
+        return tmp_path_factory.mktemp("test-artifacts")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ Names:
     run_flows, run_lens: run an experiment over a dataset into a run directory (:mod:`vlmflow.api`).
     load_run, Run: read a run directory back (tables as DataFrames, figures).
     load_model: load a checkpoint with its processor and family adapter (:mod:`vlmflow.loading`).
+    LoadSpec, FlowSettings, LensSettings: how to load a model and run an experiment, as typed
+        objects (:mod:`vlmflow.load_spec`, :mod:`vlmflow.experiments.settings`).
     load_samples: read a task CSV or ``gqa:TASK`` into typed samples (:mod:`vlmflow.data.datasets`).
     Flow, Group, PAPER_FLOWS: the vocabulary of flows (:mod:`vlmflow.positions.groups`).
 """
@@ -34,6 +36,9 @@ _LAZY: dict[str, str] = {
     "Run": "vlmflow.api",
     "load_model": "vlmflow.loading",
     "LoadedModel": "vlmflow.loading",
+    "LoadSpec": "vlmflow.load_spec",
+    "FlowSettings": "vlmflow.experiments.settings",
+    "LensSettings": "vlmflow.experiments.settings",
     "load_samples": "vlmflow.data.datasets",
     "Flow": "vlmflow.positions.groups",
     "Group": "vlmflow.positions.groups",
@@ -43,7 +48,10 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "PAPER_FLOWS",
     "Flow",
+    "FlowSettings",
     "Group",
+    "LensSettings",
+    "LoadSpec",
     "LoadedModel",
     "Run",
     "__version__",
@@ -57,6 +65,8 @@ __all__ = [
 if TYPE_CHECKING:
     from vlmflow.api import Run, load_run, run_flows, run_lens
     from vlmflow.data.datasets import load_samples
+    from vlmflow.experiments.settings import FlowSettings, LensSettings
+    from vlmflow.load_spec import LoadSpec
     from vlmflow.loading import LoadedModel, load_model
     from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 

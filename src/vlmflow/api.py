@@ -1,7 +1,9 @@
 """The Python API: run the paper's experiments and read their results from a script or notebook.
 
 Everything here is also reachable as ``vlmflow.<name>`` (``vlmflow.run_flows``, ``vlmflow.load_run``,
-``vlmflow.Run``, ``vlmflow.run_lens``; ``vlmflow.load_model`` comes from :mod:`vlmflow.loading`).
+``vlmflow.Run``, ``vlmflow.run_lens``; ``vlmflow.load_model`` comes from :mod:`vlmflow.loading`, the
+settings types ``vlmflow.LoadSpec``, ``vlmflow.FlowSettings``, ``vlmflow.LensSettings`` from
+:mod:`vlmflow.load_spec` and :mod:`vlmflow.experiments.settings`).
 A run writes the same run directory as the command line (``vlmflow flows``), so a run started in a
 notebook can be plotted with ``vlmflow plot`` and the other way round; rerunning the same call
 resumes it and recomputes nothing already done.
@@ -19,20 +21,22 @@ resumes it and recomputes nothing already done.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.errors import ConfigError
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.experiments.settings import FlowSettings, LensSettings
+from vlmflow.load_spec import LoadSpec, load_spec
+from vlmflow.positions.groups import Flow
+from vlmflow.settings import build, route_keywords, settings_keywords
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
     from vlmflow.distributed import RayOptions
-    from vlmflow.experiments.attention import AttentionSettings
-    from vlmflow.experiments.runner import Experiment, ModelSpec, RunOutcome, RunSpec
+    from vlmflow.experiments.runner import Experiment, RunOutcome, RunSpec
     from vlmflow.loading import LoadedModel
     from vlmflow.results.store import RunStore
 
@@ -86,7 +90,7 @@ class Run:
         return self.store.tables()
 
     def table(self, name: str) -> pd.DataFrame:
-        """All rows of table ``name`` (schemas: :mod:`vlmflow.results.schema`, ``docs/results.md``)."""
+        """All rows of table ``name`` (columns: :mod:`vlmflow.results.tables`, ``docs/results.md``)."""
         return self.store.read(name)
 
     # --- the tables users reach for --------------------------------------------------------------------
@@ -112,6 +116,21 @@ class Run:
     def lens(self) -> pd.DataFrame:
         """The lens table: probability and rank of each tracked form per (sample, readout, position, layer)."""
         return self.table("lens")
+
+    @property
+    def lens_top(self) -> pd.DataFrame:
+        """The lens's top-k tokens and entropy per (sample, readout, position, layer), with the input token."""
+        return self.table("lens_top")
+
+    @property
+    def controls(self) -> pd.DataFrame:
+        """The random-patch control: ``flows`` rows of ``random->TARGET`` knockouts plus the random ``draw``."""
+        return self.table("controls")
+
+    @property
+    def attention(self) -> pd.DataFrame:
+        """Attention mass per (sample, layer, target group, source group): ``mass`` and ``mass_per_head``."""
+        return self.table("attention")
 
     def curves(self) -> pd.DataFrame:
         """The flow figure's numbers: mean % change and 95% bootstrap band per (task, flow, layer).
@@ -189,49 +208,38 @@ def load_run(path: Path | str) -> Run:
     return Run(path)
 
 
+@settings_keywords(LoadSpec, FlowSettings)
 def run_flows(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadSpec | LoadedModel,
     data: str | Path,
     *,
+    settings: FlowSettings | None = None,
     images: str | Path | None = None,
-    flows: Sequence[str | Flow] | None = None,
-    window: int | None = None,
     out: str | Path = "runs",
     name: str | None = None,
     limit: int | None = None,
-    keep_all: bool = False,
-    engine: str = "fast",
-    max_new_tokens: int = 12,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-    template: str | None = None,
-    image_mode: str | None = None,
-    revision: str | None = None,
-    allow_hub: bool = False,
-    trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
     ray: RayOptions | str | None = None,
+    **keywords: Any,
 ) -> Run:
     """Knock out attention flows in windows of layers over a dataset (the paper's experiment).
 
+    How to load the model and how to run the experiment are given as typed objects
+    (``model=LoadSpec(...)``, ``settings=FlowSettings(...)``) or field by field as keywords
+    (``dtype="float16"``, ``window=9``, ``flows=["image->last"]``: listed below); keywords are set
+    on the objects given.
+
     Args:
         model: a local checkpoint directory, a Hugging Face id (from the local cache unless
-            ``allow_hub``), or a model already loaded with :func:`vlmflow.load_model`.
+            ``allow_hub``), a :class:`~vlmflow.load_spec.LoadSpec`, or a model already loaded with
+            :func:`vlmflow.load_model` (then the loading keywords are ignored).
         data: a task CSV in the released GQA layout, or ``"gqa:TASK"`` for a packaged file.
+        settings: the experiment's :class:`~vlmflow.experiments.settings.FlowSettings` (default:
+            the paper's six flows, window by model depth, the fast engine).
         images: folder of ``{img_id}.jpg``/``.png`` (default: beside the CSV).
-        flows: ``"source->target"`` strings or :class:`~vlmflow.positions.groups.Flow` objects
-            (default: the paper's six flows).
-        window: layers per window, centred and clipped at both ends (default: 7 for 32 layers,
-            9 for 40: about 0.22 of the depth, as the paper).
         out: parent folder of run directories; the run goes to ``out/<name>``.
         name: run directory name (default: derived from the model, data and a hash of the spec).
         limit: only the first ``limit`` samples.
-        keep_all: keep wrongly answered samples too (the paper drops them).
-        engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
-        max_new_tokens: greedy tokens generated for the baseline answer.
-        dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code:
-            how to load the model (ignored when ``model`` is already loaded); see :func:`vlmflow.load_model`.
         progress: ``True`` for a progress bar (tqdm), or a ``progress(done, total, message)`` callback.
         ray: run on a Ray cluster: ``"auto"``, ``"local"``, an address, or
             :class:`~vlmflow.distributed.RayOptions` (see ``docs/scale-out.md``); same run directory.
@@ -239,126 +247,70 @@ def run_flows(
     Returns:
         The :class:`Run` (its directory is complete and resumable).
 
+    Raises:
+        TypeError: a keyword that names no field (the message lists the valid ones).
+        ConfigError: a bad value (the message names it and what is valid).
+
     >>> import vlmflow
     >>> run = vlmflow.run_flows(model="tiny-llava", data="scenes/ChooseAttr.csv", window=3)   # doctest: +SKIP
     >>> run.curves().head()                                                                # doctest: +SKIP
     """
-    from vlmflow.experiments.flows import FlowSettings
+    from vlmflow.experiments.settings import FlowSettings
 
-    parsed = tuple(f if isinstance(f, Flow) else Flow.parse(f) for f in flows) if flows is not None else None
-    settings = FlowSettings(
-        **({"flows": parsed} if parsed is not None else {}),
-        window=window,
-        keep_all=keep_all,
-        engine=engine,  # type: ignore[arg-type]  # checked by FlowSettings
-        max_new_tokens=max_new_tokens,
-    )
-    model_spec, loaded = _model_spec(
-        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
-    )
-    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
+    load_fields, flow_fields = route_keywords("run_flows", keywords, LoadSpec, FlowSettings)
+    experiment = build(FlowSettings, flow_fields, base=settings or FlowSettings())
+    model_spec, loaded = _model_spec(model, load_fields)
+    outcome = _run(model_spec, loaded, data, images, limit, experiment, out, name, progress, ray)
     return Run(outcome.path)
 
 
+@settings_keywords(LoadSpec, LensSettings)
 def run_lens(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadSpec | LoadedModel,
     data: str | Path,
     *,
+    settings: LensSettings | None = None,
     images: str | Path | None = None,
-    readouts: Sequence[str] = ("raw", "normed"),
-    top_k: int = 10,
-    groups: Sequence[str | Group] = (),
-    attention: AttentionSettings | bool = False,
-    literal_first_piece: bool = False,
     out: str | Path = "runs",
     name: str | None = None,
     limit: int | None = None,
-    keep_all: bool = False,
-    max_new_tokens: int = 12,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-    template: str | None = None,
-    image_mode: str | None = None,
-    revision: str | None = None,
-    allow_hub: bool = False,
-    trust_remote_code: bool = False,
     progress: bool | ProgressCallback = False,
     ray: RayOptions | str | None = None,
+    **keywords: Any,
 ) -> Run:
     """The paper's answer-emergence readout (logit lens at the last position) over a dataset.
 
-    ``readouts``: ``"raw"`` (the paper's: no final norm below the top layer) and/or ``"normed"``;
-    ``groups``: also read every position of these groups (e.g. ``["question"]``); ``attention``:
-    also record group-to-group attention mass (``True`` for the default groups). The other
+    ``settings`` is a :class:`~vlmflow.experiments.settings.LensSettings`; its fields, and the
+    loading fields, can be given as keywords too (listed below): ``readouts`` ``"raw"`` (the
+    paper's: no final norm below the top layer) and/or ``"normed"``; ``groups``: also read every
+    position of these groups (e.g. ``["question"]``); ``attention``: also record group-to-group
+    attention mass (``True`` for the default groups, or an ``AttentionSettings``). The other
     arguments are those of :func:`run_flows`. See ``docs/lens.md``.
 
     >>> run = vlmflow.run_lens(model="tiny-llava", data="scenes/ChooseAttr.csv", groups=["question"])  # doctest: +SKIP
     >>> run.plot()                                                                                  # doctest: +SKIP
     """
-    from vlmflow.experiments.attention import AttentionSettings
-    from vlmflow.experiments.lens import LensSettings, Readout
+    from vlmflow.experiments.settings import LensSettings
 
-    try:
-        parsed_readouts = tuple(Readout(str(r).strip().lower()) for r in readouts)
-    except ValueError:
-        raise ConfigError(f"unknown readout in {list(readouts)}; valid: {', '.join(r.value for r in Readout)}") from None
-    settings = LensSettings(
-        readouts=parsed_readouts,
-        top_k=top_k,
-        groups=tuple(g if isinstance(g, Group) else Group.parse(g) for g in groups),
-        keep_all=keep_all,
-        max_new_tokens=max_new_tokens,
-        skip_blank=not literal_first_piece,
-        attention=AttentionSettings() if attention is True else (attention or None),
-    )
-    model_spec, loaded = _model_spec(
-        model, dtype, device, attn_implementation, template, image_mode, revision, allow_hub, trust_remote_code
-    )
-    outcome = _run(model_spec, loaded, data, images, limit, settings, out, name, progress, ray)
+    load_fields, lens_fields = route_keywords("run_lens", keywords, LoadSpec, LensSettings)
+    experiment = build(LensSettings, lens_fields, base=settings or LensSettings())
+    model_spec, loaded = _model_spec(model, load_fields)
+    outcome = _run(model_spec, loaded, data, images, limit, experiment, out, name, progress, ray)
     return Run(outcome.path)
 
 
 # --- shared by the experiment functions and the CLI ------------------------------------------------------
 
 
-def _model_spec(
-    model: str | Path | LoadedModel,
-    dtype: str,
-    device: str,
-    attn_implementation: str,
-    template: str | None,
-    image_mode: str | None,
-    revision: str | None,
-    allow_hub: bool,
-    trust_remote_code: bool = False,
-) -> tuple[ModelSpec, LoadedModel | None]:
+def _model_spec(model: str | Path | LoadSpec | LoadedModel, fields: Mapping[str, Any]) -> tuple[LoadSpec, LoadedModel | None]:
     """The model part of a run spec, and the model itself when the caller already loaded it."""
-    from vlmflow.experiments.runner import ModelSpec
-
-    if isinstance(model, str | Path):
-        options = (("image_mode", image_mode),) if image_mode else ()
-        spec = ModelSpec(
-            name=str(model),
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn_implementation,
-            revision=revision,
-            allow_hub=allow_hub,
-            trust_remote_code=trust_remote_code,
-            template=template,
-            options=options,
-        )
-        return spec, None
     from vlmflow.loading import LoadedModel
 
     if not isinstance(model, LoadedModel):
-        raise ConfigError(
-            f"model must be a checkpoint path, a Hugging Face id or a model from vlmflow.load_model, got {type(model).__name__}"
-        )
+        return load_spec(model, fields, "run"), None
     info = model.info
     impl = info.get("attn_implementation") or getattr(model.model.config, "_attn_implementation", None) or "sdpa"
-    spec = ModelSpec(
+    spec = LoadSpec(
         name=str(info.get("model", "in-memory")),
         dtype=str(info.get("dtype", "auto")),
         device=str(info.get("device", "auto")),
@@ -371,7 +323,7 @@ def _model_spec(
 
 
 def _run(
-    model_spec: ModelSpec,
+    model_spec: LoadSpec,
     loaded: LoadedModel | None,
     data: str | Path,
     images: str | Path | None,

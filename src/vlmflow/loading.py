@@ -1,4 +1,4 @@
-"""Load a VLM checkpoint (HF id or local directory) with its processor and adapter.
+"""Load a VLM checkpoint (HF id or local directory) with its processor, bound to its family.
 
 Offline by default: nothing reaches the network unless ``allow_hub=True``. Weights are read only
 from safetensors files, and ``trust_remote_code`` is off unless asked for.
@@ -11,17 +11,22 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import MASKABLE_ATTENTION, VLMAdapter
-from vlmflow.adapters.registry import adapter_for_architecture
+from vlmflow.adapters.decoder import DecoderMap
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import family_for_architecture
+from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
+from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.prompts import PromptTemplate, get_template
+from vlmflow.settings import settings_keywords
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,14 @@ _FINGERPRINT_BLOCK_BYTES = 64 * 1024
 
 @dataclass
 class LoadedModel:
-    """A model ready for vlmflow: the HF model, its processor, the family adapter and the prompt.
+    """A model ready for vlmflow: the HF model and processor, bound to its family's two parts.
 
     Attributes:
         model: the transformers model, in eval mode.
         processor: its HF processor.
-        adapter: the family adapter (:class:`vlmflow.adapters.base.VLMAdapter`).
+        family: the model family (:class:`~vlmflow.adapters.family.ModelFamily`).
+        inputs: the family's input pipeline bound to this model (prompt, processor, image layout).
+        decoder: the family's decoder map bound to this model (layers, attention, rotary, pattern).
         template: the prompt template used to build prompts.
         options: family options (e.g. ``image_mode``) from the checkpoint sidecar and the caller.
         info: provenance recorded with every run (name, revision, dtype, device, ...).
@@ -49,7 +56,9 @@ class LoadedModel:
 
     model: nn.Module
     processor: Any
-    adapter: VLMAdapter
+    family: ModelFamily
+    inputs: InputPipeline
+    decoder: DecoderMap
     template: PromptTemplate
     options: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +69,7 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        return self.adapter.n_layers(self.model)
+        return self.decoder.n_layers
 
     @property
     def device(self) -> torch.device:
@@ -94,53 +103,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(
-    name_or_path: str | Path,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-    revision: str | None = None,
-    allow_hub: bool = False,
-    trust_remote_code: bool = False,
-    template: str | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> LoadedModel:
+@settings_keywords(LoadSpec)
+def load_model(spec: LoadSpec | str | Path, **fields: Any) -> LoadedModel:
     """Load a checkpoint through transformers and pick its family adapter.
 
     Args:
-        name_or_path: a local directory or a Hugging Face model id (from the local cache unless
-            ``allow_hub``); ``"organism"`` names the organism shipped with the package.
-        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        attn_implementation: ``sdpa`` or ``eager`` (kernels that take an explicit mask).
-        revision: a hub revision (branch, tag or commit).
-        allow_hub: allow downloads from the Hugging Face hub.
-        trust_remote_code: allow custom modelling code shipped with the checkpoint.
-        template: prompt template name; default: the checkpoint's ``vlmflow.json``, else the family's.
-        options: family options such as ``{"image_mode": "pad"}``; override the sidecar.
+        spec: a :class:`~vlmflow.load_spec.LoadSpec`, or the model: a local directory or a Hugging
+            Face model id (from the local cache unless ``allow_hub``), or a model alias
+            (:mod:`vlmflow.aliases`; ``"organism"`` names the organism shipped with the package).
+        fields: fields of the spec by name (listed below), set on ``spec``. The checkpoint's
+            ``vlmflow.json`` gives the default template and family options.
 
-    >>> from vlmflow.testing.tiny import build_tiny_llava
+    >>> from vlmflow.tiny.llava import build_tiny_llava
     >>> _ = build_tiny_llava(path="tiny-llava-doc")            # doctest: +SKIP
     >>> loaded = load_model("tiny-llava-doc", device="cpu")      # doctest: +SKIP
-    >>> loaded.adapter.family                                   # doctest: +SKIP
+    >>> loaded.family.family                                    # doctest: +SKIP
     'llava'
     """
-    if attn_implementation not in MASKABLE_ATTENTION:
-        # Kernels such as flash-attention never see an explicit mask: a knockout would silently do nothing.
-        raise ConfigError(
-            f"attention implementation {attn_implementation!r} cannot take a knockout mask (the kernel never "
-            f"sees it, so a knockout would silently do nothing); valid: {', '.join(MASKABLE_ATTENTION)}"
-        )
-    from vlmflow.organism import resolve_model_name
-
-    name_or_path = resolve_model_name(name_or_path)
-    torch_device = resolve_device(device)
-    torch_dtype = parse_dtype(dtype, torch_device)
-    with hub_access(allow_hub):
-        return _load(
-            str(name_or_path), torch_dtype, torch_device, attn_implementation, revision, allow_hub, trust_remote_code, template, options
-        )
+    spec = load_spec(spec, fields, "load_model")
+    name_or_path = resolve_model_name(spec.name)
+    torch_device = resolve_device(spec.device)
+    torch_dtype = parse_dtype(spec.dtype, torch_device)
+    with hub_access(spec.allow_hub):
+        return _load(replace(spec, name=str(name_or_path)), torch_dtype, torch_device)
 
 
 @contextmanager
@@ -169,19 +154,12 @@ def hub_access(allowed: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def _load(
-    source: str,
-    torch_dtype: torch.dtype,
-    torch_device: torch.device,
-    attn_implementation: str,
-    revision: str | None,
-    allow_hub: bool,
-    trust_remote_code: bool,
-    template: str | None,
-    options: Mapping[str, Any] | None,
-) -> LoadedModel:
+def _load(spec: LoadSpec, torch_dtype: torch.dtype, torch_device: torch.device) -> LoadedModel:
+    """Load ``spec`` (its name resolved to a directory or hub id) as ``torch_dtype`` on ``torch_device``."""
     from transformers import AutoConfig
 
+    source, revision, allow_hub, trust_remote_code = spec.name, spec.revision, spec.allow_hub, spec.trust_remote_code
+    attn_implementation = spec.attn_implementation
     dtype = str(torch_dtype).removeprefix("torch.")
     local = Path(source).is_dir()
     common: dict[str, Any] = {
@@ -202,17 +180,17 @@ def _load(
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
         raise ConfigError(f"model {source!r} has no 'architectures' in its config; cannot pick an adapter")
-    adapter = adapter_for_architecture(architectures[0])
+    family = family_for_architecture(architectures[0])
     sidecar = _read_sidecar(source, common)
     # Everything in the sidecar except the template name is a family option (e.g. image_mode).
     merged_options = {k: v for k, v in sidecar.items() if k != "prompt_template"}
-    merged_options.update(options or {})
+    merged_options.update(spec.options)
 
     if local:
         check_safetensors(Path(source))
     log.info("loading %s (%s) as %s on %s", source, architectures[0], dtype, torch_device)
     try:
-        model = adapter.model_class().from_pretrained(
+        model = family.model_class().from_pretrained(
             source,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
@@ -225,30 +203,48 @@ def _load(
         ) from exc
     model.to(torch_device)
     model.eval()
-    adapter.check_attention_backend(model)
-    processor = adapter.load_processor(source, **common)
-    processor = adapter.prepare_processor(processor, merged_options)
-    template_name = template or sidecar.get("prompt_template") or adapter.default_template_for(config, processor)
+    processor = family.load_processor(source, **common)
+    template_name = spec.template or sidecar.get("prompt_template") or family.default_template_for(config, processor)
     info = {
         "model": source,
-        "family": adapter.family,
+        "family": family.family,
         "architecture": architectures[0],
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": _fingerprint(source) if local else getattr(config, "_commit_hash", None),
         "dtype": dtype,
         "device": str(torch_device),
         "attn_implementation": attn_implementation,
-        "n_layers": adapter.n_layers(model),
         "prompt_template": template_name,
         "options": dict(merged_options),
     }
+    return bind_model(model, processor, family, get_template(template_name), merged_options, info)
+
+
+def bind_model(
+    model: nn.Module,
+    processor: Any,
+    family: ModelFamily,
+    template: PromptTemplate,
+    options: Mapping[str, Any],
+    info: Mapping[str, Any],
+) -> LoadedModel:
+    """A :class:`LoadedModel` of a model already in memory: its family's parts bound to it.
+
+    Checks the family options and the attention kernel (a kernel that cannot take a knockout mask is
+    refused). ``info`` gets the number of layers.
+
+    >>> loaded = bind_model(model, processor, family_for_model(model), get_template("vicuna_v1"), {}, {})  # doctest: +SKIP
+    """
+    bound = family.bind(model, processor, template, options)
     return LoadedModel(
         model=model,
         processor=processor,
-        adapter=adapter,
-        template=get_template(template_name),
-        options=merged_options,
-        info=info,
+        family=family,
+        inputs=bound.inputs,
+        decoder=bound.decoder,
+        template=template,
+        options=dict(options),
+        info={**info, "n_layers": bound.decoder.n_layers},
     )
 
 

@@ -50,9 +50,9 @@ def _logp(x):
 def test_fast_equals_reference(tiny_prepared, shape, impl):
     loaded, prepared = tiny_prepared(shape, impl)
     ablations = _ablations(loaded, prepared.groups)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
-    fast = fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, ablations)
-    ref = reference_ablation_logits(loaded.model, loaded.adapter, prepared.encoded, ablations)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
+    fast = fast_logits(loaded.decoder, prepared.encoded, clean, ablations)
+    ref = reference_ablation_logits(loaded.decoder, prepared.encoded, ablations)
     torch.testing.assert_close(_logp(fast), _logp(ref), atol=1e-5, rtol=0)
     # Zero ablations that can reach the output must move it (a hook that did nothing would pass the
     # comparison); one confined to the last layer at earlier positions cannot, and changes nothing.
@@ -79,10 +79,10 @@ def test_ablations_and_knockouts_fold_together(tiny_prepared, impl):
         Ablation.for_group(g, Group.QUESTION, Site.MLP, [0], AblationMode.MEAN),
     ]
     mixed = [knockouts[0], ablations[0], knockouts[1], ablations[1]]
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
-    fast = fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, mixed, max_fold_queries=4096)
-    ref_k = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
-    ref_a = reference_ablation_logits(loaded.model, loaded.adapter, prepared.encoded, ablations)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
+    fast = fast_logits(loaded.decoder, prepared.encoded, clean, mixed, max_fold_queries=4096)
+    ref_k = reference_logits(loaded.decoder, prepared.encoded, knockouts)
+    ref_a = reference_ablation_logits(loaded.decoder, prepared.encoded, ablations)
     expected = torch.stack([ref_k[0], ref_a[0], ref_k[1], ref_a[1]])
     torch.testing.assert_close(_logp(fast), _logp(expected), atol=1e-5, rtol=0)
 
@@ -91,18 +91,18 @@ def test_mean_over_the_position_itself_changes_nothing(tiny_prepared):
     loaded, prepared = tiny_prepared("bpe-mha")
     last = prepared.groups[Group.LAST]
     noop = [Ablation(site, tuple(range(loaded.n_layers)), last, AblationMode.MEAN) for site in Site]
-    base = clean_logits(loaded.model, prepared.encoded)
-    ref = reference_ablation_logits(loaded.model, loaded.adapter, prepared.encoded, noop)
+    base = clean_logits(loaded.decoder, prepared.encoded)
+    ref = reference_ablation_logits(loaded.decoder, prepared.encoded, noop)
     torch.testing.assert_close(ref, torch.stack([base, base]), atol=1e-5, rtol=0)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
-    fast = fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, noop)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
+    fast = fast_logits(loaded.decoder, prepared.encoded, clean, noop)
     torch.testing.assert_close(fast, torch.stack([base, base]), atol=1e-5, rtol=0)
 
 
 def _site_outputs(loaded, prepared, site, layer, ablation=None):
     """The site's output ``[seq, d_model]`` in ``layer`` of one full forward (optionally ablated)."""
     seen = {}
-    module = site_module(loaded.adapter, loaded.model, site, layer)
+    module = site_module(loaded.decoder, site, layer)
 
     def keep(mod, args, out):
         seen["out"] = (out[0] if isinstance(out, tuple) else out)[0].detach().clone()
@@ -115,8 +115,8 @@ def _site_outputs(loaded, prepared, site, layer, ablation=None):
             with torch.no_grad():
                 loaded.model(**prepared.encoded.inputs)
         else:
-            values = replacement_values(loaded.model, loaded.adapter, prepared.encoded, [ablation])[0]
-            with module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values):
+            values = replacement_values(loaded.decoder, prepared.encoded, [ablation])[0]
+            with module_ablation(loaded.decoder, prepared.encoded, ablation, values):
                 handle = module.register_forward_hook(keep)
                 with torch.no_grad():
                     loaded.model(**prepared.encoded.inputs)
@@ -147,10 +147,10 @@ def test_positions_before_the_ablation_are_untouched_in_every_layer(tiny_prepare
     loaded, prepared = tiny_prepared("word-mqa")
     first = prepared.groups[Group.QUESTION][0]
     ablation = Ablation.for_group(prepared.groups, Group.QUESTION, Site.MLP, range(loaded.n_layers))
-    values = replacement_values(loaded.model, loaded.adapter, prepared.encoded, [ablation])[0]
+    values = replacement_values(loaded.decoder, prepared.encoded, [ablation])[0]
     with torch.no_grad():
         clean = loaded.model(**prepared.encoded.inputs, output_hidden_states=True).hidden_states
-        with module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values):
+        with module_ablation(loaded.decoder, prepared.encoded, ablation, values):
             ablated = loaded.model(**prepared.encoded.inputs, output_hidden_states=True).hidden_states
     for j, (c, a) in enumerate(zip(clean, ablated, strict=True)):
         torch.testing.assert_close(a[0, :first], c[0, :first], atol=0, rtol=0)
@@ -160,7 +160,7 @@ def test_positions_before_the_ablation_are_untouched_in_every_layer(tiny_prepare
 
 def _hook_count(loaded):
     return sum(
-        len(site_module(loaded.adapter, loaded.model, site, layer)._forward_hooks)
+        len(site_module(loaded.decoder, site, layer)._forward_hooks)
         for site in Site
         for layer in range(loaded.n_layers)
     )
@@ -169,14 +169,14 @@ def _hook_count(loaded):
 def test_hooks_are_removed_after_an_exception_and_partial_sequences_are_refused(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     ablation = Ablation.for_group(prepared.groups, Group.IMAGE, Site.ATTENTION, [0, 1])
-    values = replacement_values(loaded.model, loaded.adapter, prepared.encoded, [ablation])[0]
+    values = replacement_values(loaded.decoder, prepared.encoded, [ablation])[0]
     # transformers may keep its own output-recording hooks installed; count ours on top of them.
     before = _hook_count(loaded)
-    with pytest.raises(RuntimeError, match="boom"), module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values):
+    with pytest.raises(RuntimeError, match="boom"), module_ablation(loaded.decoder, prepared.encoded, ablation, values):
         assert _hook_count(loaded) == before + 2
         raise RuntimeError("boom")
     assert _hook_count(loaded) == before
-    with module_ablation(loaded.model, loaded.adapter, prepared.encoded, ablation, values), pytest.raises(
+    with module_ablation(loaded.decoder, prepared.encoded, ablation, values), pytest.raises(
         AblationHookError, match="query positions"
     ):
         loaded.model.generate(**prepared.encoded.inputs, max_new_tokens=2, do_sample=False)
@@ -187,7 +187,7 @@ def test_out_of_range_ablations_are_refused_by_both_paths(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     bad = Ablation(Site.MLP, (loaded.n_layers,), (prepared.encoded.seq_len - 1,))
     with pytest.raises(ConfigError, match="out of range"):
-        reference_ablation_logits(loaded.model, loaded.adapter, prepared.encoded, [bad])
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
+        reference_ablation_logits(loaded.decoder, prepared.encoded, [bad])
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
     with pytest.raises(ConfigError, match="out of range"):
-        fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, [bad])
+        fast_logits(loaded.decoder, prepared.encoded, clean, [bad])

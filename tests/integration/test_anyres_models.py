@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from test_knockout_equivalence import _all_knockouts  # tests/integration is on sys.path
 from test_knockout_safety import _attention_weights
 
+from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
 from vlmflow.errors import ConfigError
 from vlmflow.experiments.prepare import prepare_sample
@@ -27,7 +28,6 @@ from vlmflow.knockout.fast import clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
-from vlmflow.testing.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
 
 SHAPES = {
     "next-vicuna": (build_tiny_llava_next, TinyAnyresConfig(tokenizer="sentencepiece")),
@@ -98,10 +98,10 @@ def test_fast_equals_reference_for_the_six_flows(anyres_loaded, shape, impl, mod
     pairs = _all_knockouts(loaded, prepared.groups, window)
     knockouts = [k for _, k in pairs]
     start = min(k.first_target for k in knockouts)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=start, max_new_tokens=2,
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=start, max_new_tokens=2,
                       eos_token_id=loaded.tokenizer.eos_token_id)
-    fast = torch.log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts), -1)
-    ref = torch.log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts), -1)
+    fast = torch.log_softmax(fast_logits(loaded.decoder, prepared.encoded, clean, knockouts), -1)
+    ref = torch.log_softmax(reference_logits(loaded.decoder, prepared.encoded, knockouts), -1)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     base = torch.log_softmax(clean.logits, -1)
     for flow in PAPER_FLOWS:
@@ -130,7 +130,7 @@ def test_blocked_attention_weights_are_exactly_zero(anyres_loaded, shape, flow):
 @pytest.mark.parametrize("shape", ["next-vicuna", "onevision"])
 def test_image_tokens_follow_the_aspect_ratio_and_the_layout(anyres_loaded, shape):
     loaded = anyres_loaded(shape)
-    image_id = loaded.adapter.image_token_id(loaded.model)
+    image_id = loaded.inputs.image_token_id
     counts = {}
     for size in ((60, 36), (36, 60), (80, 20), (17, 17), (100, 75)):
         sample, image = scene(size, Box(size[0] // 4, size[1] // 4, size[0] // 3, size[1] // 3))
@@ -138,7 +138,7 @@ def test_image_tokens_follow_the_aspect_ratio_and_the_layout(anyres_loaded, shap
         g = prepared.groups
         n_image = int((prepared.encoded.input_ids == image_id).sum())
         counts[size] = n_image
-        layout = loaded.adapter.image_layout(loaded.model, loaded.processor, prepared.encoded, loaded.options)
+        layout = loaded.inputs.image_layout(prepared.encoded)
         assert layout.n_tokens == n_image == len(g[Group.IMAGE])
         image, base, grid = set(g[Group.IMAGE]), set(g[Group.IMAGE_BASE]), set(g[Group.IMAGE_GRID])
         newline = set(g[Group.IMAGE_NEWLINE])
@@ -156,7 +156,7 @@ def test_onevision_downscales_large_grids(anyres_loaded):
     """The tiny OneVision is anyres_max_1: a two-view grid holds too many tokens and is shrunk."""
     loaded = anyres_loaded("onevision")
     prepared = prepare_sample(loaded, *scene((70, 36)))
-    layout = loaded.adapter.image_layout(loaded.model, loaded.processor, prepared.encoded, loaded.options)
+    layout = loaded.inputs.image_layout(prepared.encoded)
     assert layout.geometry.grid.downscaled
     side = loaded.model.config.vision_config.image_size // loaded.model.config.vision_config.patch_size
     rows, cols = layout.geometry.grid.shape
@@ -221,7 +221,7 @@ def test_llama3_prompt_tokens_through_the_processor(anyres_loaded):
     definition = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + " \n"
     before, after = definition.split("<image>")
     ids = prepared.encoded.input_ids.tolist()
-    image_id = loaded.adapter.image_token_id(loaded.model)
+    image_id = loaded.inputs.image_token_id
     first = ids.index(image_id)
     n_image = ids.count(image_id)
     assert ids[:first] == tok(before, add_special_tokens=False)["input_ids"]
@@ -235,20 +235,21 @@ def _span(positions):
 
 def test_inconsistent_settings_are_refused(anyres_loaded):
     import copy
-    import dataclasses
 
     loaded = anyres_loaded("next-vicuna")
     sample, image = scene()
     prepared = prepare_sample(loaded, sample, image)
     other = copy.deepcopy(loaded.processor)
     other.image_processor.image_grid_pinpoints = [[32, 32]]
+    # Binding checks the processor against the model and the options, before any sample.
     with pytest.raises(ConfigError, match="image_grid_pinpoints"):
-        loaded.adapter.image_layout(loaded.model, other, prepared.encoded, loaded.options)
+        loaded.family.bind(loaded.model, other, loaded.template, loaded.options)
     with pytest.raises(ConfigError, match="nohd_nopad"):
-        loaded.adapter.image_layout(loaded.model, loaded.processor, prepared.encoded, {"image_mode": "pad"})
+        loaded.family.bind(loaded.model, loaded.processor, loaded.template, {"image_mode": "pad"})
     ov = anyres_loaded("onevision")
     with pytest.raises(ConfigError, match="valid: anyres"):
-        prepare_sample(dataclasses.replace(ov, options={"image_mode": "nohd_nopad"}), sample, image)
+        ov.family.bind(ov.model, ov.processor, ov.template, {"image_mode": "nohd_nopad"})
+    assert prepare_sample(loaded, sample, image).encoded.seq_len == prepared.encoded.seq_len
 
 
 def test_onevision_processor_loads_without_torchvision(anyres_loaded):

@@ -18,7 +18,7 @@ def _full_attention(loaded, prepared):
     weights = {}
     handles = []
     for layer in range(loaded.n_layers):
-        module = loaded.adapter.attention_module(loaded.model, layer)
+        module = loaded.decoder.attention(layer)
 
         def keep(mod, args, out, layer=layer):
             weights[layer] = out[1][0].detach().float()
@@ -39,9 +39,9 @@ def test_mass_equals_the_full_attention_matrix(tiny_prepared, shape, impl):
     loaded, prepared = tiny_prepared(shape, impl)
     groups = prepared.groups
     settings = AttentionSettings(targets=TARGETS, sources=SOURCES, max_chunk_queries=5)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=groups[Group.IMAGE][0])
-    mass = group_attention_mass(loaded.model, loaded.adapter, prepared.encoded, groups, clean, settings)
-    assert loaded.adapter.attention_implementation(loaded.model) == impl  # restored
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=groups[Group.IMAGE][0])
+    mass = group_attention_mass(loaded.decoder, prepared.encoded, groups, clean, settings)
+    assert loaded.decoder.attention_implementation == impl  # restored
     full = _full_attention(*tiny_prepared(shape, "eager"))
     assert len(mass) == loaded.n_layers * len(TARGETS) * len(SOURCES)
     for (layer, target, source), per_head in mass.items():
@@ -56,10 +56,10 @@ def test_mass_equals_the_full_attention_matrix(tiny_prepared, shape, impl):
 
 def test_chunk_size_does_not_change_the_mass(tiny_prepared):
     loaded, prepared = tiny_prepared("bpe-mha")
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
-    small = group_attention_mass(loaded.model, loaded.adapter, prepared.encoded, prepared.groups, clean,
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
+    small = group_attention_mass(loaded.decoder, prepared.encoded, prepared.groups, clean,
                                  AttentionSettings(max_chunk_queries=1))
-    large = group_attention_mass(loaded.model, loaded.adapter, prepared.encoded, prepared.groups, clean,
+    large = group_attention_mass(loaded.decoder, prepared.encoded, prepared.groups, clean,
                                  AttentionSettings(max_chunk_queries=4096))
     assert small.keys() == large.keys()
     for key in small:
@@ -68,27 +68,27 @@ def test_chunk_size_does_not_change_the_mass(tiny_prepared):
 
 def test_attention_implementation_is_restored_after_an_error(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa")
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
     # transformers may keep its own output-recording hooks installed; count ours on top of them.
-    hooks_before = [len(loaded.adapter.attention_module(loaded.model, i)._forward_hooks) for i in range(loaded.n_layers)]
+    hooks_before = [len(loaded.decoder.attention(i)._forward_hooks) for i in range(loaded.n_layers)]
 
     def explode(module, args, kwargs):
         raise RuntimeError("boom in layer 1")
 
-    bomb = loaded.adapter.attention_module(loaded.model, 1).register_forward_pre_hook(explode, with_kwargs=True)
+    bomb = loaded.decoder.attention(1).register_forward_pre_hook(explode, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="boom in layer 1"):
-            group_attention_mass(loaded.model, loaded.adapter, prepared.encoded, prepared.groups, clean, AttentionSettings())
+            group_attention_mass(loaded.decoder, prepared.encoded, prepared.groups, clean, AttentionSettings())
     finally:
         bomb.remove()
-    assert loaded.adapter.attention_implementation(loaded.model) == "sdpa"
-    hooks_after = [len(loaded.adapter.attention_module(loaded.model, i)._forward_hooks) for i in range(loaded.n_layers)]
+    assert loaded.decoder.attention_implementation == "sdpa"
+    hooks_after = [len(loaded.decoder.attention(i)._forward_hooks) for i in range(loaded.n_layers)]
     assert hooks_after == hooks_before
 
 
 def test_clean_run_must_keep_the_target_rows(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     n = prepared.encoded.seq_len
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=n - 1)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=n - 1)
     with pytest.raises(ValueError, match="attention needs"):
-        group_attention_mass(loaded.model, loaded.adapter, prepared.encoded, prepared.groups, clean, AttentionSettings())
+        group_attention_mass(loaded.decoder, prepared.encoded, prepared.groups, clean, AttentionSettings())

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-import vlmflow.experiments.flows as flows_module
+import vlmflow.experiments.engines as engines_module
 import vlmflow.knockout.fast as fast_module
 from conftest import make_scene_sample
 from vlmflow.data.csvio import write_task_csv
@@ -23,7 +23,8 @@ from vlmflow.data.sample import Box, SceneObject
 from vlmflow.errors import ConfigError, SampleError, UnsupportedModelError
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import prepare_sample
-from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import Flow, Group
 from vlmflow.results.store import RunStore
 
@@ -35,7 +36,7 @@ def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
 
 
-def _nan_logits(model, adapter, encoded, clean, knockouts, **kwargs):
+def _nan_logits(decoder, encoded, clean, knockouts, **kwargs):
     out = torch.zeros(len(knockouts), clean.logits.shape[-1])
     out[0, 0] = math.nan
     return out
@@ -60,13 +61,13 @@ class Sabotaged:
         sample_id = prepared.sample.sample_id
         with ExitStack() as stack:
             if sample_id == "nan-clean":
-                norm = loaded.adapter.final_norm(loaded.model)
+                norm = loaded.decoder.final_norm
                 handle = norm.register_forward_hook(lambda module, args, out: torch.full_like(out, math.nan))
                 stack.callback(handle.remove)
             elif sample_id == "nan-knockout":
-                stack.enter_context(mock.patch.object(flows_module, "fast_logits", _nan_logits))
+                stack.enter_context(mock.patch.object(engines_module, "fast_logits", _nan_logits))
             elif sample_id == "oom":
-                stack.enter_context(mock.patch.object(fast_module, "_run_folded", _oom))
+                stack.enter_context(mock.patch.object(fast_module, "run_fold", _oom))
             return self.inner.analyse(loaded, prepared)
 
 
@@ -132,7 +133,7 @@ def catalogue_run(tiny_loaded, tmp_path_factory):
     csv.write_text("".join(lines) + "q-broken,img1,only three fields\n")
     loaded = tiny_loaded("sp-gqa")
     experiment = Sabotaged(FlowSettings(flows=FLOWS, keep_all=True, max_new_tokens=2))
-    spec = RunSpec(ModelSpec(str(folder / "model")), DataSpec(str(csv)), experiment, name="run")
+    spec = RunSpec(LoadSpec(str(folder / "model")), DataSpec(str(csv)), experiment, name="run")
     outcome = run_to_store(spec, folder / "runs", loaded=loaded)
     return outcome, malformed_line
 
@@ -183,24 +184,24 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
         for flow in (Flow(Group.IMAGE, Group.LAST), Flow(Group.QUESTION, Group.LAST))
         for layer in range(loaded.n_layers)
     ]
-    clean = fast_module.clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=g[Group.IMAGE][0])
-    expected = fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts)
-    original = fast_module._run_folded
+    clean = fast_module.clean_run(loaded.decoder, prepared.encoded, capture_from=g[Group.IMAGE][0])
+    expected = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
+    original = fast_module.run_fold
     sizes: list[int] = []
 
-    def tight_memory(model, adapter, encoded, clean, variants, *args):
-        sizes.append(len(variants))
-        if len(variants) > 2:
+    def tight_memory(plan, *args):
+        sizes.append(len(plan.variants))
+        if len(plan.variants) > 2:
             raise torch.OutOfMemoryError("simulated: more than two variants do not fit")
-        return original(model, adapter, encoded, clean, variants, *args)
+        return original(plan, *args)
 
-    monkeypatch.setattr(fast_module, "_run_folded", tight_memory)
-    got = fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts)
+    monkeypatch.setattr(fast_module, "run_fold", tight_memory)
+    got = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert max(sizes) > 2 and sum(s for s in sizes if s <= 2) == len(knockouts)
-    monkeypatch.setattr(fast_module, "_run_folded", _oom)
+    monkeypatch.setattr(fast_module, "run_fold", _oom)
     with pytest.raises(torch.OutOfMemoryError):
-        fast_module.fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts[:3])
+        fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts[:3])
 
 
 def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
@@ -213,7 +214,7 @@ def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
     encoded = replace(prepared.encoded, offsets=np.zeros_like(prepared.encoded.offsets))
     start, end = encoded.question_span
     with pytest.raises(SampleError, match=rf"question text 'Is the square red or blue\?' not found in the prompt's tokens: no token's character offsets overlap characters {start}\.\.{end}") as info:
-        build_position_groups(encoded, loaded.adapter.image_token_id(loaded.model), None, prepared.sample)
+        build_position_groups(encoded, loaded.inputs.image_token_id, None, prepared.sample)
     assert info.value.stage == "groups"
 
 
@@ -228,7 +229,7 @@ def test_image_token_count_mismatch_is_a_sample_error_and_stops_a_run(tiny_check
     assert info.value.stage == "groups"
     image.save(tmp_path / "img1.png")
     write_task_csv([sample], tmp_path / "ChooseAttr.csv")
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), name="run")
     # Every sample would fail the same way: the start-up self-test stops the run before any work.
     with pytest.raises(ConfigError, match="self-test: .*image-token count mismatch"):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
@@ -266,9 +267,9 @@ def test_unknown_model_family_is_refused(tiny_checkpoint, tmp_path, one_sample_c
     assert "LlavaForConditionalGeneration" in text.split("supported: ", 1)[1]
     assert not (tmp_path / "runs").exists()
     with pytest.raises(UnsupportedModelError, match="unknown model family 'foo'; supported: .*llava"):
-        from vlmflow.adapters.registry import adapter_for_family
+        from vlmflow.adapters.registry import family_named
 
-        adapter_for_family("foo")
+        family_named("foo")
 
 
 @pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention"])
@@ -289,8 +290,8 @@ def test_a_model_switched_to_flash_attention_after_loading_is_refused(tiny_check
 
     loaded = load_model(tiny_checkpoint("sp-gqa"), device="cpu", dtype="float32")
     for layer in range(loaded.n_layers):
-        loaded.adapter.attention_module(loaded.model, layer).config._attn_implementation = "flash_attention_2"
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(one_sample_csv)), name="run")
+        loaded.decoder.attention(layer).config._attn_implementation = "flash_attention_2"
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(one_sample_csv)), name="run")
     with pytest.raises(ConfigError, match="attention implementation 'flash_attention_2' cannot take a knockout mask"):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
     assert not (tmp_path / "runs").exists()
@@ -299,7 +300,7 @@ def test_a_model_switched_to_flash_attention_after_loading_is_refused(tiny_check
 def test_an_images_folder_without_any_of_the_images_is_refused(tiny_loaded, tmp_path, one_sample_csv):
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(one_sample_csv), images=str(empty)), name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(one_sample_csv), images=str(empty)), name="run")
     with pytest.raises(ConfigError, match=r"none of the 1 samples' images is in '.*elsewhere' \(e\.g\. 'img1' with extension \.jpg"):
         run_to_store(spec, tmp_path / "runs", loaded=tiny_loaded("sp-gqa"))
     assert not (tmp_path / "runs").exists()
@@ -310,10 +311,11 @@ def test_an_images_folder_without_any_of_the_images_is_refused(tiny_loaded, tmp_
     [
         (["--data", "gqa:NoSuchTask"], r"unknown GQA task 'NoSuchTask' in 'gqa:NoSuchTask'; valid: gqa:ChooseAttr"),
         (["--data", "missing.csv"], r"data 'missing\.csv' is neither an existing CSV file nor a packaged task"),
-        (["--flow", "pixels->last"], r"unknown position group 'pixels'; valid: image, question"),
-        (["--engine", "turbo"], r"unknown engine 'turbo'; valid: fast, reference"),
-        (["--dtype", "float8"], r"unknown dtype 'float8'; valid: auto, float32"),
-        (["--window", "0"], r"window must be a positive number of layers, got 0"),
+        (["--flow", "pixels->last"], r"--flow: unknown position group 'pixels'; valid: image, question"),
+        (["--engine", "turbo"], r"--engine: unknown engine 'turbo'; valid: fast, reference"),
+        (["--dtype", "float8"], r"--dtype: unknown dtype 'float8'; valid: auto, float32"),
+        (["--window", "0"], r"--window must be >= 1, got 0"),
+        (["--attn", "flash_attention_2"], r"--attn: attention implementation 'flash_attention_2' cannot take a knockout mask"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tiny_checkpoint, tmp_path, one_sample_csv, capsys, args, message):

@@ -1,4 +1,5 @@
-"""What a user runs: `vlmflow tiny-model`, `vlmflow flows` with the six flows, `vlmflow plot` (real processes)."""
+"""What a user runs: `vlmflow tiny-model`, `vlmflow flows` with the six flows, `vlmflow plot` (real
+processes; slow), and the same commands in this process on one sample (the fast tier's CLI check)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import write_scene_task
+from vlmflow.cli.main import main
 
 SIX = ["question->last", "image->last", "last->last", "image->question", "related->question", "other->question"]
 
@@ -23,6 +26,7 @@ def vlmflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_tiny_model_then_six_flows_then_plot(tmp_path: Path):
     csv = write_scene_task(tmp_path / "data", n_samples=3)
     vlmflow("tiny-model", "tiny", cwd=tmp_path)
@@ -55,3 +59,18 @@ def test_tiny_model_then_six_flows_then_plot(tmp_path: Path):
     plotted = vlmflow("plot", "runs/six", "--out", str(figures), "--format", "png,pdf", cwd=tmp_path)
     assert sorted(p.name for p in figures.iterdir()) == ["flows_ChooseAttr.pdf", "flows_ChooseAttr.png"]
     assert "flows_ChooseAttr.png" in plotted.stdout
+
+
+def test_tiny_model_then_flows_then_plot_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    csv = write_scene_task(tmp_path / "data", n_samples=1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny-model", "tiny"]) == 0
+    assert main(["flows", "--model", "tiny", "--data", str(csv), "--images", "data", "--flow", "image->last",
+                 "--flow", "question->last", "--window", "3", "--out", "runs", "--keep-all", "--name", "two",
+                 "--device", "cpu", "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert "1 samples" in " ".join(capsys.readouterr().out.split())
+    run = tmp_path / "runs" / "two"
+    flows = pd.read_parquet(run / "flows.parquet")
+    assert len(flows) == 2 * 4 and sorted(flows["flow"].unique()) == ["image->last", "question->last"]
+    assert main(["plot", "runs/two", "--out", "figs", "--format", "png"]) == 0
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["flows_ChooseAttr.png"]

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_runs_figures_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -56,6 +57,7 @@ def test_demo_on_the_plain_organism_keeps_its_summary(tmp_path):
     assert "Planted routes" not in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_demo_resumes_without_recomputing(tmp_path):
     out = tmp_path / "demo"
     args = ["demo", "--per-task", "1", "--out", str(out), "--no-plot"]

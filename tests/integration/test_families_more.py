@@ -16,17 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from support.tiny_paligemma import build_tiny_paligemma
+from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.windows import sweep
-from vlmflow.knockout.fast import _run_folded, affected_starts, clean_run, fast_logits
+from vlmflow.knockout.executor import run_fold
+from vlmflow.knockout.fast import affected_starts, clean_run, fast_logits
+from vlmflow.knockout.plan import plan_fold
 from vlmflow.knockout.reference import attention_knockout, clean_logits, reference_logits
 from vlmflow.knockout.spec import Knockout
+from vlmflow.knockout.strategy import choose_strategy
 from vlmflow.loading import load_model
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
-from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from vlmflow.testing.tiny_paligemma import build_tiny_paligemma
-from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
 BUILDERS: dict[str, Callable[[Path], object]] = {
     "qwen2_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(), p),
@@ -79,16 +82,16 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("family", "impl"), CASES)
 def test_fast_equals_reference_for_the_six_flows(family_prepared, family, impl):
     loaded, prepared = family_prepared(family, impl)
-    assert loaded.adapter.family == family
+    assert loaded.family.family == family
     windows = sweep(1, loaded.n_layers)
     pairs = [(flow, Knockout.for_flows(prepared.groups, [flow], layers)) for flow in PAPER_FLOWS for _, layers in windows]
     knockouts = [k for _, k in pairs]
-    start = min(affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts))
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=start, max_new_tokens=2,
+    start = min(affected_starts(loaded.decoder.attention_pattern(prepared.encoded), loaded.n_layers, prepared.encoded.seq_len, knockouts))
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=start, max_new_tokens=2,
                       eos_token_id=loaded.tokenizer.eos_token_id)
-    torch.testing.assert_close(clean.logits, clean_logits(loaded.model, prepared.encoded), atol=1e-6, rtol=0)
-    fast = _log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts))
-    ref = _log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts))
+    torch.testing.assert_close(clean.logits, clean_logits(loaded.decoder, prepared.encoded), atol=1e-6, rtol=0)
+    fast = _log_softmax(fast_logits(loaded.decoder, prepared.encoded, clean, knockouts))
+    ref = _log_softmax(reference_logits(loaded.decoder, prepared.encoded, knockouts))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     base = _log_softmax(clean.logits)
     for flow in PAPER_FLOWS:
@@ -100,15 +103,15 @@ def test_fast_equals_reference_for_the_six_flows(family_prepared, family, impl):
 def test_empty_knockout_changes_nothing_so_the_clean_pattern_is_the_models_mask(family_prepared, family):
     loaded, prepared = family_prepared(family, "eager")
     g = prepared.groups
-    base = clean_logits(loaded.model, prepared.encoded)
+    base = clean_logits(loaded.decoder, prepared.encoded)
     # Hooks in every layer replace the model's own mask with the adapter's clean pattern.
     empty = Knockout(edges=((g[Group.LAST], ()),), layers=tuple(range(loaded.n_layers)))
     backwards = Knockout.for_flows(g, [Flow(Group.LAST, Group.QUESTION)], range(loaded.n_layers))
-    ref = reference_logits(loaded.model, loaded.adapter, prepared.encoded, [empty, backwards])
+    ref = reference_logits(loaded.decoder, prepared.encoded, [empty, backwards])
     torch.testing.assert_close(ref[0], base, atol=1e-5, rtol=0)
     # The question reads the last position only in a prefix-LM; elsewhere that knockout is a no-op.
     rows = torch.as_tensor(g[Group.QUESTION])
-    reads_last = bool(loaded.adapter.base_allowed(0, rows, prepared.encoded.seq_len, prepared.encoded)[:, -1].any())
+    reads_last = bool(loaded.decoder.attention_pattern(prepared.encoded).allowed(0, rows, prepared.encoded.seq_len)[:, -1].any())
     assert reads_last == (family == "paligemma")
     if reads_last:
         assert (ref[1] - base).abs().max() > 1e-3
@@ -119,14 +122,14 @@ def test_empty_knockout_changes_nothing_so_the_clean_pattern_is_the_models_mask(
 def _attention_weights(loaded, prepared, knockout):
     weights, handles = {}, []
     for layer in range(loaded.n_layers):
-        module = loaded.adapter.attention_module(loaded.model, layer)
+        module = loaded.decoder.attention(layer)
 
         def keep(mod, args, kwargs, out, layer=layer):
             weights[layer] = out[1][0].detach()
 
         handles.append(module.register_forward_hook(keep, with_kwargs=True))
     try:
-        with attention_knockout(loaded.model, loaded.adapter, prepared.encoded, knockout):
+        with attention_knockout(loaded.decoder, prepared.encoded, knockout):
             loaded.model(**prepared.encoded.inputs)
     finally:
         for handle in handles:
@@ -157,9 +160,9 @@ def test_paligemma_prefix_lm_recomputes_the_whole_prompt(family_prepared):
     loaded, prepared = family_prepared("paligemma", "sdpa")
     g = prepared.groups
     knockouts = [Knockout.for_flows(g, [Flow(Group.QUESTION, Group.LAST)], [layer]) for layer in range(loaded.n_layers)]
-    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts)
+    starts = affected_starts(loaded.decoder.attention_pattern(prepared.encoded), loaded.n_layers, prepared.encoded.seq_len, knockouts)
     assert starts == [0] * (loaded.n_layers - 1) + [g[Group.LAST][0]]
-    assert bool(loaded.adapter.base_allowed(0, torch.tensor([0]), prepared.encoded.seq_len, prepared.encoded).all())
+    assert bool(loaded.decoder.attention_pattern(prepared.encoded).allowed(0, torch.tensor([0]), prepared.encoded.seq_len).all())
 
 
 # ---- Gemma-3: knockouts whose targets are inside the bidirectional image block ------------------
@@ -171,17 +174,24 @@ def test_gemma3_image_targets_are_exact_because_the_start_moves_to_the_image(fam
     loaded, prepared = family_prepared("gemma3", impl)
     g = prepared.groups
     knockouts = [Knockout.for_flows(g, [f], layers) for f in IMAGE_TARGET_FLOWS for _, layers in sweep(1, loaded.n_layers)]
-    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts)
+    starts = affected_starts(loaded.decoder.attention_pattern(prepared.encoded), loaded.n_layers, prepared.encoded.seq_len, knockouts)
     first_image = g[Group.IMAGE][0]
     # Image targets in any layer but the last spread back through the image block; the last
     # position is read by nobody.
     assert starts[0] == starts[4] == first_image and starts[-1] == g[Group.LAST][0]
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=min(starts))
-    fast = _log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts))
-    ref = _log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts))
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=min(starts))
+    fast = _log_softmax(fast_logits(loaded.decoder, prepared.encoded, clean, knockouts))
+    ref = _log_softmax(reference_logits(loaded.decoder, prepared.encoded, knockouts))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     # The causal rule (recompute from the first target only) would be wrong here.
-    naive = _run_folded(loaded.model, loaded.adapter, prepared.encoded, clean, [knockouts[0]], knockouts[0].first_target)
+    decoder, encoded = loaded.decoder, prepared.encoded
+    plan = plan_fold(
+        [knockouts[0]], decoder.attention_pattern(encoded), t0=knockouts[0].first_target, n=encoded.seq_len,
+        n_layers=decoder.n_layers,
+    )
+    strategy = choose_strategy(decoder)
+    with strategy.session(decoder):
+        naive = decoder.unembed(decoder.final_norm(run_fold(plan, decoder, encoded, clean, strategy))).float()
     assert (_log_softmax(naive)[0] - ref[0]).abs().max() > 1e-4
 
 
@@ -194,7 +204,7 @@ def test_gemma3_clean_pattern_matches_the_mask_transformers_builds(family_prepar
     for layer in range(loaded.n_layers):
         def grab(module, args, kwargs, layer=layer):
             seen[layer] = kwargs["attention_mask"][0, 0] == 0  # additive float mask -> allowed
-        handles.append(loaded.adapter.attention_module(loaded.model, layer).register_forward_pre_hook(grab, with_kwargs=True))
+        handles.append(loaded.decoder.attention(layer).register_forward_pre_hook(grab, with_kwargs=True))
     try:
         loaded.model(**prepared.encoded.inputs)
     finally:
@@ -203,7 +213,7 @@ def test_gemma3_clean_pattern_matches_the_mask_transformers_builds(family_prepar
     n = prepared.encoded.seq_len
     rows = torch.arange(n)
     for layer, allowed in seen.items():
-        expected = loaded.adapter.base_allowed(layer, rows, n, prepared.encoded)
+        expected = loaded.decoder.attention_pattern(prepared.encoded).allowed(layer, rows, n)
         assert torch.equal(allowed, expected), f"layer {layer}"
     window = loaded.model.config.text_config.sliding_window
     assert n > window  # the tiny prompt really has keys outside the window
@@ -221,7 +231,7 @@ def test_flow_experiment_fast_and_reference_engines_agree(family_prepared, famil
     for engine in ("fast", "reference"):
         settings = FlowSettings(window=2, keep_all=True, engine=engine, max_new_tokens=1)
         result = analyse_sample(loaded, prepared, settings)
-        rows[engine] = [(r["flow"], r["layer"], r["p_blocked"]) for r in result.rows]
+        rows[engine] = [(r.flow, r.layer, r.p_blocked) for r in result.rows]
     assert len(rows["fast"]) == 6 * loaded.n_layers
     for (flow, layer, p_fast), (_, _, p_ref) in zip(rows["fast"], rows["reference"], strict=True):
         assert abs(p_fast - p_ref) < 1e-5, (flow, layer)
@@ -229,11 +239,11 @@ def test_flow_experiment_fast_and_reference_engines_agree(family_prepared, famil
 
 @pytest.fixture
 def fold_savings(monkeypatch):  # counts of branched variants and of last-row-only top layers
-    from vlmflow.adapters.base import VLMAdapter
-    from vlmflow.knockout import fast
+    from vlmflow.adapters.decoder import DecoderMap
+    from vlmflow.knockout import plan as fold_plan
 
     taken = {"branched": 0, "top": 0}
-    plan, key_values = fast.branch_plan, VLMAdapter.layer_key_values
+    plan, key_values = fold_plan.branch_plan, DecoderMap.layer_key_values
 
     def counting_plan(variants):
         out = plan(variants)
@@ -244,8 +254,8 @@ def fold_savings(monkeypatch):  # counts of branched variants and of last-row-on
         taken["top"] += 1
         return key_values(self, *args, **kwargs)
 
-    monkeypatch.setattr(fast, "branch_plan", counting_plan)
-    monkeypatch.setattr(VLMAdapter, "layer_key_values", counting_key_values)
+    monkeypatch.setattr(fold_plan, "branch_plan", counting_plan)
+    monkeypatch.setattr(DecoderMap, "layer_key_values", counting_key_values)
     return taken
 
 
@@ -255,11 +265,11 @@ def test_branched_windows_and_last_row_top_layers_equal_the_reference(family_pre
     compute only the last row in the top layer; the logits stay the reference's."""
     loaded, prepared = family_prepared(family, impl)
     knockouts = [Knockout.for_flows(prepared.groups, [flow], layers) for flow in PAPER_FLOWS for _, layers in sweep(3, loaded.n_layers)]
-    start = min(affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, knockouts))
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=start)
-    fast = _log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts))
+    start = min(affected_starts(loaded.decoder.attention_pattern(prepared.encoded), loaded.n_layers, prepared.encoded.seq_len, knockouts))
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=start)
+    fast = _log_softmax(fast_logits(loaded.decoder, prepared.encoded, clean, knockouts))
     assert fold_savings["branched"] > 0 and fold_savings["top"] > 0, fold_savings
-    ref = _log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts))
+    ref = _log_softmax(reference_logits(loaded.decoder, prepared.encoded, knockouts))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     assert (ref - _log_softmax(clean.logits)).abs().max() > 1e-3, "the knockouts changed nothing"
 
@@ -267,12 +277,12 @@ def test_branched_windows_and_last_row_top_layers_equal_the_reference(family_pre
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_layer_key_values_are_the_keys_and_values_the_model_caches(family_prepared, family):
     loaded, prepared = family_prepared(family, "eager")
-    model, adapter, encoded = loaded.model, loaded.adapter, prepared.encoded
-    clean = clean_run(model, adapter, encoded, capture_from=0)
-    positions = adapter.position_ids(model, encoded)
+    decoder, encoded = loaded.decoder, prepared.encoded
+    clean = clean_run(decoder, encoded, capture_from=0)
+    positions = decoder.position_ids(encoded)
     for layer in (0, loaded.n_layers - 1):
         x = clean.hidden[layer][None]  # [1, n, d_model]: the clean inputs of the layer
-        pe = adapter.rotary(model, x, positions)
-        keys, values = adapter.layer_key_values(model, layer, x, positions, pe)
+        pe = decoder.rotary(x, positions)
+        keys, values = decoder.layer_key_values(layer, x, positions, pe)
         torch.testing.assert_close(keys, clean.keys[layer], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, clean.values[layer], atol=1e-5, rtol=1e-5)

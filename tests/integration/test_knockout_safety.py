@@ -18,14 +18,14 @@ def _attention_weights(loaded, prepared, knockout):
     weights = {}
     handles = []
     for layer in range(loaded.n_layers):
-        module = loaded.adapter.attention_module(loaded.model, layer)
+        module = loaded.decoder.attention(layer)
 
         def keep(mod, args, kwargs, out, layer=layer):
             weights[layer] = out[1][0].detach()
 
         handles.append(module.register_forward_hook(keep, with_kwargs=True))
     try:
-        with attention_knockout(loaded.model, loaded.adapter, prepared.encoded, knockout):
+        with attention_knockout(loaded.decoder, prepared.encoded, knockout):
             loaded.model(**prepared.encoded.inputs)
     finally:
         for h in handles:
@@ -55,14 +55,14 @@ def test_blocked_attention_weights_are_exactly_zero(tiny_prepared, flow):
 def test_empty_knockout_changes_nothing(tiny_prepared, impl):
     loaded, prepared = tiny_prepared("bpe-mha", impl)
     g = prepared.groups
-    base = clean_logits(loaded.model, prepared.encoded)
+    base = clean_logits(loaded.decoder, prepared.encoded)
     empty = Knockout(edges=((g[Group.LAST], ()),), layers=tuple(range(loaded.n_layers)))
     # Edges that do not exist in a causal model (the question never attends to the last position).
     acausal = Knockout.for_flows(g, [Flow(Group.LAST, Group.QUESTION)], range(loaded.n_layers))
-    ref = reference_logits(loaded.model, loaded.adapter, prepared.encoded, [empty, acausal])
+    ref = reference_logits(loaded.decoder, prepared.encoded, [empty, acausal])
     torch.testing.assert_close(ref, torch.stack([base, base]), atol=1e-5, rtol=0)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
-    fast = fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, [empty, acausal])
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
+    fast = fast_logits(loaded.decoder, prepared.encoded, clean, [empty, acausal])
     torch.testing.assert_close(fast, torch.stack([base, base]), atol=1e-5, rtol=0)
 
 
@@ -72,17 +72,17 @@ def test_knockout_leaving_a_query_without_keys_is_refused(tiny_prepared):
     everything_before = tuple(range(first_question + 1))
     knockout = Knockout(edges=(((first_question,), everything_before),), layers=(0,))
     with pytest.raises(SampleError, match=f"query position {first_question} with no key"):
-        reference_logits(loaded.model, loaded.adapter, prepared.encoded, [knockout])
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
+        reference_logits(loaded.decoder, prepared.encoded, [knockout])
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=0)
     with pytest.raises(SampleError, match="no key to attend to"):
-        fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, [knockout])
+        fast_logits(loaded.decoder, prepared.encoded, clean, [knockout])
 
 
 def _hook_count(loaded):
     n = 0
     for layer in range(loaded.n_layers):
-        n += len(loaded.adapter.attention_module(loaded.model, layer)._forward_pre_hooks)
-        n += len(loaded.adapter.decoder_layers(loaded.model)[layer]._forward_pre_hooks)
+        n += len(loaded.decoder.attention(layer)._forward_pre_hooks)
+        n += len(loaded.decoder.layers[layer]._forward_pre_hooks)
     return n
 
 
@@ -90,7 +90,7 @@ def test_hooks_are_removed_after_an_exception(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa")
     knockout = Knockout.for_flows(prepared.groups, [Flow(Group.IMAGE, Group.LAST)], [0, 1])
     assert _hook_count(loaded) == 0
-    with pytest.raises(RuntimeError, match="boom"), attention_knockout(loaded.model, loaded.adapter, prepared.encoded, knockout):
+    with pytest.raises(RuntimeError, match="boom"), attention_knockout(loaded.decoder, prepared.encoded, knockout):
         assert _hook_count(loaded) == 2
         raise RuntimeError("boom")
     assert _hook_count(loaded) == 0
@@ -98,10 +98,10 @@ def test_hooks_are_removed_after_an_exception(tiny_prepared):
     def explode(module, args, kwargs):
         raise RuntimeError("boom in layer")
 
-    bomb = loaded.adapter.attention_module(loaded.model, 2).register_forward_pre_hook(explode, with_kwargs=True)
+    bomb = loaded.decoder.attention(2).register_forward_pre_hook(explode, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="boom in layer"):
-            clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=0)
+            clean_run(loaded.decoder, prepared.encoded, capture_from=0)
     finally:
         bomb.remove()
     assert _hook_count(loaded) == 0
@@ -109,13 +109,13 @@ def test_hooks_are_removed_after_an_exception(tiny_prepared):
 
 def test_flash_attention_is_refused(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa")
-    config = loaded.adapter.attention_module(loaded.model, 0).config
+    config = loaded.decoder.attention(0).config
     original = config._attn_implementation
     config._attn_implementation = "flash_attention_2"
     try:
         knockout = Knockout.for_flows(prepared.groups, [Flow(Group.IMAGE, Group.LAST)], [0])
         with pytest.raises(ConfigError, match="flash_attention_2"):
-            reference_logits(loaded.model, loaded.adapter, prepared.encoded, [knockout])
+            reference_logits(loaded.decoder, prepared.encoded, [knockout])
     finally:
         config._attn_implementation = original
 
@@ -123,5 +123,5 @@ def test_flash_attention_is_refused(tiny_prepared):
 def test_reference_hook_refuses_a_partial_sequence(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa")
     knockout = Knockout.for_flows(prepared.groups, [Flow(Group.IMAGE, Group.LAST)], [0])
-    with attention_knockout(loaded.model, loaded.adapter, prepared.encoded, knockout), pytest.raises(Exception, match="query positions"):
+    with attention_knockout(loaded.decoder, prepared.encoded, knockout), pytest.raises(Exception, match="query positions"):
         loaded.model.generate(**prepared.encoded.inputs, max_new_tokens=2, do_sample=False)

@@ -18,7 +18,7 @@ from vlmflow.experiments.lens import LensSettings, Readout, lens_states, readout
 from vlmflow.knockout.fast import clean_run
 from vlmflow.knockout.reference import clean_logits
 from vlmflow.positions.groups import Flow, Group
-from vlmflow.results.schema import build_table
+from vlmflow.results.tables import build_table
 
 SHAPES = ["sp-gqa", "bpe-mha", "word-mqa"]
 
@@ -31,8 +31,8 @@ def _hf_hidden_states(loaded, prepared) -> tuple[torch.Tensor, ...]:
 
 def _last_logits(loaded, prepared, readout):
     n = prepared.encoded.seq_len
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=n - 1)
-    return readout_logits(loaded.model, loaded.adapter, lens_states(clean, [n - 1]), readout)[0]  # [L+1, vocab]
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=n - 1)
+    return readout_logits(loaded.decoder, lens_states(clean, [n - 1]), readout)[0]  # [L+1, vocab]
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -41,7 +41,7 @@ def test_normed_readout_at_the_last_layer_is_the_models_own_distribution(tiny_pr
     loaded, prepared = tiny_prepared(shape, impl)
     normed = _last_logits(loaded, prepared, Readout.NORMED)
     assert normed.shape[0] == loaded.n_layers + 1
-    own = clean_logits(loaded.model, prepared.encoded)
+    own = clean_logits(loaded.decoder, prepared.encoded)
     torch.testing.assert_close(torch.log_softmax(normed[-1], -1), torch.log_softmax(own, -1), atol=1e-5, rtol=0)
     raw = _last_logits(loaded, prepared, Readout.RAW)
     # The paper's raw readout is normed at j = L too; below it the final norm makes a difference.
@@ -66,7 +66,7 @@ def test_lens_rows_match_direct_probabilities_and_ranks(tiny_prepared, shape):
     tables = LensSettings(keep_all=True, top_k=3).analyse(loaded, prepared)
     lens = pd.DataFrame(tables["lens"])
     hidden = _hf_hidden_states(loaded, prepared)
-    norm = loaded.adapter.final_norm(loaded.model)
+    norm = loaded.decoder.final_norm
     head = loaded.model.get_output_embeddings()
     n_layers = loaded.n_layers
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_lens_rows_match_direct_probabilities_and_ranks(tiny_prepared, shape):
         expected = direct[row.readout][row.layer].topk(3).indices.tolist()
         assert list(row.top_token_ids) == expected
     for name, rows in tables.items():
-        build_table(name, rows)  # every row fits its registered schema
+        build_table(name, rows)  # every row fits its table
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,12 +96,12 @@ def test_final_layer_probability_is_the_flows_baseline(tiny_prepared, shape):
     loaded, prepared = tiny_prepared(shape)
     lens_tables = LensSettings(keep_all=True).analyse(loaded, prepared)
     flow_tables = FlowSettings(keep_all=True, flows=(Flow(Group.IMAGE, Group.LAST),)).analyse(loaded, prepared)
-    p_base = flow_tables["flows"][0]["p_base"]
-    assert lens_tables["samples"][0]["p_base"] == flow_tables["samples"][0]["p_base"] == p_base
+    p_base = flow_tables["flows"][0].p_base
+    assert lens_tables["samples"][0].p_base == flow_tables["samples"][0].p_base == p_base
     lens = pd.DataFrame(lens_tables["lens"])
     final = lens[(lens["layer"] == loaded.n_layers) & (lens["form"] == "generated")]
     assert len(final) == 2
-    assert final["token_id"].tolist() == [flow_tables["samples"][0]["answer_token_id"]] * 2
+    assert final["token_id"].tolist() == [flow_tables["samples"][0].answer_token_id] * 2
     for prob in final["prob"]:
         assert prob == pytest.approx(p_base, rel=1e-5)
     assert final["rank"].tolist() == [1, 1]  # the greedy token is top-1 of the model's own distribution
@@ -111,7 +111,7 @@ def test_lens_costs_one_forward(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     n = prepared.encoded.seq_len
     calls = {"prefill": 0, "vision": 0}
-    layer0 = loaded.adapter.decoder_layers(loaded.model)[0]
+    layer0 = loaded.decoder.layers[0]
 
     def count_layer(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -142,7 +142,7 @@ def test_group_positions_are_read_like_the_last_one(tiny_prepared, shape):
     question = prepared.groups[Group.QUESTION]
     assert sorted(set(lens.loc[lens["group"] == "question", "position"])) == list(question)
     hidden = _hf_hidden_states(loaded, prepared)
-    norm = loaded.adapter.final_norm(loaded.model)
+    norm = loaded.decoder.final_norm
     head = loaded.model.get_output_embeddings()
     with torch.no_grad():
         for row in lens[lens["group"] == "question"].itertuples():
@@ -160,7 +160,7 @@ def test_group_positions_are_read_like_the_last_one(tiny_prepared, shape):
 def test_wrong_answers_are_dropped_unless_keep_all(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa")
     tables = LensSettings().analyse(loaded, prepared)
-    if tables["samples"][0]["correct"]:
+    if tables["samples"][0].correct:
         pytest.skip("the random tiny model happens to answer correctly")
     assert set(tables) == {"samples"}
 

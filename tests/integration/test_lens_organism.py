@@ -55,9 +55,9 @@ def organism():
 def test_normed_last_layer_is_the_organisms_own_distribution(organism, impl):
     loaded, prepared = organism[impl]
     n = prepared.encoded.seq_len
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=n - 1)
-    normed = readout_logits(loaded.model, loaded.adapter, lens_states(clean, [n - 1]), Readout.NORMED)[0]
-    own = clean_logits(loaded.model, prepared.encoded)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=n - 1)
+    normed = readout_logits(loaded.decoder, lens_states(clean, [n - 1]), Readout.NORMED)[0]
+    own = clean_logits(loaded.decoder, prepared.encoded)
     torch.testing.assert_close(torch.log_softmax(normed[-1], -1), torch.log_softmax(own, -1), atol=1e-5, rtol=0)
 
 
@@ -67,8 +67,8 @@ def test_raw_readout_matches_a_direct_computation_on_the_organism(organism):
         hidden = loaded.model(**prepared.encoded.inputs, output_hidden_states=True).hidden_states
     direct = torch.stack([h[0, -1] for h in hidden]).float() @ loaded.model.get_output_embeddings().weight.float().T
     n = prepared.encoded.seq_len
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=n - 1)
-    raw = readout_logits(loaded.model, loaded.adapter, lens_states(clean, [n - 1]), Readout.RAW)[0]
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=n - 1)
+    raw = readout_logits(loaded.decoder, lens_states(clean, [n - 1]), Readout.RAW)[0]
     torch.testing.assert_close(raw, direct, atol=1e-4, rtol=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_final_layer_answer_probability_is_the_flows_baseline_on_the_organism(or
     loaded, prepared = organism["sdpa"]
     lens = pd.DataFrame(LensSettings(keep_all=True).analyse(loaded, prepared)["lens"])
     flows = FlowSettings(keep_all=True, flows=(Flow(Group.IMAGE, Group.LAST),)).analyse(loaded, prepared)
-    p_base = flows["flows"][0]["p_base"]
+    p_base = flows["flows"][0].p_base
     final = lens[(lens["layer"] == loaded.n_layers) & (lens["form"] == "generated")]
     assert final["prob"].tolist() == pytest.approx([p_base, p_base], rel=1e-5)
     assert final["rank"].tolist() == [1, 1]

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
+from vlmflow.aliases import resolve_model_name
 from vlmflow.data.sample import TaskType
 from vlmflow.data.scene_sets import task_questions
-from vlmflow.organism import ALIAS, organism_path, resolve_model_name
+from vlmflow.organism import ALIAS, organism_path
 
 ORGANISM = organism_path()
 pytestmark = pytest.mark.skipif(
@@ -38,7 +39,7 @@ def test_the_alias_names_the_packaged_checkpoint_and_loads_like_any_checkpoint(l
 
     assert resolve_model_name(ALIAS) == str(ORGANISM)
     assert isinstance(loaded.model, LlavaForConditionalGeneration)
-    assert loaded.adapter.family == "llava"
+    assert loaded.family.family == "llava"
     assert loaded.info["model"] == str(ORGANISM)
     assert loaded.template.name == json.loads((ORGANISM / "vlmflow.json").read_text())["prompt_template"]
     assert 6 <= loaded.n_layers <= 8
@@ -77,10 +78,10 @@ def test_the_fast_evaluator_scores_like_the_flow_experiment(loaded):
         prepared = prepare_sample(loaded, question.sample, question.scene.render())
         n = prepared.encoded.seq_len
         _, sample_row = baseline(loaded, prepared, FlowSettings(), capture_from=n - 1)
-        assert sample_row["correct"] == row["correct"], question.sample.question
-        assert sample_row["answer_token"] == row["first_token"]
-        if sample_row["correct"]:
-            assert sample_row["prediction"] == question.sample.answer.capitalize()  # "Red", like Vicuna
+        assert sample_row.correct == row["correct"], question.sample.question
+        assert sample_row.answer_token == row["first_token"]
+        if sample_row.correct:
+            assert sample_row.prediction == question.sample.answer.capitalize()  # "Red", like Vicuna
 
 
 def test_the_answer_needs_the_image_and_the_question(loaded):
@@ -102,8 +103,8 @@ def test_the_answer_needs_the_image_and_the_question(loaded):
             Knockout.for_flows(prepared.groups, [], layers),  # blocks nothing
         ]
         with torch.no_grad():
-            base = clean_logits(loaded.model, prepared.encoded)
-            blocked = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+            base = clean_logits(loaded.decoder, prepared.encoded)
+            blocked = reference_logits(loaded.decoder, prepared.encoded, knockouts)
         torch.testing.assert_close(blocked[2], base, atol=1e-5, rtol=0)
         gold = loaded.tokenizer.convert_tokens_to_ids(question.sample.answer.capitalize())
         for name, logits in zip(right, (base, blocked[0], blocked[1]), strict=True):

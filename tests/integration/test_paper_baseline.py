@@ -40,16 +40,16 @@ def test_paper_procedure_matches_vlmflow_for_the_six_flows(tiny_prepared, paper_
     window = 3
     ours = analyse_sample(loaded, prepared, FlowSettings(window=window, keep_all=True, max_new_tokens=2))
     theirs = paper_baseline.paper_flow_probabilities(loaded, prepared, PAPER_FLOWS, window, max_new_tokens=2)
-    by_key = {(r["flow"], r["layer"]): r for r in ours.rows}
+    by_key = {(r.flow, r.layer): r for r in ours.rows}
     assert len(by_key) == len(PAPER_FLOWS) * loaded.n_layers
     for flow in PAPER_FLOWS:
         rows = theirs[str(flow)]
         assert [c for c, _, _ in rows] == list(range(loaded.n_layers))
         effect = 0.0
         for centre, p_base, p_blocked in rows:
-            row = by_key[(str(flow), centre)]
-            assert math.log(p_base) == pytest.approx(math.log(row["p_base"]), abs=1e-5)
-            assert math.log(p_blocked) == pytest.approx(math.log(row["p_blocked"]), abs=1e-4)
+            row = by_key[(flow, centre)]
+            assert math.log(p_base) == pytest.approx(math.log(row.p_base), abs=1e-5)
+            assert math.log(p_blocked) == pytest.approx(math.log(row.p_blocked), abs=1e-4)
             effect = max(effect, abs(math.log(p_blocked) - math.log(p_base)))
         assert effect > 1e-2, f"{flow}: the paper's knockout changed nothing, agreement would be trivial"
 

@@ -1,6 +1,6 @@
 """The study report in a real headless Chromium: it loads offline with no console errors, every
 section is there and visible, and the sample viewer works. Screenshots go to the test artefacts
-folder (``$VLMFLOW_TEST_ARTIFACTS``, default ``test-artifacts/`` in the repository).
+folder (``$VLMFLOW_TEST_ARTIFACTS``, else a temporary folder).
 
 Chromium comes from the system packages (``.ci/run`` installs it); the browser is driven by
 Playwright with that binary, never a downloaded one. Locally the test is skipped when there is no
@@ -30,7 +30,6 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def chromium_binary() -> str | None:
@@ -41,8 +40,9 @@ def chromium_binary() -> str | None:
     return None
 
 
-def artefacts() -> Path:
-    folder = Path(os.environ.get("VLMFLOW_TEST_ARTIFACTS", REPO / "test-artifacts")) / "report-browser"
+@pytest.fixture(scope="module")
+def artefacts(test_artifacts: Path) -> Path:
+    folder = test_artifacts / "report-browser"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -110,12 +110,12 @@ def check_report(browser, report: Path, shots: Path) -> None:
     page.close()
 
 
-def test_report_loads_offline_without_errors_and_shows_every_section(browser_page, report: Path):
-    check_report(browser_page, report, artefacts())
+def test_report_loads_offline_without_errors_and_shows_every_section(browser_page, report: Path, artefacts: Path):
+    check_report(browser_page, report, artefacts)
     assert report.read_text().count('class="base"') == 2
 
 
-def test_sample_viewer_pages_and_toggles_the_overlay(browser_page, report: Path):
+def test_sample_viewer_pages_and_toggles_the_overlay(browser_page, report: Path, artefacts: Path):
     page = browser_page.new_page(viewport={"width": 1200, "height": 900})
     page.goto(report.as_uri())
     viewer = page.locator(".viewer").first
@@ -132,4 +132,4 @@ def test_sample_viewer_pages_and_toggles_the_overlay(browser_page, report: Path)
     viewer.locator("input.overlay-toggle").check()
     viewer.locator("button.prev").click()
     assert viewer.locator(".pos").inner_text() == "1 / 2"
-    viewer.screenshot(path=str(artefacts() / "sample-viewer.png"))
+    viewer.screenshot(path=str(artefacts / "sample-viewer.png"))

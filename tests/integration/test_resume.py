@@ -3,8 +3,9 @@
 The CLI runs as a separate process (``python -m vlmflow flows ...``) on a tiny model and is killed
 with SIGKILL at random points (mid-sample, mid-commit) several times, resuming each time; the final
 run directory must then hold exactly what an uninterrupted run holds: no row twice, none missing.
-The random kill points come from a seed that a failure message names (``VLMFLOW_KILL_SEED``
-reproduces it).
+The kill points are drawn from a fixed seed (``VLMFLOW_KILL_SEED`` picks another, and a failure
+message names it). Where a kill lands still depends on the machine's speed (a session may even
+finish before its kill), so what is asserted holds wherever the kills land: never how many landed.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from support.dataset import write_scene_dataset
 from vlmflow.cli.main import main
-from vlmflow.results.schema import TABLES
 from vlmflow.results.store import PARTS_DIR, RunStore
-from vlmflow.testing.dataset import write_scene_dataset
+from vlmflow.results.tables import TABLES
 
 N_SAMPLES = 14
 N_KILLS = 3
+KILL_SEED = 18  # the kill points' seed (a constant: the drill is the same on every run)
 FLOW_ARGS = ["--flow", "image->last", "--flow", "question->last", "--keep-all", "--max-new-tokens", "2"]
 
 
@@ -79,10 +81,11 @@ def _tables(run: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_checkpoint, dataset, tmp_path):
     csv, expected_ids = dataset
     model = tiny_checkpoint("word-mqa")
-    seed = int(os.environ.get("VLMFLOW_KILL_SEED", time.time_ns() % 1_000_000))
+    seed = int(os.environ.get("VLMFLOW_KILL_SEED", KILL_SEED))
     rng = random.Random(seed)
     env = _env()
 
@@ -123,7 +126,6 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tiny_c
         if proc.returncode not in (0, -signal.SIGKILL):
             pytest.fail(f"attempt {attempt} (seed {seed}) failed with {proc.returncode}: {proc.stderr.read().decode()}")
         proc.stderr.close()
-    assert len(kills) >= N_KILLS - 1, f"seed {seed}: the run finished before it could be killed often enough: {kills}"
 
     resumed = subprocess.run(_command(model, csv, out), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, f"seed {seed}: {resumed.stderr}"
@@ -187,12 +189,13 @@ def test_same_spec_skips_done_samples_and_a_different_spec_is_refused(tiny_check
 
 def test_same_spec_twice_gives_identical_rows_and_records_seeds_versions_and_revision(tiny_checkpoint, dataset, tmp_path):
     from vlmflow.experiments.flows import FlowSettings
-    from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+    from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
+    from vlmflow.load_spec import LoadSpec
     from vlmflow.positions.groups import PAPER_FLOWS
 
     csv, _ = dataset
     spec = RunSpec(
-        ModelSpec(str(tiny_checkpoint("bpe-mha")), device="cpu"),
+        LoadSpec(str(tiny_checkpoint("bpe-mha")), device="cpu"),
         DataSpec(str(csv), limit=3),
         FlowSettings(flows=PAPER_FLOWS, keep_all=True, max_new_tokens=3),
     )

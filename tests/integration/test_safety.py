@@ -45,7 +45,7 @@ def test_a_checkpoint_with_pickle_weights_only_is_refused_without_unpickling(tin
     # The same directory with safetensors weights beside the pickle file loads (from safetensors).
     shutil.copy(source / "model.safetensors", pickled / "model.safetensors")
     with mock.patch("torch.load", side_effect=AssertionError("torch.load must not be called")):
-        assert load_model(pickled, device="cpu").adapter.family == "llava"
+        assert load_model(pickled, device="cpu").family.family == "llava"
 
 
 def _remote_code_checkpoint(source: Path, target: Path) -> Path:
@@ -91,8 +91,8 @@ def test_checkpoint_code_does_not_run_unless_asked(tiny_checkpoint, tmp_path, mo
     # The flag reaches the loader (the code itself runs in the subprocess test below).
     seen = {}
 
-    def fake_load(name, **kwargs):
-        seen.update(kwargs)
+    def fake_load(spec):
+        seen.update(trust_remote_code=spec.trust_remote_code, allow_hub=spec.allow_hub)
         raise ConfigError("stop here")
 
     monkeypatch.setattr("vlmflow.experiments.runner.load_model", fake_load)

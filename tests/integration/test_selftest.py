@@ -15,8 +15,10 @@ import vlmflow.knockout.reference as reference_module
 from conftest import make_scene_sample
 from vlmflow.data.csvio import write_task_csv
 from vlmflow.experiments.flows import FlowSettings
-from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+from vlmflow.experiments.runner import DataSpec, RunSpec, run_to_store
 from vlmflow.experiments.selftest import SelfTestError, run_self_test
+from vlmflow.knockout.strategy import DenseFold, SharedPrefixFold, choose_strategy
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import Flow, Group
 
 
@@ -51,7 +53,7 @@ def test_self_test_refuses_a_kernel_that_ignores_the_mask(tiny_loaded, engine):
     loaded = tiny_loaded("sp-gqa", "sdpa")
     original = AttentionInterface._global_mapping["sdpa"]
     # The fast engine's folds go through the model's kernel (dense mask), as they do on CUDA.
-    dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)
+    dense = mock.patch.object(fast_module, "choose_strategy", lambda decoder: DenseFold())
     with dense, mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
         # The reference path's knockout does nothing, so the output follows the image; the fast path's
         # folded queries (prefix keys + own suffix) get a mask-less causal pattern, so the knocked-out
@@ -70,7 +72,7 @@ def test_fast_engine_on_cpu_does_not_depend_on_the_models_kernel_for_the_mask(ti
     """On CPU with sdpa the folded knockouts run through vlmflow's shared-prefix attention, so a model
     kernel that drops masks (it still computes the clean causal pass right) cannot undo a knockout."""
     loaded = tiny_loaded("sp-gqa", "sdpa")
-    assert fast_module.uses_shared_prefix("sdpa", loaded.device)
+    assert isinstance(choose_strategy(loaded.decoder), SharedPrefixFold)
     original = AttentionInterface._global_mapping["sdpa"]
     with mock.patch.dict(AttentionInterface._global_mapping, {"sdpa": _mask_ignoring_sdpa(original)}):
         report = run_self_test(loaded, "fast")
@@ -106,10 +108,10 @@ def test_a_run_stops_before_any_work_when_the_self_test_fails_and_records_it_whe
     image.save(tmp_path / "img1.png")
     write_task_csv([sample], tmp_path / "ChooseAttr.csv")
     settings = FlowSettings(flows=(Flow(Group.IMAGE, Group.LAST),), keep_all=True, max_new_tokens=1)
-    spec = RunSpec(ModelSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), settings, name="run")
+    spec = RunSpec(LoadSpec("x"), DataSpec(str(tmp_path / "ChooseAttr.csv")), settings, name="run")
     original = AttentionInterface._global_mapping["sdpa"]
     patched = {"sdpa": _mask_ignoring_sdpa(original)}
-    dense = mock.patch.object(fast_module, "uses_shared_prefix", lambda implementation, device: False)  # as on CUDA
+    dense = mock.patch.object(fast_module, "choose_strategy", lambda decoder: DenseFold())  # as on CUDA
     with dense, mock.patch.dict(AttentionInterface._global_mapping, patched), pytest.raises(SelfTestError):
         run_to_store(spec, tmp_path / "runs", loaded=loaded)
     assert not (tmp_path / "runs").exists()

@@ -1,11 +1,11 @@
 """The fast engine's CPU shared-prefix attention, inside real models, against the reference engine.
 
 With ``sdpa`` on CPU the folded knockouts run through
-:mod:`vlmflow.knockout.prefix_attention` (registered with transformers' ``AttentionInterface`` for
-the duration of a fold). Checked on LLaVA and Qwen2-VL (M-RoPE): the path is really taken in every
+:mod:`vlmflow.knockout.prefix_attention` (registered with transformers' ``AttentionInterface``, used by the
+decoder for the duration of an engine call). Checked on LLaVA and Qwen2-VL (M-RoPE): the path is really taken in every
 layer call, its logits equal the reference engine's (a plain full forward with the knockout mask
 applied by hooks) for multi-flow and head-level knockouts, and after an error in the middle of a
-fold the model's config, transformers' registry and the model's hooks are as before.
+fold the model's attention implementation and hooks are as before.
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ import torch
 from transformers import AttentionInterface
 
 from vlmflow.experiments.windows import sweep
-from vlmflow.knockout import fast
 from vlmflow.knockout import prefix_attention as pa
 from vlmflow.knockout.fast import clean_run, fast_logits
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
+from vlmflow.knockout.strategy import SharedPrefixFold
 from vlmflow.positions.groups import Flow, Group
 
 
 @pytest.fixture(scope="module")
 def qwen2_vl_prepared(tmp_path_factory):  # (loaded, prepared)
     from conftest import make_scene_sample
+    from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
     from vlmflow.experiments.prepare import prepare_sample
     from vlmflow.loading import load_model
-    from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
     path = tmp_path_factory.mktemp("tiny-qwen2-vl-shared")
     build_tiny_qwen2_vl(TinyQwen2VLConfig(), path)
@@ -49,13 +49,13 @@ def _knockouts(loaded, groups) -> list[Knockout]:
 @pytest.fixture
 def spy(monkeypatch):  # the (t0, suffix) of every fold that entered the path
     entered: list[tuple[int, int]] = []
-    original = fast.shared_prefix_attention
+    original = SharedPrefixFold.run
 
-    def recording(config, t0, suffix):
-        entered.append((t0, suffix))
-        return original(config, t0, suffix)
+    def recording(self, decoder, call):
+        entered.append((call.t0, call.suffix))
+        return original(self, decoder, call)
 
-    monkeypatch.setattr(fast, "shared_prefix_attention", recording)
+    monkeypatch.setattr(SharedPrefixFold, "run", recording)
     return entered
 
 
@@ -64,10 +64,10 @@ def test_shared_prefix_path_is_taken_and_equals_the_reference_engine(tiny_prepar
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa") if family == "llava" else qwen2_vl_prepared
     knockouts = _knockouts(loaded, prepared.groups)
     start = min(k.first_target for k in knockouts)
-    clean = clean_run(loaded.model, loaded.adapter, prepared.encoded, capture_from=start)
-    got = torch.log_softmax(fast_logits(loaded.model, loaded.adapter, prepared.encoded, clean, knockouts), -1)
+    clean = clean_run(loaded.decoder, prepared.encoded, capture_from=start)
+    got = torch.log_softmax(fast_logits(loaded.decoder, prepared.encoded, clean, knockouts), -1)
     assert spy, "the CPU sdpa fold did not use the shared-prefix attention"
-    ref = torch.log_softmax(reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts), -1)
+    ref = torch.log_softmax(reference_logits(loaded.decoder, prepared.encoded, knockouts), -1)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     base = torch.log_softmax(clean.logits, -1)
     assert (ref - base).abs().max() > 1e-3, "the knockouts changed nothing"
@@ -75,11 +75,11 @@ def test_shared_prefix_path_is_taken_and_equals_the_reference_engine(tiny_prepar
 
 def test_registration_config_and_hooks_are_undone_after_an_error(tiny_prepared):
     loaded, prepared = tiny_prepared("sp-gqa", "sdpa")
-    model, adapter = loaded.model, loaded.adapter
-    config = adapter.attention_module(model, 0).config
+    decoder, model = loaded.decoder, loaded.model
+    config = decoder.attention(0).config
     knockouts = _knockouts(loaded, prepared.groups)
-    clean = clean_run(model, adapter, prepared.encoded, capture_from=min(k.first_target for k in knockouts))
-    before = fast_logits(model, adapter, prepared.encoded, clean, knockouts)
+    clean = clean_run(decoder, prepared.encoded, capture_from=min(k.first_target for k in knockouts))
+    before = fast_logits(decoder, prepared.encoded, clean, knockouts)
     hooks_before = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
     seen = []
 
@@ -87,15 +87,16 @@ def test_registration_config_and_hooks_are_undone_after_an_error(tiny_prepared):
         seen.append(config._attn_implementation)
         raise RuntimeError("layer failed")
 
-    handle = adapter.decoder_layers(model)[1].register_forward_pre_hook(fail, with_kwargs=True)
+    handle = decoder.layers[1].register_forward_pre_hook(fail, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="layer failed"):
-            fast_logits(model, adapter, prepared.encoded, clean, knockouts)
+            fast_logits(decoder, prepared.encoded, clean, knockouts)
     finally:
         handle.remove()
-    assert seen == [pa.ATTENTION_NAME], "the failure did not happen inside the shared-prefix block"
+    assert seen == [pa.ATTENTION_NAME], "the failure did not happen inside the shared-prefix session"
     assert config._attn_implementation == "sdpa"
-    assert pa.ATTENTION_NAME not in AttentionInterface._global_mapping
-    assert pa._LAYOUT.get() is None
+    # The function stays registered under its own name (transformers has no public unregister);
+    # without fold inputs it is plain sdpa, and no model uses it outside a session.
+    assert AttentionInterface()[pa.ATTENTION_NAME] is pa.shared_prefix_attention_forward
     assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks_before
-    torch.testing.assert_close(fast_logits(model, adapter, prepared.encoded, clean, knockouts), before, atol=0, rtol=0)
+    torch.testing.assert_close(fast_logits(decoder, prepared.encoded, clean, knockouts), before, atol=0, rtol=0)

@@ -6,10 +6,14 @@ The full soak (a few hundred samples) is ``benchmarks/soak.py``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from vlmflow.testing.soak import MIB, SoakResult
+import pytest
+
+from support.soak import MIB, SoakResult
 
 # The soak runs in a fresh interpreter: the resident set of a process that has already run hundreds
 # of other tests mixes their allocator state and late garbage collections into this run's numbers
@@ -20,17 +24,20 @@ import torch
 torch.set_num_threads(2)
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.positions.groups import Flow, Group
-from vlmflow.testing.soak import run_soak
+from support.soak import run_soak
 settings = FlowSettings(flows=(Flow(Group.IMAGE, Group.LAST), Flow(Group.QUESTION, Group.LAST)), keep_all=True, max_new_tokens=2)
 result = run_soak(sys.argv[1], 30, sys.argv[2], warmup=8, settings=settings)
 print(json.dumps({"rss": result.rss, "warmup": result.warmup, "seconds": result.seconds, "summary": result.summary}))
 """
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_across_samples(tiny_checkpoint, tmp_path):
+    tests = str(Path(__file__).resolve().parents[1])  # where the ``support`` scaffolding lives
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run(
         [sys.executable, "-c", _SOAK, str(tiny_checkpoint("word-mqa")), str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=600, check=False, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = SoakResult(**json.loads(done.stdout.strip().splitlines()[-1]))

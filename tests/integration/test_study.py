@@ -101,7 +101,7 @@ def test_a_changed_config_does_not_mix_into_existing_runs(study: Path, tiny_load
 def test_random_control_is_a_knockout_of_size_matched_non_related_patches(tiny_loaded):
     loaded = tiny_loaded(SHAPE)
     sample, image = make_scene_sample()
-    settings = ControlSettings(draws=3, window=3, keep_all=True)
+    settings = ControlSettings(draws=3, flow_settings=FlowSettings(window=3, keep_all=True))
     rows = pd.DataFrame(settings.analyse(loaded, prepare_sample(loaded, sample, image))["controls"])
     assert sorted(rows["draw"].unique()) == [0, 1, 2] and len(rows) == 3 * loaded.n_layers
     drawn = []
@@ -115,7 +115,7 @@ def test_random_control_is_a_knockout_of_size_matched_non_related_patches(tiny_l
         direct = analyse_sample(loaded, prepared, FlowSettings(flows=(Flow(Group.RANDOM, Group.QUESTION),), window=3, keep_all=True))
         mine = rows[rows["draw"] == draw].sort_values("layer")
         torch.testing.assert_close(
-            torch.tensor(mine["p_blocked"].to_numpy()), torch.tensor([r["p_blocked"] for r in direct.rows], dtype=torch.float64), rtol=1e-5, atol=1e-7
+            torch.tensor(mine["p_blocked"].to_numpy()), torch.tensor([r.p_blocked for r in direct.rows], dtype=torch.float64), rtol=1e-5, atol=1e-7
         )
         assert (mine["n_source"] == len(related)).all()
     assert len(set(drawn)) > 1  # the draws differ

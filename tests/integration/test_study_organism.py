@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-from test_report_browser import artefacts, browser_page, check_report  # noqa: F401 - browser_page is a fixture
+from test_report_browser import browser_page, check_report  # noqa: F401 - browser_page is a fixture
 
 from vlmflow.analysis.claims import Status
 from vlmflow.cli.main import main
@@ -25,10 +25,13 @@ def _organism_dir(name: str = "organism") -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
-pytestmark = pytest.mark.skipif(
-    _organism_dir() is None or _organism_dir("organism-planted") is None,
-    reason="the trained organisms are not in the package (vlmflow/resources/organism*/ has no config.json)",
-)
+pytestmark = [
+    pytest.mark.slow,  # the whole bundled study: a few minutes on CPU
+    pytest.mark.skipif(
+        _organism_dir() is None or _organism_dir("organism-planted") is None,
+        reason="the trained organisms are not in the package (vlmflow/resources/organism*/ has no config.json)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,14 @@ def test_every_run_of_the_bundled_config_is_done(study: Path):
     assert (study / "report.html").is_file() and (study / "analysis.json").is_file()
 
 
-def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
+@pytest.fixture(scope="module")
+def artefacts(test_artifacts: Path) -> Path:
+    folder = test_artifacts / "organism-study"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_trained_organism_gives_real_flows_and_a_checklist(study: Path, artefacts: Path):
     analysis = json.loads((study / "analysis.json").read_text())
     lines = ["| model / task | claim | status | evidence |", "| --- | --- | --- | --- |"]
     for cell, data in analysis["cells"].items():
@@ -60,10 +70,8 @@ def test_trained_organism_gives_real_flows_and_a_checklist(study: Path):
             lines.append(f"| {cell} | {claim['id']} | {claim['status']} | {claim['evidence']} |")
     for claim in analysis["study_claims"]:
         lines.append(f"| study | {claim['id']} | {claim['status']} | {claim['evidence']} |")
-    folder = artefacts().parent / "organism-study"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "checklist.md").write_text("\n".join(lines) + "\n")
-    (folder / "analysis.json").write_text(json.dumps(analysis, indent=2))
+    (artefacts / "checklist.md").write_text("\n".join(lines) + "\n")
+    (artefacts / "analysis.json").write_text(json.dumps(analysis, indent=2))
 
 
 def test_the_report_says_what_each_organism_is_expected_to_show(study: Path):
@@ -74,5 +82,5 @@ def test_the_report_says_what_each_organism_is_expected_to_show(study: Path):
     assert "not planted" in html and "planted-route organism" in html
 
 
-def test_organism_report_in_the_browser(browser_page, study: Path):  # noqa: F811 - the imported fixture
-    check_report(browser_page, study / "report.html", artefacts().parent / "organism-study")
+def test_organism_report_in_the_browser(browser_page, study: Path, artefacts: Path):  # noqa: F811 - the imported fixture
+    check_report(browser_page, study / "report.html", artefacts)

@@ -1,4 +1,5 @@
-"""The examples in the docstrings run and give what they show (those not marked ``+SKIP``)."""
+"""The examples in the docstrings run and give what they show (those not marked ``+SKIP``), in the
+package and in the test scaffolding."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import support
 import vlmflow
 
 # ``vlmflow.__main__`` runs the CLI when imported; it has no examples.
@@ -16,9 +18,11 @@ _SKIP = {"vlmflow.__main__"}
 MODULES = sorted(
     name for _, name, _ in pkgutil.walk_packages(vlmflow.__path__, "vlmflow.") if name not in _SKIP
 )
+#: The test scaffolding's examples run too (``tests/support``).
+SUPPORT = sorted(name for _, name, _ in pkgutil.walk_packages(support.__path__, "support."))
 
 
-@pytest.mark.parametrize("name", ["vlmflow", *MODULES])
+@pytest.mark.parametrize("name", ["vlmflow", *MODULES, *SUPPORT])
 def test_docstring_examples(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     try:
         module = importlib.import_module(name)

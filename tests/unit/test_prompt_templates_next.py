@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from support.tiny_next import build_bytelevel_tokenizer
 from vlmflow.prompts import ANSWER_SUFFIX, LLAMA3_SYSTEM, get_template
-from vlmflow.testing.tiny_next import build_bytelevel_tokenizer
 
 QUESTION = "Is the jar full or empty?"
 

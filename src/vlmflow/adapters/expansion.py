@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, _shift_span, model_inputs
 from vlmflow.errors import ConfigError, SampleError
+from vlmflow.inputs import Encoded, expand_placeholders, model_inputs
 from vlmflow.prompts import PromptTemplate
 
 #: Control tokens written in templates: ``<|im_start|>``, ``<end_of_utterance>``, ``<start_of_turn>``.
@@ -113,7 +113,7 @@ def encode_expanded(
         raise ConfigError(f"prompt template {template.name!r} must have exactly one {{image}} slot")
     start, end = rendered.image_spans[0]
     replacement = {"span": (start, end), "new_span": (start, start + len(expansion)), "replacement": expansion}
-    text, question_span = _shift_span(rendered, [replacement])
+    text, question_span = expand_placeholders(rendered, [replacement])
     batch = tokenizer(
         text, return_tensors="pt", return_offsets_mapping=True, add_special_tokens=template.add_special_tokens
     )

@@ -20,22 +20,25 @@ The language model is causal with plain 1-D positions; what differs from LLaVA:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.expansion import (
     check_template_tokens,
     encode_expanded,
     image_tensors,
     load_image_text_processor,
 )
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError
+from vlmflow.inputs import Encoded
 from vlmflow.positions.groups import Group
+from vlmflow.positions.layout import ImageLayout
 from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
 
 FAKE_IMAGE, IMAGE, GLOBAL_IMAGE = "<fake_token_around_image>", "<image>", "<global-img>"
@@ -63,8 +66,74 @@ def split_image_prompt(rows: int, cols: int, image_seq_len: int) -> str:
     return f"{text}{prefix}{FAKE_IMAGE}{GLOBAL_IMAGE}{tokens}{FAKE_IMAGE}"
 
 
-@register_adapter
-class Idefics3Adapter(VLMAdapter):
+class Idefics3Inputs(InputPipeline):
+    """Idefics3 / SmolVLM inputs: ``<image>`` expanded per tile and global view by vlmflow."""
+
+    def configure(self) -> None:
+        check_template_tokens(self.tokenizer, self.template)
+        ip = self.processor.image_processor
+        if not getattr(ip, "do_resize", True):
+            raise ConfigError("the image processor has do_resize=False; the tile layout needs its longest-edge resize")
+        vision = self.model.config.vision_config
+        if int(ip.max_image_size["longest_edge"]) != int(vision.image_size):
+            raise ConfigError(
+                f"image processor tiles of {ip.max_image_size['longest_edge']} px but the vision tower takes "
+                f"{vision.image_size} px"
+            )
+
+    @property
+    def image_token(self) -> str:
+        return IMAGE
+
+    def encode(self, question: str, image: Image.Image) -> Encoded:
+        ip = self.processor.image_processor
+        out = ip(images=[image.convert("RGB")], return_tensors="pt", return_row_col_info=True)
+        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        seq_len = int(self.model.model.image_seq_len)
+        n_frames = rows * cols + 1 if rows or cols else 1
+        return encode_expanded(
+            self.model,
+            self.tokenizer,
+            self.template,
+            question,
+            placeholder=IMAGE,
+            expansion=split_image_prompt(rows, cols, seq_len),
+            image_inputs=image_tensors(out),
+            image_size=image.size,
+            image_token_id=self.image_token_id,
+            n_image_tokens=n_frames * seq_len,
+        )
+
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
+        from vlmflow.positions.split_tiles import split_geometry
+
+        ip = self.processor.image_processor
+        vision = self.model.config.vision_config
+        geometry = split_geometry(
+            encoded.image_size,
+            longest_edge=int(ip.size["longest_edge"]),
+            tile_size=int(vision.image_size),
+            patch_size=int(vision.patch_size),
+            scale_factor=int(self.model.config.scale_factor),
+            splitting=bool(ip.do_image_splitting),
+        )
+        glob = geometry.global_tokens()
+        subgroups = {Group.IMAGE_BASE: glob}
+        if geometry.n_tiles:
+            subgroups[Group.IMAGE_GRID] = ~glob
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups)
+
+
+class Idefics3Decoder(DecoderMap):
+    """Idefics3's decoder: a Llama text model at ``model.model.text_model``."""
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.text_model
+
+
+@register_family
+class Idefics3Family(ModelFamily):
     """Idefics3 (``Idefics3ForConditionalGeneration``, also SmolVLM v1)."""
 
     family = "idefics3"
@@ -79,6 +148,8 @@ class Idefics3Adapter(VLMAdapter):
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager)",
     }
+    inputs_class = Idefics3Inputs
+    decoder_class = Idefics3Decoder
 
     def model_class(self) -> type[nn.Module]:
         from transformers import Idefics3ForConditionalGeneration
@@ -88,76 +159,9 @@ class Idefics3Adapter(VLMAdapter):
     def load_processor(self, source: str, **kwargs: Any) -> Any:
         return load_image_text_processor(source, **kwargs)
 
-    def image_token(self, processor: Any) -> str:
-        return IMAGE
 
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.text_model
-
-    def _image_processor(self, processor: Any) -> Any:
-        ip = processor.image_processor
-        if not getattr(ip, "do_resize", True):
-            raise ConfigError("the image processor has do_resize=False; the tile layout needs its longest-edge resize")
-        return ip
-
-    def encode(
-        self,
-        model: nn.Module,
-        processor: Any,
-        template: PromptTemplate,
-        question: str,
-        image: Image.Image,
-        options: Mapping[str, Any],
-    ) -> Encoded:
-        check_template_tokens(processor.tokenizer, template)
-        ip = self._image_processor(processor)
-        out = ip(images=[image.convert("RGB")], return_tensors="pt", return_row_col_info=True)
-        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
-        seq_len = int(model.model.image_seq_len)
-        n_frames = rows * cols + 1 if rows or cols else 1
-        return encode_expanded(
-            model,
-            processor.tokenizer,
-            template,
-            question,
-            placeholder=IMAGE,
-            expansion=split_image_prompt(rows, cols, seq_len),
-            image_inputs=image_tensors(out),
-            image_size=image.size,
-            image_token_id=self.image_token_id(model),
-            n_image_tokens=n_frames * seq_len,
-        )
-
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        from vlmflow.positions.split_tiles import split_geometry
-
-        ip = self._image_processor(processor)
-        vision = model.config.vision_config
-        if int(ip.max_image_size["longest_edge"]) != int(vision.image_size):
-            raise ConfigError(
-                f"image processor tiles of {ip.max_image_size['longest_edge']} px but the vision tower takes "
-                f"{vision.image_size} px"
-            )
-        geometry = split_geometry(
-            encoded.image_size,
-            longest_edge=int(ip.size["longest_edge"]),
-            tile_size=int(vision.image_size),
-            patch_size=int(vision.patch_size),
-            scale_factor=int(model.config.scale_factor),
-            splitting=bool(ip.do_image_splitting),
-        )
-        glob = geometry.global_tokens()
-        subgroups = {Group.IMAGE_BASE: glob}
-        if geometry.n_tiles:
-            subgroups[Group.IMAGE_GRID] = ~glob
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups)
-
-
-@register_adapter
-class SmolVLMAdapter(Idefics3Adapter):
+@register_family
+class SmolVLMFamily(Idefics3Family):
     """SmolVLM2 (``SmolVLMForConditionalGeneration``): Idefics3's image handling, ChatML-style turns."""
 
     family = "smolvlm"
@@ -165,7 +169,7 @@ class SmolVLMAdapter(Idefics3Adapter):
     default_template = "smolvlm"
     description = "SmolVLM2: as Idefics3 (tiles + global view, pixel shuffle), <|im_start|> turns"
     support = {
-        **Idefics3Adapter.support,
+        **Idefics3Family.support,
         "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa)",
     }
 

@@ -19,9 +19,12 @@ from PIL import Image
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError
+from vlmflow.inputs import Encoded
+from vlmflow.positions.layout import ImageLayout
 
 IMAGE_MODES = ("pad", "resize", "crop")
 
@@ -53,8 +56,37 @@ def processor_view(processor: Any) -> tuple[int, int]:
     return side, int(processor.patch_size)
 
 
-@register_adapter
-class LlavaAdapter(VLMAdapter):
+class LlavaInputs(InputPipeline):
+    """LLaVA-1.5 inputs: the image padded to a square (or resized, or cropped), then the processor."""
+
+    option_names = ("image_mode",)
+
+    def configure(self) -> None:
+        mode = str(self.options.get("image_mode", "pad"))
+        if mode not in IMAGE_MODES:
+            raise ConfigError(f"unknown image_mode {mode!r} for LLaVA; valid: {', '.join(IMAGE_MODES)}")
+        self.mode = mode
+        self.view, self.patch = processor_view(self.processor)
+
+    def preprocess_image(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        if self.mode == "pad":
+            mean = self.processor.image_processor.image_mean
+            return expand_to_square(image, tuple(int(255 * m) for m in mean))
+        if self.mode == "resize":
+            resample = self.processor.image_processor.resample
+            return image.resize((self.view, self.view), resample=Image.Resampling(int(resample)))
+        return image
+
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
+        from vlmflow.positions.patches import llava_geometry
+
+        geometry = llava_geometry(encoded.image_size, mode=self.mode, view_size=self.view, patch_size=self.patch)
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
+
+
+@register_family
+class LlavaFamily(ModelFamily):
     """LLaVA-1.5 family (``LlavaForConditionalGeneration``), vicuna_v1 prompt, pad-to-square images."""
 
     family = "llava"
@@ -69,40 +101,7 @@ class LlavaAdapter(VLMAdapter):
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager)",
     }
+    inputs_class = LlavaInputs
 
     def model_class(self) -> type[nn.Module]:
         return LlavaForConditionalGeneration
-
-    def image_token(self, processor: Any) -> str:
-        return str(processor.image_token)
-
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def _mode(self, options: Mapping[str, Any]) -> str:
-        mode = str(options.get("image_mode", "pad"))
-        if mode not in IMAGE_MODES:
-            raise ConfigError(f"unknown image_mode {mode!r} for LLaVA; valid: {', '.join(IMAGE_MODES)}")
-        return mode
-
-    def preprocess_image(self, image: Image.Image, processor: Any, options: Mapping[str, Any]) -> Image.Image:
-        image = image.convert("RGB")
-        mode = self._mode(options)
-        if mode == "pad":
-            mean = processor.image_processor.image_mean
-            return expand_to_square(image, tuple(int(255 * m) for m in mean))
-        if mode == "resize":
-            side, _ = processor_view(processor)
-            resample = processor.image_processor.resample
-            return image.resize((side, side), resample=Image.Resampling(int(resample)))
-        return image
-
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        from vlmflow.positions.patches import llava_geometry
-
-        side, patch = processor_view(processor)
-        geometry = llava_geometry(encoded.image_size, mode=self._mode(options), view_size=side, patch_size=patch)
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)

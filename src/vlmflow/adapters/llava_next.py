@@ -31,13 +31,15 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter, _shift_span, model_inputs
+from vlmflow.adapters.family import ModelFamily
 from vlmflow.adapters.llava import expand_to_square
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError, SampleError, UnsupportedModelError
+from vlmflow.inputs import Encoded, expand_placeholders, model_inputs
 from vlmflow.positions.anyres import AnyresLayout, anyres_geometry
 from vlmflow.positions.groups import Group
-from vlmflow.prompts import PromptTemplate
+from vlmflow.positions.layout import ImageLayout
 
 NEXT_IMAGE_MODES = ("anyres", "nohd_nopad")
 
@@ -58,50 +60,39 @@ def _size_side(size: Any, what: str) -> int:
     return int(height)
 
 
-class AnyresAdapter(VLMAdapter):
-    """What LLaVA-NeXT and LLaVA-OneVision share: anyres geometry, image groups, internals."""
+class AnyresInputs(InputPipeline):
+    """What LLaVA-NeXT and LLaVA-OneVision inputs share: anyres tiling, checked against the model once."""
 
+    option_names = ("image_mode",)
+    #: Image modes of the family; the first is the default.
+    image_modes: tuple[str, ...] = ("anyres",)
     #: vision_feature_select_strategy the family's packing works with ("default" drops CLIP's CLS).
     feature_strategy: str = "default"
 
-    def image_token(self, processor: Any) -> str:
-        return str(processor.image_token)
-
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def image_modes(self) -> tuple[str, ...]:
-        return ("anyres",)
-
-    def _mode(self, options: Mapping[str, Any]) -> str:
-        mode = str(options.get("image_mode", self.image_modes()[0])).lower()
-        if mode not in self.image_modes():
+    def configure(self) -> None:
+        mode = str(self.options.get("image_mode", self.image_modes[0])).lower()
+        if mode not in self.image_modes:
             raise ConfigError(
-                f"unknown image_mode {options.get('image_mode')!r} for {self.family}; valid: {', '.join(self.image_modes())}"
+                f"unknown image_mode {self.options.get('image_mode')!r} for {self.family}; valid: {', '.join(self.image_modes)}"
             )
-        return mode
+        self.mode = mode
+        self.view, self.patch, self.pinpoints = self.anyres_settings()
 
-    def prepare_processor(self, processor: Any, options: Mapping[str, Any]) -> Any:
-        self._mode(options)  # a bad image_mode fails at load time, before any sample
-        return processor
-
-    def max_patches(self, model: nn.Module) -> int | None:
+    def max_patches(self) -> int | None:
         """OneVision's ``anyres_max_N`` downscaling bound; ``None``: never downscale."""
         return None
 
-    def anyres_settings(self, model: nn.Module, processor: Any) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    def anyres_settings(self) -> tuple[int, int, tuple[tuple[int, int], ...]]:
         """``(view_size, patch_size, pinpoints)``, checked to agree between processor and model.
 
         Raises:
             ConfigError: the processor would tile images differently from how the model packs them.
         """
-        vision = model.config.vision_config
+        config, processor = self.model.config, self.processor
+        vision = config.vision_config
         view, patch = int(vision.image_size), int(vision.patch_size)
-        pins = tuple((int(h), int(w)) for h, w in model.config.image_grid_pinpoints)
-        strategy = model.config.vision_feature_select_strategy
+        pins = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+        strategy = config.vision_feature_select_strategy
         if strategy != self.feature_strategy:
             raise UnsupportedModelError(
                 f"{self.family}: vision_feature_select_strategy {strategy!r} is not supported (the image "
@@ -125,11 +116,13 @@ class AnyresAdapter(VLMAdapter):
             raise ConfigError(f"the processor's patch_size {proc_patch} differs from the vision tower's {patch}")
         return view, patch, pins
 
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        self._mode(options)
-        view, patch, pins = self.anyres_settings(model, processor)
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
         geometry = anyres_geometry(
-            encoded.image_size, view_size=view, patch_size=patch, pinpoints=pins, max_patches=self.max_patches(model)
+            encoded.image_size,
+            view_size=self.view,
+            patch_size=self.patch,
+            pinpoints=self.pinpoints,
+            max_patches=self.max_patches(),
         )
         return anyres_image_layout(geometry)
 
@@ -149,8 +142,76 @@ def anyres_image_layout(geometry: AnyresLayout) -> ImageLayout:
     )
 
 
-@register_adapter
-class LlavaNextAdapter(AnyresAdapter):
+class LlavaNextInputs(AnyresInputs):
+    """LLaVA-NeXT inputs: anyres, or the paper's single padded view (``image_mode="nohd_nopad"``)."""
+
+    image_modes = NEXT_IMAGE_MODES
+
+    def encode(self, question: str, image: Image.Image) -> Encoded:
+        if self.mode == "anyres":
+            return super().encode(question, image)
+        return self._encode_single_view(question, image)
+
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
+        if self.mode == "anyres":
+            return super().image_layout(encoded)
+        from vlmflow.positions.patches import llava_geometry
+
+        geometry = llava_geometry(encoded.image_size, mode="pad", view_size=self.view, patch_size=self.patch)
+        n = int(geometry.n_tokens)
+        return ImageLayout(
+            n_tokens=n,
+            geometry=geometry,
+            subgroups={
+                Group.IMAGE_BASE: np.ones(n, dtype=bool),
+                Group.IMAGE_GRID: np.zeros(n, dtype=bool),
+                Group.IMAGE_NEWLINE: np.zeros(n, dtype=bool),
+            },
+        )
+
+    @torch.no_grad()
+    def single_view_features(self, image: Image.Image) -> torch.Tensor:
+        """``[576, d_model]`` features of the mean-padded square view (``noHD_noPad``), from the model's own code."""
+        ip = self.processor.image_processor
+        square = expand_to_square(image.convert("RGB"), tuple(int(255 * m) for m in ip.image_mean))
+        pixels = ip(images=square, return_tensors="pt")
+        param = next(self.model.parameters())
+        features = self.model.model.get_image_features(
+            pixel_values=pixels["pixel_values"].to(param.device, param.dtype),
+            image_sizes=pixels["image_sizes"].to(param.device),
+            return_dict=True,
+        ).pooler_output[0]
+        # The packed features start with the base view: the square resized to view x view.
+        return features[: (self.view // self.patch) ** 2]
+
+    def _encode_single_view(self, question: str, image: Image.Image) -> Encoded:
+        features = self.single_view_features(image)
+        token = self.image_token
+        rendered = self.template.render(question, image_token=token)
+        if len(rendered.image_spans) != 1:
+            raise SampleError(f"template {self.template.name!r} must hold exactly one image", stage="prompt")
+        start, end = rendered.image_spans[0]
+        expanded = token * int(features.shape[0])
+        replacements = [{"span": (start, end), "new_span": (start, start + len(expanded)), "replacement": expanded}]
+        text, question_span = expand_placeholders(rendered, replacements)
+        batch = self.tokenizer(
+            text, return_tensors="pt", return_offsets_mapping=True, add_special_tokens=self.template.add_special_tokens
+        )
+        offsets = batch.pop("offset_mapping")[0].numpy()
+        inputs = model_inputs({key: batch[key] for key in ("input_ids", "attention_mask")}, self.model)
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
+        return Encoded(
+            inputs=inputs,
+            input_ids=batch["input_ids"][0].cpu(),
+            offsets=offsets,
+            text=text,
+            question_span=question_span,
+            image_size=image.size,
+        )
+
+
+@register_family
+class LlavaNextFamily(ModelFamily):
     """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres or the paper's single padded view."""
 
     family = "llava_next"
@@ -168,12 +229,10 @@ class LlavaNextAdapter(AnyresAdapter):
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, eager), anyres and nohd_nopad",
     }
+    inputs_class = LlavaNextInputs
 
     def model_class(self) -> type[nn.Module]:
         return LlavaNextForConditionalGeneration
-
-    def image_modes(self) -> tuple[str, ...]:
-        return NEXT_IMAGE_MODES
 
     def default_template_for(self, config: Any, processor: Any) -> str:
         """vicuna_v1, or llava_llama_3 when the tokenizer is Llama-3's (it has the header tokens).
@@ -192,77 +251,3 @@ class LlavaNextAdapter(AnyresAdapter):
                 "template explicitly to use one anyway"
             )
         return self.default_template
-
-    def encode(
-        self,
-        model: nn.Module,
-        processor: Any,
-        template: PromptTemplate,
-        question: str,
-        image: Image.Image,
-        options: Mapping[str, Any],
-    ) -> Encoded:
-        if self._mode(options) == "anyres":
-            return super().encode(model, processor, template, question, image, options)
-        return self._encode_single_view(model, processor, template, question, image)
-
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        if self._mode(options) == "anyres":
-            return super().image_layout(model, processor, encoded, options)
-        from vlmflow.positions.patches import llava_geometry
-
-        view, patch, _ = self.anyres_settings(model, processor)
-        geometry = llava_geometry(encoded.image_size, mode="pad", view_size=view, patch_size=patch)
-        n = int(geometry.n_tokens)
-        return ImageLayout(
-            n_tokens=n,
-            geometry=geometry,
-            subgroups={
-                Group.IMAGE_BASE: np.ones(n, dtype=bool),
-                Group.IMAGE_GRID: np.zeros(n, dtype=bool),
-                Group.IMAGE_NEWLINE: np.zeros(n, dtype=bool),
-            },
-        )
-
-    @torch.no_grad()
-    def single_view_features(self, model: nn.Module, processor: Any, image: Image.Image) -> torch.Tensor:
-        """``[576, d_model]`` features of the mean-padded square view (``noHD_noPad``), from the model's own code."""
-        view, patch, _ = self.anyres_settings(model, processor)
-        ip = processor.image_processor
-        square = expand_to_square(image.convert("RGB"), tuple(int(255 * m) for m in ip.image_mean))
-        pixels = ip(images=square, return_tensors="pt")
-        param = next(model.parameters())
-        features = model.model.get_image_features(
-            pixel_values=pixels["pixel_values"].to(param.device, param.dtype),
-            image_sizes=pixels["image_sizes"].to(param.device),
-            return_dict=True,
-        ).pooler_output[0]
-        # The packed features start with the base view: the square resized to view x view.
-        return features[: (view // patch) ** 2]
-
-    def _encode_single_view(
-        self, model: nn.Module, processor: Any, template: PromptTemplate, question: str, image: Image.Image
-    ) -> Encoded:
-        features = self.single_view_features(model, processor, image)
-        token = self.image_token(processor)
-        rendered = template.render(question, image_token=token)
-        if len(rendered.image_spans) != 1:
-            raise SampleError(f"template {template.name!r} must hold exactly one image", stage="prompt")
-        start, end = rendered.image_spans[0]
-        expanded = token * int(features.shape[0])
-        replacements = [{"span": (start, end), "new_span": (start, start + len(expanded)), "replacement": expanded}]
-        text, question_span = _shift_span(rendered, replacements)
-        batch = processor.tokenizer(
-            text, return_tensors="pt", return_offsets_mapping=True, add_special_tokens=template.add_special_tokens
-        )
-        offsets = batch.pop("offset_mapping")[0].numpy()
-        inputs = model_inputs({key: batch[key] for key in ("input_ids", "attention_mask")}, model)
-        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
-        return Encoded(
-            inputs=inputs,
-            input_ids=batch["input_ids"][0].cpu(),
-            offsets=offsets,
-            text=text,
-            question_span=question_span,
-            image_size=image.size,
-        )

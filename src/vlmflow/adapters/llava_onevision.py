@@ -27,8 +27,9 @@ from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionP
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
-from vlmflow.adapters.llava_next import AnyresAdapter
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.llava_next import AnyresInputs
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError
 from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
 
@@ -90,8 +91,27 @@ def parse_anyres_max(value: str) -> int:
     return int(text[len(prefix) :])
 
 
-@register_adapter
-class LlavaOnevisionAdapter(AnyresAdapter):
+class OnevisionInputs(AnyresInputs):
+    """LLaVA-OneVision inputs: anyres_max_N (large grids downscaled), SigLIP features without a CLS token."""
+
+    feature_strategy = "full"  # SigLIP has no CLS token
+
+    def max_patches(self) -> int | None:
+        return parse_anyres_max(self.model.config.vision_aspect_ratio)
+
+    def anyres_settings(self) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+        settings = super().anyres_settings()
+        proc_ratio = getattr(self.processor, "vision_aspect_ratio", None)
+        if proc_ratio is not None and proc_ratio != self.model.config.vision_aspect_ratio:
+            raise ConfigError(
+                f"the processor's vision_aspect_ratio {proc_ratio!r} differs from the model's "
+                f"{self.model.config.vision_aspect_ratio!r}; image-token counts would not match"
+            )
+        return settings
+
+
+@register_family
+class LlavaOnevisionFamily(ModelFamily):
     """LLaVA-OneVision single-image anyres (``LlavaOnevisionForConditionalGeneration``)."""
 
     family = "llava_onevision"
@@ -109,7 +129,7 @@ class LlavaOnevisionAdapter(AnyresAdapter):
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "tiny random LLaVA-OneVision (anyres_max_1) via save/from_pretrained: fast == reference (sdpa, eager)",
     }
-    feature_strategy = "full"  # SigLIP has no CLS token
+    inputs_class = OnevisionInputs
 
     def model_class(self) -> type[nn.Module]:
         return LlavaOnevisionForConditionalGeneration
@@ -119,16 +139,3 @@ class LlavaOnevisionAdapter(AnyresAdapter):
             return super().load_processor(source, **kwargs)
         log.info("torchvision is not installed: loading the OneVision processor without its video part")
         return OnevisionImageProcessor.from_pretrained(source, **kwargs)
-
-    def max_patches(self, model: nn.Module) -> int | None:
-        return parse_anyres_max(model.config.vision_aspect_ratio)
-
-    def anyres_settings(self, model: nn.Module, processor: Any) -> tuple[int, int, tuple[tuple[int, int], ...]]:
-        settings = super().anyres_settings(model, processor)
-        proc_ratio = getattr(processor, "vision_aspect_ratio", None)
-        if proc_ratio is not None and proc_ratio != model.config.vision_aspect_ratio:
-            raise ConfigError(
-                f"the processor's vision_aspect_ratio {proc_ratio!r} differs from the model's "
-                f"{model.config.vision_aspect_ratio!r}; image-token counts would not match"
-            )
-        return settings

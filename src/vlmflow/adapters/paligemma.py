@@ -26,17 +26,19 @@ recomputes the whole prompt from the first blocked layer, still folded, still ex
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from PIL import Image
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.expansion import check_template_tokens, encode_expanded, image_tensors
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pattern import AttentionPattern, PrefixLMPattern, layer_windows
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError
+from vlmflow.inputs import Encoded
+from vlmflow.positions.layout import ImageLayout
 from vlmflow.prompts import PromptTemplate, register_template
 
 IMAGE = "<image>"
@@ -45,21 +47,61 @@ IMAGE = "<image>"
 register_template(PromptTemplate(name="paligemma", pattern="{image}answer en {question}\n", add_special_tokens=False))
 
 
-def prefix_lm_mask(rows: torch.Tensor, n_keys: int, prefix: torch.Tensor, window: int | None) -> torch.Tensor:
-    """``[len(rows), n_keys]`` bool: (causal AND within ``window``) OR (query and key both in the prefix).
+class PaliGemmaInputs(InputPipeline):
+    """PaliGemma inputs: 256 (or 1024) image tokens, then ``<bos>``, then the prompt; all of it the prefix."""
 
-    >>> prefix_lm_mask(torch.arange(3), 3, torch.tensor([True, True, False]), None).int().tolist()
-    [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
-    """
-    keys = torch.arange(n_keys, device=rows.device)
-    causal = keys[None, :] <= rows[:, None]
-    if window is not None:
-        causal &= keys[None, :] > rows[:, None] - window
-    return causal | (prefix[rows][:, None] & prefix[None, :n_keys])
+    def configure(self) -> None:
+        check_template_tokens(self.tokenizer, self.template)
+        size = self.processor.image_processor.size
+        vision = self.model.config.vision_config
+        self.view, self.patch = int(size["height"]), int(vision.patch_size)
+        if int(size["width"]) != self.view or self.view != int(vision.image_size):
+            raise ConfigError(f"PaliGemma image processor size {dict(size)} does not match the vision tower's view")
+
+    @property
+    def image_token(self) -> str:
+        return IMAGE
+
+    def encode(self, question: str, image: Image.Image) -> Encoded:
+        n_tokens = int(self.model.config.text_config.num_image_tokens)
+        pixels = image_tensors(self.processor.image_processor(images=[image.convert("RGB")], return_tensors="pt"))
+        encoded = encode_expanded(
+            self.model,
+            self.tokenizer,
+            self.template,
+            question,
+            placeholder=IMAGE,
+            expansion=IMAGE * n_tokens + self.tokenizer.bos_token,
+            image_inputs=pixels,
+            image_size=image.size,
+            image_token_id=self.image_token_id,
+            n_image_tokens=n_tokens,
+        )
+        encoded.inputs["token_type_ids"] = torch.zeros_like(encoded.inputs["input_ids"])  # 0 = prefix: the whole prompt
+        return encoded
+
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
+        from vlmflow.positions.patches import llava_geometry
+
+        geometry = llava_geometry(encoded.image_size, mode="resize", view_size=self.view, patch_size=self.patch)
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
 
 
-@register_adapter
-class PaliGemmaAdapter(VLMAdapter):
+class PaliGemmaDecoder(DecoderMap):
+    """PaliGemma's decoder: a prefix-LM over the whole prompt, positions from 1."""
+
+    def position_ids(self, encoded: Encoded) -> torch.Tensor:
+        """PaliGemma's positions start at 1."""
+        return super().position_ids(encoded) + 1
+
+    def attention_pattern(self, encoded: Encoded) -> AttentionPattern:
+        """Prefix-LM: every prompt position sees every other; windows only narrow the causal part."""
+        prefix = encoded.inputs["token_type_ids"][0].cpu() == 0
+        return PrefixLMPattern(prefix=prefix, windows=layer_windows(self.language_model.config))
+
+
+@register_family
+class PaliGemmaFamily(ModelFamily):
     """PaliGemma / PaliGemma 2 (``PaliGemmaForConditionalGeneration``)."""
 
     family = "paligemma"
@@ -74,71 +116,10 @@ class PaliGemmaAdapter(VLMAdapter):
         "fast engine": "exact: every knockout recomputes the prompt from its first layer (start 0)",
         "verified": "tiny random PaliGemma via save/from_pretrained: fast == reference (sdpa, eager)",
     }
+    inputs_class = PaliGemmaInputs
+    decoder_class = PaliGemmaDecoder
 
     def model_class(self) -> type[nn.Module]:
         from transformers import PaliGemmaForConditionalGeneration
 
         return PaliGemmaForConditionalGeneration
-
-    def image_token(self, processor: Any) -> str:
-        return IMAGE
-
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def encode(
-        self,
-        model: nn.Module,
-        processor: Any,
-        template: PromptTemplate,
-        question: str,
-        image: Image.Image,
-        options: Mapping[str, Any],
-    ) -> Encoded:
-        tokenizer = processor.tokenizer
-        check_template_tokens(tokenizer, template)
-        n_tokens = int(model.config.text_config.num_image_tokens)
-        pixels = image_tensors(processor.image_processor(images=[image.convert("RGB")], return_tensors="pt"))
-        encoded = encode_expanded(
-            model,
-            tokenizer,
-            template,
-            question,
-            placeholder=IMAGE,
-            expansion=IMAGE * n_tokens + tokenizer.bos_token,
-            image_inputs=pixels,
-            image_size=image.size,
-            image_token_id=self.image_token_id(model),
-            n_image_tokens=n_tokens,
-        )
-        types = torch.zeros_like(encoded.inputs["input_ids"])  # 0 = prefix: the whole prompt
-        encoded.inputs["token_type_ids"] = types
-        config = self.language_model(model).config
-        encoded.extra["prefix"] = types[0].cpu() == 0
-        encoded.extra["layer_types"] = tuple(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-        encoded.extra["sliding_window"] = getattr(config, "sliding_window", None)
-        return encoded
-
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        from vlmflow.positions.patches import llava_geometry
-
-        size = processor.image_processor.size
-        side = int(size["height"])
-        patch = int(model.config.vision_config.patch_size)
-        if int(size["width"]) != side or side != int(model.config.vision_config.image_size):
-            raise ConfigError(f"PaliGemma image processor size {dict(size)} does not match the vision tower's view")
-        geometry = llava_geometry(encoded.image_size, mode="resize", view_size=side, patch_size=patch)
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
-
-    def position_ids(self, model: nn.Module, encoded: Encoded) -> torch.Tensor:
-        """PaliGemma's positions start at 1."""
-        return super().position_ids(model, encoded) + 1
-
-    def base_allowed(self, layer: int, rows: torch.Tensor, n_keys: int, encoded: Encoded) -> torch.Tensor:
-        """Prefix-LM: every prompt position sees every other; windows only narrow the causal part."""
-        sliding = encoded.extra["layer_types"][layer] == "sliding_attention"
-        window = encoded.extra["sliding_window"] if sliding else None
-        return prefix_lm_mask(rows, n_keys, encoded.extra["prefix"].to(rows.device), window)

@@ -22,22 +22,25 @@ knockout mask.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, ImageLayout, VLMAdapter
+from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.expansion import (
     check_template_tokens,
     encode_expanded,
     image_tensors,
     load_image_text_processor,
 )
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError, UnsupportedModelError
+from vlmflow.inputs import Encoded
+from vlmflow.positions.layout import ImageLayout
 from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
@@ -56,8 +59,93 @@ QWEN_TEMPLATE = register_template(
 )
 
 
-@register_adapter
-class Qwen2VLAdapter(VLMAdapter):
+class Qwen2VLInputs(InputPipeline):
+    """Qwen2-VL inputs: ``<|image_pad|>`` expanded per merged token by vlmflow, ``mm_token_type_ids`` added."""
+
+    def configure(self) -> None:
+        check_template_tokens(self.tokenizer, self.template)
+        ip = self.processor.image_processor
+        if not getattr(ip, "do_resize", True):
+            raise ConfigError("the Qwen2-VL image processor has do_resize=False; the token layout needs its resize")
+
+    @property
+    def image_token(self) -> str:
+        return VISION_START + IMAGE_PAD + VISION_END
+
+    def encode(self, question: str, image: Image.Image) -> Encoded:
+        ip = self.processor.image_processor
+        pixels = image_tensors(ip(images=[image.convert("RGB")], return_tensors="pt"))
+        n_tokens = int(pixels["image_grid_thw"][0].prod()) // int(ip.merge_size) ** 2
+        image_id = self.image_token_id
+        encoded = encode_expanded(
+            self.model,
+            self.tokenizer,
+            self.template,
+            question,
+            placeholder=self.image_token,
+            expansion=VISION_START + IMAGE_PAD * n_tokens + VISION_END,
+            image_inputs=pixels,
+            image_size=image.size,
+            image_token_id=image_id,
+            n_image_tokens=n_tokens,
+        )
+        ids = encoded.inputs["input_ids"]
+        encoded.inputs["mm_token_type_ids"] = (ids == image_id).to(torch.int32)  # 1 = image (M-RoPE)
+        return encoded
+
+    def image_layout(self, encoded: Encoded) -> ImageLayout:
+        from vlmflow.positions.dynamic_grid import dynamic_geometry
+
+        ip = self.processor.image_processor
+        geometry = dynamic_geometry(
+            encoded.image_size,
+            patch_size=int(ip.patch_size),
+            merge_size=int(ip.merge_size),
+            min_pixels=int(ip.size["shortest_edge"]),
+            max_pixels=int(ip.size["longest_edge"]),
+        )
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
+
+
+class Qwen2VLDecoder(DecoderMap):
+    """Qwen2-VL's decoder: M-RoPE position ids, layers that take no position ids, no sliding window."""
+
+    def check_attention_backend(self) -> None:
+        super().check_attention_backend()
+        if "sliding_attention" in getattr(self.language_model.config, "layer_types", ()):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} with use_sliding_window=True is not supported: transformers applies the "
+                "window only in flash-attention, which cannot take a knockout mask"
+            )
+
+    def position_ids(self, encoded: Encoded) -> torch.Tensor:
+        """M-RoPE ids ``[3, 1, seq]`` (temporal, height, width), as the model computes them."""
+        inputs = encoded.inputs
+        position_ids, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs.get("attention_mask"),
+        )
+        return position_ids
+
+    def run_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        position_embeddings: Any,
+        cache: Any,
+        **attention_kwargs: Any,
+    ) -> torch.Tensor:
+        # The model passes no position ids to its layers (only flash-attention packing reads them);
+        # the rotation comes entirely from `position_embeddings`.
+        return super().run_layer(layer, hidden, mask, None, position_embeddings, cache, **attention_kwargs)
+
+
+@register_family
+class Qwen2VLFamily(ModelFamily):
     """Qwen2-VL (``Qwen2VLForConditionalGeneration``)."""
 
     family = "qwen2_vl"
@@ -72,6 +160,8 @@ class Qwen2VLAdapter(VLMAdapter):
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager)",
     }
+    inputs_class = Qwen2VLInputs
+    decoder_class = Qwen2VLDecoder
 
     def model_class(self) -> type[nn.Module]:
         from transformers import Qwen2VLForConditionalGeneration
@@ -81,100 +171,9 @@ class Qwen2VLAdapter(VLMAdapter):
     def load_processor(self, source: str, **kwargs: Any) -> Any:
         return load_image_text_processor(source, **kwargs)
 
-    def image_token(self, processor: Any) -> str:
-        return VISION_START + IMAGE_PAD + VISION_END
 
-    def image_token_id(self, model: nn.Module) -> int:
-        return int(model.config.image_token_id)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def check_attention_backend(self, model: nn.Module) -> None:
-        super().check_attention_backend(model)
-        if "sliding_attention" in getattr(self.language_model(model).config, "layer_types", ()):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} with use_sliding_window=True is not supported: transformers applies the "
-                "window only in flash-attention, which cannot take a knockout mask"
-            )
-
-    def _image_processor(self, processor: Any) -> Any:
-        ip = processor.image_processor
-        if not getattr(ip, "do_resize", True):
-            raise ConfigError("the Qwen2-VL image processor has do_resize=False; the token layout needs its resize")
-        return ip
-
-    def encode(
-        self,
-        model: nn.Module,
-        processor: Any,
-        template: PromptTemplate,
-        question: str,
-        image: Image.Image,
-        options: Mapping[str, Any],
-    ) -> Encoded:
-        check_template_tokens(processor.tokenizer, template)
-        ip = self._image_processor(processor)
-        pixels = image_tensors(ip(images=[image.convert("RGB")], return_tensors="pt"))
-        n_tokens = int(pixels["image_grid_thw"][0].prod()) // int(ip.merge_size) ** 2
-        image_id = self.image_token_id(model)
-        encoded = encode_expanded(
-            model,
-            processor.tokenizer,
-            template,
-            question,
-            placeholder=self.image_token(processor),
-            expansion=VISION_START + IMAGE_PAD * n_tokens + VISION_END,
-            image_inputs=pixels,
-            image_size=image.size,
-            image_token_id=image_id,
-            n_image_tokens=n_tokens,
-        )
-        ids = encoded.inputs["input_ids"]
-        encoded.inputs["mm_token_type_ids"] = (ids == image_id).to(torch.int32)  # 1 = image (M-RoPE)
-        return encoded
-
-    def image_layout(self, model: nn.Module, processor: Any, encoded: Encoded, options: Mapping[str, Any]) -> ImageLayout:
-        from vlmflow.positions.dynamic_grid import dynamic_geometry
-
-        ip = self._image_processor(processor)
-        geometry = dynamic_geometry(
-            encoded.image_size,
-            patch_size=int(ip.patch_size),
-            merge_size=int(ip.merge_size),
-            min_pixels=int(ip.size["shortest_edge"]),
-            max_pixels=int(ip.size["longest_edge"]),
-        )
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
-
-    def position_ids(self, model: nn.Module, encoded: Encoded) -> torch.Tensor:
-        """M-RoPE ids ``[3, 1, seq]`` (temporal, height, width), as the model computes them."""
-        inputs = encoded.inputs
-        position_ids, _ = model.model.get_rope_index(
-            inputs["input_ids"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs.get("attention_mask"),
-        )
-        return position_ids
-
-    def run_layer(
-        self,
-        model: nn.Module,
-        layer: int,
-        hidden: torch.Tensor,
-        mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        position_embeddings: Any,
-        cache: Any,
-    ) -> torch.Tensor:
-        # The model passes no position ids to its layers (only flash-attention packing reads them);
-        # the rotation comes entirely from `position_embeddings`.
-        return super().run_layer(model, layer, hidden, mask, None, position_embeddings, cache)  # type: ignore[arg-type]
-
-
-@register_adapter
-class Qwen25VLAdapter(Qwen2VLAdapter):
+@register_family
+class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): Qwen2-VL's language side and geometry,
     a window-attention vision tower (invisible to the language model)."""
 
@@ -182,7 +181,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     description = "Qwen2.5-VL: as Qwen2-VL (dynamic resolution, 2x2 merge, M-RoPE), windowed vision tower"
     support = {
-        **Qwen2VLAdapter.support,
+        **Qwen2VLFamily.support,
         "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager)",
     }
 

@@ -1,6 +1,6 @@
 """Model families vlmflow refuses, each with the reason a knockout there would not be exact.
 
-They are registered like adapters so that loading one fails at once with the reason (rather than
+They are registered like the other families so that loading one fails at once with the reason (rather than
 "no adapter"), and ``vlmflow models`` lists them. Asking for one raises
 :class:`~vlmflow.errors.UnsupportedModelError`.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vlmflow.adapters.base import VLMAdapter
-from vlmflow.adapters.registry import register_adapter
+from vlmflow.adapters.family import ModelFamily
+from vlmflow.adapters.registry import register_family
 from vlmflow.errors import UnsupportedModelError
 
 
-class RefusedFamily(VLMAdapter):
+class RefusedFamily(ModelFamily):
     """A family vlmflow knows but cannot analyse correctly; instantiating it raises the reason.
 
-    >>> from vlmflow.adapters.registry import adapter_for_architecture
-    >>> adapter_for_architecture("MllamaForConditionalGeneration")  # doctest: +ELLIPSIS
+    >>> from vlmflow.adapters.registry import family_for_architecture
+    >>> family_for_architecture("MllamaForConditionalGeneration")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     vlmflow.errors.UnsupportedModelError: MllamaForConditionalGeneration is not supported: images enter ...
@@ -37,7 +37,7 @@ def _refuse(family: str, architectures: tuple[str, ...], reason: str) -> type[Re
         (RefusedFamily,),
         {"family": family, "architectures": architectures, "refused": reason, "description": f"refused: {reason}"},
     )
-    return register_adapter(cls)
+    return register_family(cls)
 
 
 _refuse(

@@ -1,18 +1,17 @@
-"""Registry of model-family adapters, keyed by family name and by transformers architecture."""
+"""Registry of model families, keyed by family name and by transformers architecture."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 
-from vlmflow.adapters.base import VLMAdapter
+from vlmflow.adapters.family import ModelFamily
 from vlmflow.errors import UnsupportedModelError
 
-_BY_FAMILY: dict[str, type[VLMAdapter]] = {}
-_BY_ARCH: dict[str, type[VLMAdapter]] = {}
+_BY_FAMILY: dict[str, type[ModelFamily]] = {}
+_BY_ARCH: dict[str, type[ModelFamily]] = {}
 
-# Modules that define adapters; imported on first lookup so importing vlmflow stays cheap.
-_ADAPTER_MODULES = (
+# Modules that define families; imported on first lookup so importing vlmflow stays cheap.
+_FAMILY_MODULES = (
     "vlmflow.adapters.llava",
     "vlmflow.adapters.llava_next",
     "vlmflow.adapters.llava_onevision",
@@ -25,8 +24,8 @@ _ADAPTER_MODULES = (
 _loaded = False
 
 
-def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
-    """Class decorator: make ``cls`` the adapter for its family and architectures."""
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make ``cls`` the family of its name and architectures."""
     _BY_FAMILY[cls.family] = cls
     for arch in cls.architectures:
         _BY_ARCH[arch] = cls
@@ -36,15 +35,15 @@ def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
 def _ensure_loaded() -> None:
     global _loaded
     if not _loaded:
-        for name in _ADAPTER_MODULES:
+        for name in _FAMILY_MODULES:
             importlib.import_module(name)
         _loaded = True
 
 
-def adapter_for_architecture(architecture: str) -> VLMAdapter:
-    """The adapter for a transformers architecture name (``config.architectures[0]``).
+def family_for_architecture(architecture: str) -> ModelFamily:
+    """The family of a transformers architecture name (``config.architectures[0]``).
 
-    >>> adapter_for_architecture("LlavaForConditionalGeneration").family
+    >>> family_for_architecture("LlavaForConditionalGeneration").family
     'llava'
     """
     _ensure_loaded()
@@ -57,13 +56,13 @@ def adapter_for_architecture(architecture: str) -> VLMAdapter:
         ) from None
 
 
-def adapter_for_model(model: object) -> VLMAdapter:
-    """The adapter for a loaded model instance (looked up by its class name)."""
-    return adapter_for_architecture(type(model).__name__)
+def family_for_model(model: object) -> ModelFamily:
+    """The family of a loaded model instance (looked up by its class name)."""
+    return family_for_architecture(type(model).__name__)
 
 
-def adapter_for_family(family: str) -> VLMAdapter:
-    """The adapter registered under ``family`` (``"llava"``, ...)."""
+def family_named(family: str) -> ModelFamily:
+    """The family registered under ``family`` (``"llava"``, ...)."""
     _ensure_loaded()
     try:
         return _BY_FAMILY[family]()
@@ -73,10 +72,7 @@ def adapter_for_family(family: str) -> VLMAdapter:
         ) from None
 
 
-def families() -> dict[str, type[VLMAdapter]]:
-    """All registered adapters by family name."""
+def families() -> dict[str, type[ModelFamily]]:
+    """All registered families by name."""
     _ensure_loaded()
     return dict(_BY_FAMILY)
-
-
-AdapterFactory = Callable[[], VLMAdapter]

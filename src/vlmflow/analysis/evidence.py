@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from vlmflow.analysis.stats import Bootstrap, Curve, bootstrap_curve, frame_curve, per_sample_matrix
+from vlmflow.positions.groups import Flow, Group
+from vlmflow.results.tables import flows_of
 
 #: The answer and the false option in either case; their per-sample maximum is a lens curve of its own.
 ANSWER_FORMS = ("answer", "answer_capitalized")
@@ -28,6 +30,7 @@ class ControlComparison:
     """Related patches vs size-matched random patches, paired by sample (both ``-> target``).
 
     Attributes:
+        target: the group both flows go to.
         related: curve of the related flow on the paired samples.
         random: curve of the random control (per sample, the mean over its draws).
         difference: curve of ``related - random`` per sample (negative: related hurts more).
@@ -35,7 +38,7 @@ class ControlComparison:
         n_related_tokens: mean number of image tokens blocked by either (they are equal by design).
     """
 
-    target: str
+    target: Group
     related: Curve
     random: Curve
     difference: Curve
@@ -49,13 +52,13 @@ class CellEvidence:
 
     Attributes:
         samples: the ``samples`` table (baseline answers; from the flows run, else the lens run).
-        flows: flow name (``"image->question"``) -> curve of ``rel_change`` (%), kept samples.
-        flow_tokens: flow name -> mean number of source positions blocked.
-        exact_last: flow name -> max ``|rel_change|`` over windows confined to the last layer
+        flows: flow -> curve of ``rel_change`` (%), kept samples.
+        flow_tokens: flow -> mean number of source positions blocked.
+        exact_last: flow -> max ``|rel_change|`` over windows confined to the last layer
             (present only when the window size is 1, so that such a window exists).
         lens: ``(readout, form)`` -> curve of the probability (%) at the last position.
         lens_tokens: per kept sample, the token ids of the tracked forms (columns = forms).
-        control: target -> the random-patch comparison.
+        control: target group -> the random-patch comparison.
     """
 
     model: str
@@ -63,12 +66,12 @@ class CellEvidence:
     depth: int | None = None
     window: int | None = None
     samples: pd.DataFrame | None = None
-    flows: dict[str, Curve] = field(default_factory=dict)
-    flow_tokens: dict[str, float] = field(default_factory=dict)
-    exact_last: dict[str, float] = field(default_factory=dict)
+    flows: dict[Flow, Curve] = field(default_factory=dict)
+    flow_tokens: dict[Flow, float] = field(default_factory=dict)
+    exact_last: dict[Flow, float] = field(default_factory=dict)
     lens: dict[tuple[str, str], Curve] = field(default_factory=dict)
     lens_tokens: pd.DataFrame | None = None
-    control: dict[str, ControlComparison] = field(default_factory=dict)
+    control: dict[Group, ControlComparison] = field(default_factory=dict)
 
     @property
     def kept_ids(self) -> set[str]:
@@ -98,23 +101,24 @@ def cell_evidence(
     correctly, for cross-model comparisons). Rows of samples that are not kept are ignored.
 
     >>> ev = cell_evidence("m", "ChooseAttr", flows=store.read("flows"), samples=store.read("samples"))  # doctest: +SKIP
-    >>> ev.flows["image->question"].mean                                                                  # doctest: +SKIP
+    >>> ev.flows[Flow.parse("image->question")].mean                                                      # doctest: +SKIP
     """
     boot = boot or Bootstrap()
     ev = CellEvidence(model=model, task=task, samples=samples)
     kept = ev.kept_ids if samples is not None else None
     if only is not None:
         kept = set(only) if kept is None else kept & set(only)
+    flow_parts: dict[Flow, pd.DataFrame] = {}
     if flows is not None and not flows.empty:
-        frame = _kept(flows, kept)
+        flow_parts = _by_flow(_kept(flows, kept))
         ev.depth = int(flows["layer"].max()) + 1
         ev.window = int(flows["window"].iloc[0])
-        for name, part in frame.groupby("flow", sort=False):
-            ev.flows[str(name)] = frame_curve(part, "rel_change", ev.depth, boot)
-            ev.flow_tokens[str(name)] = float(part["n_source"].mean())
+        for flow, part in flow_parts.items():
+            ev.flows[flow] = frame_curve(part, "rel_change", ev.depth, boot)
+            ev.flow_tokens[flow] = float(part["n_source"].mean())
             confined = part[part["layers_blocked"].map(lambda x: list(x) == [ev.depth - 1])]
             if len(confined):
-                ev.exact_last[str(name)] = float(confined["rel_change"].abs().max())
+                ev.exact_last[flow] = float(confined["rel_change"].abs().max())
     if lens is not None and not lens.empty:
         frame = _kept(lens[lens["group"] == "last"], kept)
         if ev.depth is None and len(frame):
@@ -132,15 +136,23 @@ def cell_evidence(
         if len(frame):
             ev.lens_tokens = frame.pivot_table(index="sample_id", columns="form", values="token_id", aggfunc="first")
     if controls is not None and not controls.empty and flows is not None:
-        for target, part in _kept(controls, kept).groupby(controls["flow"].str.split("->").str[1]):
-            related = _kept(flows[flows["flow"] == f"related->{target}"], kept)
-            if related.empty:
+        by_flow = _by_flow(_kept(controls, kept))
+        for flow in sorted(by_flow, key=lambda f: f.target.value):
+            part = by_flow[flow]
+            related = flow_parts.get(Flow(Group.RELATED, flow.target))
+            if related is None:
                 continue
-            ev.control[str(target)] = _control(related, part, ev.depth or 0, boot)
+            ev.control[flow.target] = _control(flow.target, related, part, ev.depth or 0, boot)
     return ev
 
 
-def _control(related: pd.DataFrame, random: pd.DataFrame, depth: int, boot: Bootstrap) -> ControlComparison:
+def _by_flow(frame: pd.DataFrame) -> dict[Flow, pd.DataFrame]:
+    """Rows of a ``flows`` or ``controls`` table by flow, in order of appearance."""
+    flow_of = flows_of(frame["flow"])
+    return {flow_of[name]: part for name, part in frame.groupby("flow", sort=False)}
+
+
+def _control(target: Group, related: pd.DataFrame, random: pd.DataFrame, depth: int, boot: Bootstrap) -> ControlComparison:
     rel, rel_layers, rel_ids = per_sample_matrix(related, "rel_change")
     rnd, rnd_layers, rnd_ids = per_sample_matrix(random, "rel_change")  # pivot averages the draws
     common = sorted(set(rel_ids) & set(rnd_ids))
@@ -149,7 +161,7 @@ def _control(related: pd.DataFrame, random: pd.DataFrame, depth: int, boot: Boot
     a = rel[[rel_ids.index(s) for s in common]]
     b = rnd[[rnd_ids.index(s) for s in common]]
     return ControlComparison(
-        target=str(random["flow"].iloc[0]).split("->")[1],
+        target=target,
         related=bootstrap_curve(a, rel_layers, depth, boot),
         random=bootstrap_curve(b, rel_layers, depth, boot),
         difference=bootstrap_curve(a - b, rel_layers, depth, boot),

@@ -16,33 +16,21 @@ from vlmflow.cli.common import (
     ray_options,
     setup_logging,
 )
-from vlmflow.positions.groups import Flow
+from vlmflow.cli.options import settings_options
+from vlmflow.experiments.settings import FlowSettings
+from vlmflow.load_spec import LoadSpec
 
 
+@settings_options(load=LoadSpec, settings=FlowSettings)
 def flows(
-    model: str = typer.Option(..., "--model", "-m", help="HF model id or local checkpoint directory."),
+    *,
+    load: LoadSpec,
     data: str = typer.Option(..., "--data", "-d", help="Task CSV (released GQA layout) or gqa:TASK (packaged GQA files)."),
     images: Path | None = typer.Option(None, "--images", help="Folder with the images ({img_id}.jpg/.png). Default: beside the CSV."),
-    flow: list[str] | None = typer.Option(
-        None, "--flow", "-f", help="Flow 'source->target' (repeatable). Default: the paper's six flows."
-    ),
-    window: int | None = typer.Option(None, "--window", "-k", help="Layers per window. Default: 7 for 32 layers, 9 for 40."),
+    settings: FlowSettings,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent folder of run directories."),
     name: str | None = typer.Option(None, "--name", help="Run directory name (default: derived from the spec)."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N samples."),
-    keep_all: bool = typer.Option(False, "--keep-all", help="Keep wrongly answered samples too (the paper drops them)."),
-    engine: str = typer.Option("fast", "--engine", help="fast (exact, batched) or reference (one forward per window)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
-    allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
-    ),
-    template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
-    image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
-    max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the flow figure when done."),
     ray: str | None = RAY_OPTION,
     workers: int | None = WORKERS_OPTION,
@@ -56,27 +44,7 @@ def flows(
 
     with progress_bar("samples") as update:
         run = run_flows(
-            model,
-            data,
-            images=images,
-            flows=[Flow.parse(f) for f in flow] if flow else None,
-            window=window,
-            out=out,
-            name=name,
-            limit=limit,
-            keep_all=keep_all,
-            engine=engine,
-            max_new_tokens=max_new_tokens,
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn,
-            template=template,
-            image_mode=image_mode,
-            revision=revision,
-            allow_hub=allow_hub,
-            trust_remote_code=trust_remote_code,
-            progress=update,
-            ray=on_ray,
+            load, data, settings=settings, images=images, out=out, name=name, limit=limit, progress=update, ray=on_ray
         )
     summary = run.summary
     console.print(

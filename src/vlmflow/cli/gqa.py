@@ -118,9 +118,9 @@ def stats(
     from rich.table import Table
 
     from vlmflow.data.datasets import load_samples, released_specs
-    from vlmflow.data.stats import task_stats
     from vlmflow.errors import ConfigError
     from vlmflow.positions.patches import PREPROCESS_MODES
+    from vlmflow.positions.task_stats import task_stats
 
     if mode not in PREPROCESS_MODES:
         raise ConfigError(f"unknown --mode {mode!r}; valid: {', '.join(PREPROCESS_MODES)}")

@@ -17,48 +17,24 @@ from vlmflow.cli.common import (
     ray_options,
     setup_logging,
 )
-from vlmflow.positions.groups import Group
+from vlmflow.cli.options import settings_options
+from vlmflow.experiments.settings import LensSettings
+from vlmflow.load_spec import LoadSpec
 
 
+@settings_options(load=LoadSpec, settings=LensSettings)
 def lens(
-    model: str = typer.Option(..., "--model", "-m", help="HF model id or local checkpoint directory."),
+    *,
+    load: LoadSpec,
     data: str = typer.Option(..., "--data", "-d", help="Task CSV (released GQA layout) or gqa:TASK (packaged GQA files)."),
     images: Path | None = typer.Option(None, "--images", help="Folder with the images ({img_id}.jpg/.png). Default: beside the CSV."),
-    readout: list[str] | None = typer.Option(
-        None, "--readout", "-r", help="raw (the paper's: no final norm below the top layer) or normed (repeatable). Default: both."
-    ),
-    top_k: int = typer.Option(10, "--top-k", help="Top tokens kept per position and layer."),
-    group: list[str] | None = typer.Option(
-        None, "--group", "-g", help="Also read every position of this group, e.g. question (repeatable)."
-    ),
-    attention: bool = typer.Option(False, "--attention/--no-attention", help="Also record group-to-group attention mass per layer."),
-    attention_target: list[str] | None = typer.Option(
-        None, "--attention-target", help="Query group of the attention summaries (repeatable). Default: image, question, last."
-    ),
-    attention_source: list[str] | None = typer.Option(
-        None, "--attention-source", help="Key group of the attention summaries (repeatable). Default: system, image, related, other, question, suffix, last."
-    ),
-    literal_first_piece: bool = typer.Option(
-        False, "--literal-first-piece", help="Track encode(word)[0] even when it is a bare word-boundary piece such as '▁'."
-    ),
+    settings: LensSettings,
     flows_run: Path | None = typer.Option(
         None, "--flows-run", help="A flows run directory over the same data: also draw the flows-over-lens figure."
     ),
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Parent folder of run directories."),
     name: str | None = typer.Option(None, "--name", help="Run directory name (default: derived from the spec)."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N samples."),
-    keep_all: bool = typer.Option(False, "--keep-all", help="Keep wrongly answered samples too (the paper drops them)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    attn: str = typer.Option("sdpa", "--attn", help="Attention implementation: sdpa or eager."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
-    allow_hub: bool = typer.Option(False, "--allow-hub", help="Allow downloading the model from the Hugging Face hub."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow Python code shipped with the checkpoint (config/processor) to run."
-    ),
-    template: str | None = typer.Option(None, "--template", help="Prompt template (default: the family's)."),
-    image_mode: str | None = typer.Option(None, "--image-mode", help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad."),
-    max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens for the baseline answer."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures when done."),
     ray: str | None = RAY_OPTION,
     workers: int | None = WORKERS_OPTION,
@@ -70,41 +46,12 @@ def lens(
     on_ray = ray_options(ray, workers, shard_size)
     from vlmflow.api import run_lens
     from vlmflow.errors import ConfigError
-    from vlmflow.experiments.attention import DEFAULT_SOURCES, DEFAULT_TARGETS, AttentionSettings
 
     if flows_run is not None and not flows_run.is_dir():
         raise ConfigError(f"--flows-run {str(flows_run)!r} is not a directory")
-    attention_settings = None
-    if attention or attention_target or attention_source:
-        attention_settings = AttentionSettings(
-            targets=tuple(Group.parse(g) for g in attention_target) if attention_target else DEFAULT_TARGETS,
-            sources=tuple(Group.parse(g) for g in attention_source) if attention_source else DEFAULT_SOURCES,
-        )
     with progress_bar("samples") as update:
         run = run_lens(
-            model,
-            data,
-            images=images,
-            readouts=readout or ("raw", "normed"),
-            top_k=top_k,
-            groups=[Group.parse(g) for g in group] if group else (),
-            attention=attention_settings or False,
-            literal_first_piece=literal_first_piece,
-            out=out,
-            name=name,
-            limit=limit,
-            keep_all=keep_all,
-            max_new_tokens=max_new_tokens,
-            dtype=dtype,
-            device=device,
-            attn_implementation=attn,
-            template=template,
-            image_mode=image_mode,
-            revision=revision,
-            allow_hub=allow_hub,
-            trust_remote_code=trust_remote_code,
-            progress=update,
-            ray=on_ray,
+            load, data, settings=settings, images=images, out=out, name=name, limit=limit, progress=update, ray=on_ray
         )
     summary = run.summary
     console.print(

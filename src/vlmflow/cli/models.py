@@ -8,7 +8,7 @@ import typer
 
 from vlmflow.cli.common import console
 
-#: Aspects shown per family, in this order (keys of :attr:`VLMAdapter.support`).
+#: Aspects shown per family, in this order (keys of :attr:`ModelFamily.support <vlmflow.adapters.family.ModelFamily.support>`).
 ASPECTS = ("prompt", "groups", "box mapping", "attention", "fast engine", "verified")
 
 

@@ -20,7 +20,7 @@ def tiny_model(
 ) -> None:
     """Build a tiny random LLaVA (CLIP + Llama) with an offline tokenizer and save it with save_pretrained."""
     setup_logging(False)
-    from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava
+    from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava
 
     if tokenizer not in ("sentencepiece", "bytelevel", "word"):
         raise typer.BadParameter(f"unknown tokenizer {tokenizer!r}; valid: sentencepiece, bytelevel, word")

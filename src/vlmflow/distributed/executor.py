@@ -33,7 +33,6 @@ from vlmflow.distributed.cluster import Placement, RayOptions, connected, plan_p
 from vlmflow.distributed.worker import ProgressTracker, ShardResult, ShardWorker
 from vlmflow.errors import VlmflowError
 from vlmflow.experiments.runner import (
-    ModelSpec,
     ProgressCallback,
     RunOutcome,
     RunSpec,
@@ -42,6 +41,7 @@ from vlmflow.experiments.runner import (
     open_run,
     run_to_store,
 )
+from vlmflow.load_spec import LoadSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class RayExecutor:
         self._stack: ExitStack | None = None
         self._ray: Any = None
         self._pool: list[_Replica] = []
-        self._pool_key: tuple[ModelSpec, Placement] | None = None
+        self._pool_key: tuple[LoadSpec, Placement] | None = None
 
     # --- lifetime --------------------------------------------------------------------------------
 
@@ -117,13 +117,13 @@ class RayExecutor:
         """Actor handles of the live replicas (e.g. for ``ray.kill`` in a failure drill)."""
         return [r.handle for r in self._pool if r.alive]
 
-    def start(self, model: ModelSpec, *, wait: bool = True) -> int:
+    def start(self, model: LoadSpec, *, wait: bool = True) -> int:
         """Start all replicas of ``model`` now and, with ``wait``, until each has loaded it.
 
         :meth:`run` starts replicas itself; this is for failing fast on a model that does not load,
         or for having every replica ready before a series of runs. Returns the number of replicas.
 
-        >>> executor.start(ModelSpec("llava-hf/llava-1.5-7b-hf"))  # doctest: +SKIP
+        >>> executor.start(LoadSpec("llava-hf/llava-1.5-7b-hf"))   # doctest: +SKIP
         8
         """
         ray = self._connect()
@@ -263,7 +263,7 @@ class RayExecutor:
 
     # --- the replica pool ------------------------------------------------------------------------
 
-    def _ensure_pool(self, model: ModelSpec, placement: Placement, count: int) -> None:
+    def _ensure_pool(self, model: LoadSpec, placement: Placement, count: int) -> None:
         """At least ``count`` live replicas of ``model`` (a pool of another model is stopped first).
 
         Does not wait for them to load (they load in parallel); a replica that cannot load raises
@@ -335,7 +335,7 @@ class RayExecutor:
             raise RayRunError(f"a Ray replica could not start: {exc}") from exc
 
 
-def _replica_model(model: ModelSpec, placement: Placement) -> ModelSpec:
+def _replica_model(model: LoadSpec, placement: Placement) -> LoadSpec:
     """The model spec replicas load: a local checkpoint by absolute path, an explicit device.
 
     The run's identity keeps the user's spelling (``spec.model``), so the run directory is the one a

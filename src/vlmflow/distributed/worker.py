@@ -24,8 +24,10 @@ from typing import Any
 
 from vlmflow.data.sample import Sample
 from vlmflow.errors import VlmflowError
-from vlmflow.experiments.runner import ModelSpec, RunSpec, iter_samples, stored_spec
-from vlmflow.loading import LoadedModel
+from vlmflow.experiments.runner import RunSpec, iter_samples, stored_spec
+from vlmflow.experiments.settings import Engine
+from vlmflow.load_spec import LoadSpec
+from vlmflow.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ class ShardResult:
 class ShardWorker:
     """A loaded model that computes shards of a run (one per Ray actor; one per GPU on GPU nodes).
 
-    >>> worker = ShardWorker(ModelSpec("tiny-llava", device="cpu"))                   # doctest: +SKIP
+    >>> worker = ShardWorker(LoadSpec("tiny-llava", device="cpu"))                    # doctest: +SKIP
     >>> worker.run_shard(0, spec, "runs/tiny-x", samples, "images").committed          # doctest: +SKIP
     ['q1', 'q2']
     """
 
-    def __init__(self, model: ModelSpec, threads: int | None = None) -> None:
+    def __init__(self, model: LoadSpec, threads: int | None = None) -> None:
         if threads:
             import torch
 
@@ -63,9 +65,9 @@ class ShardWorker:
         hf_logging.disable_progress_bar()
         self._stores: dict[str, Any] = {}  # run directory -> RunStore opened by this incarnation
         self._load_error: VlmflowError | None = None
-        self._self_tests: dict[str, dict[str, Any]] = {}  # engine -> self-test report
+        self._self_tests: dict[Engine, dict[str, Any]] = {}  # engine -> self-test report
         try:
-            self._loaded: LoadedModel | None = model.load()
+            self._loaded: LoadedModel | None = load_model(model)
         except VlmflowError as exc:
             # Raised from the first call instead: a constructor error would reach the driver as a bare
             # "actor died" without the message that says what to fix.
@@ -90,7 +92,7 @@ class ShardWorker:
         """
         from vlmflow.experiments.selftest import run_self_test
 
-        engine = getattr(spec.experiment, "engine", "fast")
+        engine = spec.experiment.engine
         if engine not in self._self_tests:
             self._self_tests[engine] = run_self_test(self.loaded, engine).as_dict()
         return stored_spec(spec, self.loaded, self._self_tests[engine])
@@ -129,7 +131,7 @@ class ShardWorker:
                 log.info("shard %d: %d samples already committed, skipped", shard, len(result.skipped))
         for tables in iter_samples(self.loaded, todo, Path(images), spec.experiment):
             store.commit(tables)
-            ids = sorted({row["sample_id"] for name in ("samples", "errors") for row in tables.get(name, ())})
+            ids = sorted({row.sample_id for name in ("samples", "errors") for row in tables.get(name, ())})
             result.committed.extend(ids)
             if on_commit is not None:
                 on_commit(ids)

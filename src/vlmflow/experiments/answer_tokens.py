@@ -60,7 +60,7 @@ def first_subtoken(tokenizer: Any, word: str, *, skip_blank: bool = True) -> int
     paper's literal ``encode(word)[0]``. Returns ``None`` when the word has no usable piece: it
     encodes to nothing, to blanks only, or its first usable piece is the unknown token.
 
-    >>> from vlmflow.testing.tokenizers import build_tokenizer
+    >>> from vlmflow.tiny.tokenizers import build_tokenizer
     >>> tok = build_tokenizer("sentencepiece")
     >>> tok.convert_ids_to_tokens(first_subtoken(tok, "red"))
     '▁red'
@@ -83,7 +83,7 @@ def tracked_tokens(tokenizer: Any, sample: Sample, generated_id: int | None, *, 
     :func:`first_subtoken`) is left out and logged.
 
     >>> from vlmflow.data.sample import Sample, TaskType
-    >>> from vlmflow.testing.tokenizers import build_tokenizer
+    >>> from vlmflow.tiny.tokenizers import build_tokenizer
     >>> s = Sample("q", "i", "Is it red or blue?", "red", TaskType.CHOOSE_ATTR, "red", "blue")
     >>> [t.word for t in tracked_tokens(build_tokenizer("word"), s, None)]
     ['red', 'Red', 'blue', 'Blue']

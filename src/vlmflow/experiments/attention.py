@@ -18,57 +18,20 @@ same whatever attention implementation the model was loaded with (the switch is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from typing import Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, VLMAdapter
-from vlmflow.errors import ConfigError
+from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.knockout.fast import CleanRun
+from vlmflow.experiments.settings import AttentionSettings
+from vlmflow.inputs import Encoded
+from vlmflow.knockout.clean import CleanRun
 from vlmflow.knockout.mask import to_kernel_mask
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.results.schema import TableSpec, register_table
-
-DEFAULT_TARGETS = (Group.IMAGE, Group.QUESTION, Group.LAST)
-DEFAULT_SOURCES = (Group.SYSTEM, Group.IMAGE, Group.RELATED, Group.OTHER, Group.QUESTION, Group.SUFFIX, Group.LAST)
-
-
-@dataclass(frozen=True)
-class AttentionSettings:
-    """Which group-to-group masses to record.
-
-    Attributes:
-        targets: query groups (rows); one mass per (layer, target, source).
-        sources: key groups (columns). Groups may overlap (``related`` lies inside ``image``).
-        max_chunk_queries: query rows recomputed per layer call; bounds the ``[head, chunk, seq]``
-            probabilities held at once.
-
-    >>> AttentionSettings().identity()["targets"]
-    ['image', 'question', 'last']
-    """
-
-    targets: tuple[Group, ...] = DEFAULT_TARGETS
-    sources: tuple[Group, ...] = DEFAULT_SOURCES
-    max_chunk_queries: int = 256
-
-    def __post_init__(self) -> None:
-        if not self.targets or not self.sources:
-            raise ConfigError("attention summaries need at least one target and one source group")
-        for name, groups in (("targets", self.targets), ("sources", self.sources)):
-            if len(set(groups)) != len(groups):
-                raise ConfigError(f"duplicate {name} in {[g.value for g in groups]}")
-        if self.max_chunk_queries < 1:
-            raise ConfigError(f"max_chunk_queries must be >= 1, got {self.max_chunk_queries}")
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings (the chunk size does not change results and is left out)."""
-        return {"targets": [g.value for g in self.targets], "sources": [g.value for g in self.sources]}
+from vlmflow.results.tables import AttentionRow
 
 
 def _available(groups: PositionGroups, wanted: tuple[Group, ...]) -> list[Group]:
@@ -81,22 +44,14 @@ def attention_capture_from(groups: PositionGroups, settings: AttentionSettings) 
     return min((groups[g][0] for g in targets), default=groups.seq_len - 1)
 
 
-@contextmanager
-def eager_attention(model: nn.Module, adapter: VLMAdapter) -> Iterator[None]:
+def eager_attention(decoder: DecoderMap) -> AbstractContextManager[None]:
     """Inside the block the decoder's attention modules use the ``eager`` kernel (which returns
-    probabilities); the previous implementation is restored in ``finally``."""
-    configs: dict[int, Any] = {}
-    for layer in range(adapter.n_layers(model)):
-        config = adapter.attention_module(model, layer).config
-        configs.setdefault(id(config), config)
-    previous = {key: config._attn_implementation for key, config in configs.items()}  # noqa: SLF001
-    try:
-        for config in configs.values():
-            config._attn_implementation = "eager"  # noqa: SLF001
-        yield
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation = previous[key]  # noqa: SLF001
+    probabilities); the previous implementation is restored in ``finally``.
+
+    >>> with eager_attention(decoder):                                   # doctest: +SKIP
+    ...     probs = attention_probs(decoder, encoded, clean, 3, rows)
+    """
+    return decoder.attention_function("eager")
 
 
 class _CleanKV:
@@ -116,24 +71,23 @@ class _CleanKV:
 
 @torch.no_grad()
 def attention_probs(
-    model: nn.Module, adapter: VLMAdapter, encoded: Encoded, clean: CleanRun, layer: int, rows: torch.Tensor
+    decoder: DecoderMap, encoded: Encoded, clean: CleanRun, layer: int, rows: torch.Tensor
 ) -> torch.Tensor:
     """Clean attention probabilities ``[head, len(rows), seq]`` (float32) of query positions ``rows``
     in ``layer``, recomputed from the clean run. Call inside :func:`eager_attention`.
 
-    >>> with eager_attention(model, adapter):                                      # doctest: +SKIP
-    ...     probs = attention_probs(model, adapter, encoded, clean, 3, torch.tensor([n - 1]))
+    >>> with eager_attention(decoder):                                      # doctest: +SKIP
+    ...     probs = attention_probs(decoder, encoded, clean, 3, torch.tensor([n - 1]))
     """
     if int(rows.min()) < clean.start:
         raise ValueError(f"clean run kept hidden states from position {clean.start}, attention needs {int(rows.min())}")
     n = encoded.seq_len
-    dtype = next(model.parameters()).dtype
     device = clean.hidden[0].device
     rows = rows.to(device)
     x = clean.hidden[layer].index_select(0, rows - clean.start)[None]  # [1, rows, d_model]
-    pos = adapter.select_positions(adapter.position_ids(model, encoded), rows)
-    allowed = adapter.base_allowed(layer, rows, n, encoded)[None, None]  # [1, 1, rows, seq]
-    mask = to_kernel_mask(allowed, "eager", dtype)
+    pos = decoder.select_positions(decoder.position_ids(encoded), rows)
+    allowed = decoder.attention_pattern(encoded).allowed(layer, rows, n)[None, None]  # [1, 1, rows, seq]
+    mask = to_kernel_mask(allowed, "eager", decoder.dtype)
     captured: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: tuple, output: Any) -> None:
@@ -142,10 +96,10 @@ def attention_probs(
             raise RuntimeError(f"layer {layer}: the attention module returned no probabilities under the eager kernel")
         captured.append(weights[0].float())  # [head, rows, seq]
 
-    handle = adapter.attention_module(model, layer).register_forward_hook(keep)
+    handle = decoder.attention(layer).register_forward_hook(keep)
     try:
         cache = _CleanKV(clean.keys[layer], clean.values[layer])
-        adapter.run_layer(model, layer, x, mask, pos, adapter.rotary(model, x, pos), cache)
+        decoder.run_layer(layer, x, mask, pos, decoder.rotary(x, pos), cache)
     finally:
         handle.remove()
     return captured[0]
@@ -153,8 +107,7 @@ def attention_probs(
 
 @torch.no_grad()
 def group_attention_mass(
-    model: nn.Module,
-    adapter: VLMAdapter,
+    decoder: DecoderMap,
     encoded: Encoded,
     groups: PositionGroups,
     clean: CleanRun,
@@ -162,7 +115,7 @@ def group_attention_mass(
 ) -> dict[tuple[int, Group, Group], torch.Tensor]:
     """``(layer, target, source) -> [head]`` attention mass (float32, CPU) for the available groups.
 
-    >>> mass = group_attention_mass(model, adapter, encoded, groups, clean, AttentionSettings())  # doctest: +SKIP
+    >>> mass = group_attention_mass(decoder, encoded, groups, clean, AttentionSettings())  # doctest: +SKIP
     >>> mass[(0, Group.LAST, Group.IMAGE)].mean()                                                # doctest: +SKIP
     """
     targets = _available(groups, settings.targets)
@@ -178,12 +131,12 @@ def group_attention_mass(
         source_mask[s, list(groups[group])] = 1.0
     row_tensor = torch.as_tensor(rows, dtype=torch.long, device=device)
     out: dict[tuple[int, Group, Group], torch.Tensor] = {}
-    with eager_attention(model, adapter):
-        for layer in range(adapter.n_layers(model)):
+    with eager_attention(decoder):
+        for layer in range(decoder.n_layers):
             per_row = []
             for lo in range(0, len(rows), settings.max_chunk_queries):
                 chunk = row_tensor[lo : lo + settings.max_chunk_queries]
-                probs = attention_probs(model, adapter, encoded, clean, layer, chunk)  # [head, chunk, seq]
+                probs = attention_probs(decoder, encoded, clean, layer, chunk)  # [head, chunk, seq]
                 per_row.append(probs @ source_mask.T)  # [head, chunk, source]
             mass = torch.cat(per_row, dim=1).cpu()  # [head, rows, source]
             for target in targets:
@@ -195,54 +148,28 @@ def group_attention_mass(
 
 
 def attention_rows(
-    model: nn.Module,
-    adapter: VLMAdapter,
+    decoder: DecoderMap,
     prepared: PreparedSample,
     clean: CleanRun,
     settings: AttentionSettings,
     *,
     task: str = "",
-) -> list[dict[str, Any]]:
+) -> list[AttentionRow]:
     """Rows of the ``attention`` table for one sample (see :func:`group_attention_mass`)."""
     groups = prepared.groups
-    masses = group_attention_mass(model, adapter, prepared.encoded, groups, clean, settings)
+    masses = group_attention_mass(decoder, prepared.encoded, groups, clean, settings)
     return [
-        {
-            "sample_id": prepared.sample.sample_id,
-            "task": task,
-            "layer": layer,
-            "target": target.value,
-            "source": source.value,
-            "mass": float(per_head.mean()),
-            "mass_per_head": per_head.tolist(),
-            "n_target": len(groups[target]),
-            "n_source": len(groups[source]),
-        }
+        AttentionRow(
+            sample_id=prepared.sample.sample_id,
+            task=task,
+            layer=layer,
+            target=target.value,
+            source=source.value,
+            mass=float(per_head.mean()),
+            mass_per_head=per_head.tolist(),
+            n_target=len(groups[target]),
+            n_source=len(groups[source]),
+        )
         for (layer, target, source), per_head in masses.items()
     ]
 
-
-def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
-    return pa.field(name, type_, nullable=False, metadata={"doc": doc})
-
-
-ATTENTION_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-        _field("task", pa.string(), "Task name of the sample; '' when unknown."),
-        _field("layer", pa.int32(), "Decoder layer, 0-based."),
-        _field("target", pa.string(), "Query group (the positions that attend)."),
-        _field("source", pa.string(), "Key group (the positions attended to)."),
-        _field(
-            "mass",
-            pa.float64(),
-            "Attention probability the target's queries put on the source's keys: summed over the keys, "
-            "averaged over the target's queries, then over heads (0..1).",
-        ),
-        _field("mass_per_head", pa.list_(pa.float64()), "The same before averaging over heads, one value per head."),
-        _field("n_target", pa.int32(), "Number of target positions."),
-        _field("n_source", pa.int32(), "Number of source positions."),
-    ]
-)
-
-ATTENTION_TABLE = register_table(TableSpec("attention", ATTENTION_SCHEMA, ("sample_id", "layer", "target", "source")))

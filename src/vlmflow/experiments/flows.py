@@ -14,87 +14,36 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch
 
-from vlmflow.errors import ConfigError, SampleError
+from vlmflow.errors import SampleError
+from vlmflow.experiments.engines import ENGINES
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.experiments.windows import default_window, sweep
-from vlmflow.knockout.fast import DEFAULT_FOLD_QUERIES, CleanRun, affected_starts, clean_run, fast_logits
-from vlmflow.knockout.reference import reference_logits
+from vlmflow.experiments.settings import FlowSettings
+from vlmflow.experiments.windows import sweep
+from vlmflow.knockout.clean import CleanRun, clean_run
+from vlmflow.knockout.fast import affected_starts
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
-from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group, PositionGroups
+from vlmflow.positions.groups import Flow, Group, PositionGroups
+from vlmflow.results.tables import FlowRow, Row, SampleRow
 
 log = logging.getLogger(__name__)
 
-Engine = Literal["fast", "reference"]
-ENGINES = ("fast", "reference")
 
-
-@dataclass(frozen=True)
-class FlowSettings:
-    """How to run the flow experiment.
-
-    Attributes:
-        flows: the flows to knock out (default: the paper's six).
-        window: layers per window (``None``: the paper's rule for the model depth, 7 for 32 layers).
-        keep_all: keep samples the model answers wrongly (the paper keeps only correct ones).
-        engine: ``"fast"`` (exact, batched) or ``"reference"`` (one full forward per window).
-        max_new_tokens: greedy tokens generated for the baseline answer.
-        max_fold_queries: bound on query rows per folded layer call (memory/speed trade-off).
-
-    >>> FlowSettings(window=9).flows[0]
-    Flow(source=<Group.QUESTION: 'question'>, target=<Group.LAST: 'last'>)
-    """
-
-    flows: tuple[Flow, ...] = PAPER_FLOWS
-    window: int | None = None
-    keep_all: bool = False
-    engine: Engine = "fast"
-    max_new_tokens: int = 12
-    max_fold_queries: int = DEFAULT_FOLD_QUERIES
-
-    def __post_init__(self) -> None:
-        if not self.flows:
-            raise ConfigError("no flows given; pass at least one flow such as 'image->last'")
-        if len(set(self.flows)) != len(self.flows):
-            raise ConfigError(f"duplicate flows in {[str(f) for f in self.flows]}")
-        if self.window is not None and self.window < 1:
-            raise ConfigError(f"window must be a positive number of layers, got {self.window}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    name = "flows"
-
-    def window_for(self, n_layers: int) -> int:
-        return self.window if self.window is not None else default_window(n_layers)
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings that define the run (flows as ``"src->tgt"`` strings)."""
-        return {
-            "flows": [str(f) for f in self.flows],
-            "window": self.window,
-            "keep_all": self.keep_all,
-            "engine": self.engine,
-            "max_new_tokens": self.max_new_tokens,
-        }
-
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
-        """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
-        result = analyse_sample(loaded, prepared, self)
-        return {"samples": [result.sample], "flows": result.rows}
+def flow_tables(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> dict[str, list[Row]]:
+    """Tables for one sample (:meth:`FlowSettings.analyse`): its ``samples`` row and its ``flows`` rows."""
+    result = analyse_sample(loaded, prepared, settings)
+    return {"samples": [result.sample], "flows": result.rows}
 
 
 @dataclass
 class SampleResult:
     """Rows produced for one sample: its ``samples`` row and its ``flows`` rows."""
 
-    sample: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    sample: SampleRow
+    rows: list[FlowRow] = field(default_factory=list)
     clean: CleanRun | None = None
 
 
@@ -105,12 +54,11 @@ def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None
             groups[group]  # raises with the reason
 
 
-def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, dict[str, Any]]:
+def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, SampleRow]:
     """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
     tokenizer = loaded.tokenizer
     clean = clean_run(
-        loaded.model,
-        loaded.adapter,
+        loaded.decoder,
         prepared.encoded,
         capture_from=capture_from,
         max_new_tokens=settings.max_new_tokens,
@@ -125,22 +73,22 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
     prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
     sample = prepared.sample
     correct = prediction.lower() == sample.answer.strip().lower()
-    row = {
-        "sample_id": sample.sample_id,
-        "task": sample.task.value if sample.task else "",
-        "image_id": sample.image_id,
-        "question": sample.question,
-        "answer": sample.answer,
-        "prediction": prediction,
-        "correct": correct,
-        "kept": bool(correct or settings.keep_all),
-        "answer_token_id": answer_id,
-        "answer_token": str(tokenizer.convert_ids_to_tokens(answer_id)),
-        "p_base": float(log_probs[answer_id].exp()),
-        "seq_len": prepared.encoded.seq_len,
-        "n_image_tokens": len(prepared.groups[Group.IMAGE]),
-        "group_sizes": json.dumps(prepared.groups.sizes(), sort_keys=True),
-    }
+    row = SampleRow(
+        sample_id=sample.sample_id,
+        task=sample.task.value if sample.task else "",
+        image_id=sample.image_id,
+        question=sample.question,
+        answer=sample.answer,
+        prediction=prediction,
+        correct=correct,
+        kept=bool(correct or settings.keep_all),
+        answer_token_id=answer_id,
+        answer_token=str(tokenizer.convert_ids_to_tokens(answer_id)),
+        p_base=float(log_probs[answer_id].exp()),
+        seq_len=prepared.encoded.seq_len,
+        n_image_tokens=len(prepared.groups[Group.IMAGE]),
+        group_sizes=json.dumps(prepared.groups.sizes(), sort_keys=True),
+    )
     return clean, row
 
 
@@ -150,7 +98,7 @@ def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: Flow
     capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
     clean, sample_row = baseline(loaded, prepared, settings, capture_from)
     result = SampleResult(sample=sample_row, clean=clean)
-    if not sample_row["kept"]:
+    if not sample_row.kept:
         return result
     result.rows = knockout_rows(loaded, prepared, clean, sample_row, plan, settings)
     return result
@@ -163,7 +111,8 @@ def clean_capture_start(loaded: LoadedModel, prepared: PreparedSample, knockouts
     :func:`~vlmflow.knockout.fast.affected_starts`; with bidirectional image blocks this can be before
     the first target).
     """
-    starts = affected_starts(loaded.adapter, prepared.encoded, loaded.n_layers, list(knockouts))
+    pattern = loaded.decoder.attention_pattern(prepared.encoded)
+    starts = affected_starts(pattern, loaded.n_layers, prepared.encoded.seq_len, list(knockouts))
     return min((s for s in starts if s >= 0), default=0)
 
 
@@ -190,10 +139,10 @@ def knockout_rows(
     loaded: LoadedModel,
     prepared: PreparedSample,
     clean: CleanRun,
-    sample_row: dict[str, Any],
+    sample_row: SampleRow,
     plan: Sequence[tuple[Flow, int, Knockout]],
     settings: FlowSettings,
-) -> list[dict[str, Any]]:
+) -> list[FlowRow]:
     """One ``flows`` row per ``(flow, centre, knockout)`` of ``plan``, in plan order.
 
     ``clean`` and ``sample_row`` come from :func:`baseline`; ``settings`` gives the engine and the
@@ -203,12 +152,7 @@ def knockout_rows(
     """
     k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
-    if settings.engine == "fast":
-        logits = fast_logits(
-            loaded.model, loaded.adapter, prepared.encoded, clean, knockouts, max_fold_queries=settings.max_fold_queries
-        )
-    else:
-        logits = reference_logits(loaded.model, loaded.adapter, prepared.encoded, knockouts)
+    logits = ENGINES[settings.engine].knockout_logits(loaded, prepared.encoded, clean, knockouts, settings.max_fold_queries)
     if not bool(torch.isfinite(logits).all()):
         bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
         flow, center, _ = plan[bad]
@@ -217,34 +161,34 @@ def knockout_rows(
             f"{_non_finite(logits[bad])})",
             stage="knockout",
         )
-    answer_id = sample_row["answer_token_id"]
+    answer_id = sample_row.answer_token_id
     logp_base = torch.log_softmax(clean.logits.cpu(), dim=-1)[answer_id]
     logp = torch.log_softmax(logits, dim=-1)[:, answer_id]  # [n_knockouts]
     top = torch.argmax(logits, dim=-1)
     p_base = float(logp_base.exp())
-    rows: list[dict[str, Any]] = []
+    rows: list[FlowRow] = []
     for i, (flow, center, knockout) in enumerate(plan):
         p_blocked = float(logp[i].exp())
         target, source = knockout.edges[0]
         rows.append(
-            {
-                "sample_id": prepared.sample.sample_id,
-                "task": sample_row["task"],
-                "flow": str(flow),
-                "layer": center,
-                "layers_blocked": list(knockout.layers),
-                "window": k,
-                "p_base": p_base,
-                "p_blocked": p_blocked,
-                "rel_change": 100.0 * (p_blocked - p_base) / p_base,
-                "logprob_diff": float(logp[i] - logp_base),
-                "answer_changed": int(top[i]) != answer_id,
-                "answer_token_id": answer_id,
-                "blocked_token_id": int(top[i]),
-                "n_source": len(source),
-                "n_target": len(target),
-                "engine": settings.engine,
-            }
+            FlowRow(
+                sample_id=prepared.sample.sample_id,
+                task=sample_row.task,
+                flow=flow,
+                layer=center,
+                layers_blocked=list(knockout.layers),
+                window=k,
+                p_base=p_base,
+                p_blocked=p_blocked,
+                rel_change=100.0 * (p_blocked - p_base) / p_base,
+                logprob_diff=float(logp[i] - logp_base),
+                answer_changed=int(top[i]) != answer_id,
+                answer_token_id=answer_id,
+                blocked_token_id=int(top[i]),
+                n_source=len(source),
+                n_target=len(target),
+                engine=str(settings.engine),
+            )
         )
     return rows
 
@@ -267,9 +211,9 @@ def _check_flow_blocks_something(loaded: LoadedModel, prepared: PreparedSample, 
     encoded = prepared.encoded
     targets = torch.as_tensor(knockout.edges[0][0]).to(loaded.device)
     blocked = knockout.blocked_rows(targets, encoded.seq_len)
+    pattern = loaded.decoder.attention_pattern(encoded)
     if not any(
-        bool((loaded.adapter.base_allowed(layer, targets, encoded.seq_len, encoded) & blocked).any())
-        for layer in range(loaded.n_layers)
+        bool((pattern.allowed(layer, targets, encoded.seq_len) & blocked).any()) for layer in range(loaded.n_layers)
     ):
         raise SampleError(
             f"flow {flow} blocks no attention edge of this model ({flow.target.value} positions never attend to "

@@ -25,35 +25,33 @@ Everything is computed from one :class:`~vlmflow.knockout.fast.CleanRun` (the sa
 the flow experiment uses): :func:`lens_tables` takes it, so a study that runs flows and the lens
 together pays for one forward. Only the kept positions' vectors are projected; nothing else is
 stored. The same readout can be taken at every position of chosen groups (e.g. the question
-tokens) with ``LensSettings(groups=...)``.
+tokens) with ``LensSettings(groups=...)`` (:mod:`vlmflow.experiments.settings`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
-from vlmflow.errors import ConfigError
 from vlmflow.experiments.answer_tokens import FORM_LABELS, Form, TrackedToken, first_subtoken, tracked_tokens
-from vlmflow.experiments.attention import AttentionSettings, attention_capture_from, attention_rows
-from vlmflow.experiments.flows import FlowSettings, baseline
+from vlmflow.experiments.attention import attention_rows
+from vlmflow.experiments.flows import baseline
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.knockout.fast import CleanRun
+from vlmflow.experiments.settings import FlowSettings, LensSettings, Readout
+from vlmflow.knockout.clean import CleanRun
 from vlmflow.positions.groups import Group
-from vlmflow.results.schema import TableSpec, register_table
+from vlmflow.results.tables import LensRow, LensTopRow, Row, SampleRow
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from vlmflow.adapters.base import VLMAdapter
+    from vlmflow.adapters.decoder import DecoderMap
     from vlmflow.loading import LoadedModel
 
 __all__ = [
@@ -65,6 +63,7 @@ __all__ = [
     "TrackedToken",
     "first_subtoken",
     "first_top1_layers",
+    "lens_sample_tables",
     "lens_states",
     "lens_tables",
     "readout_logits",
@@ -77,13 +76,6 @@ log = logging.getLogger(__name__)
 
 #: Upper bound on float32 logits held at once (positions x layers x vocab); ~128 MiB.
 MAX_LOGIT_ELEMENTS = 1 << 25
-
-
-class Readout(StrEnum):
-    """How a hidden state becomes logits (values are what users type)."""
-
-    RAW = "raw"  # the paper's: no final norm for j < L; final norm at j = L
-    NORMED = "normed"  # final norm at every j
 
 
 def lens_states(clean: CleanRun, positions: Sequence[int]) -> torch.Tensor:
@@ -108,21 +100,21 @@ def _unembed_float32(unembed: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def readout_logits(model: nn.Module, adapter: VLMAdapter, states: torch.Tensor, readout: Readout) -> torch.Tensor:
+def readout_logits(decoder: DecoderMap, states: torch.Tensor, readout: Readout) -> torch.Tensor:
     """Float32 logits ``[..., L + 1, vocab]`` of hidden states ``[..., L + 1, d_model]``.
 
     ``normed`` applies the final norm at every layer boundary; ``raw`` only at the last one (the
     paper's readout: HF's last hidden state is normed, the others are not).
 
-    >>> logits = readout_logits(model, adapter, lens_states(clean, [n - 1]), Readout.RAW)  # doctest: +SKIP
+    >>> logits = readout_logits(decoder, lens_states(clean, [n - 1]), Readout.RAW)  # doctest: +SKIP
     """
-    norm = adapter.final_norm(model)
+    norm = decoder.final_norm
     if readout is Readout.NORMED:
         x = norm(states)
     else:
         x = states.clone()
         x[..., -1, :] = norm(states[..., -1, :])
-    return _unembed_float32(adapter.unembed(model), x)
+    return _unembed_float32(decoder.unembed, x)
 
 
 @dataclass
@@ -173,9 +165,9 @@ def lens_tables(
     loaded: LoadedModel,
     prepared: PreparedSample,
     clean: CleanRun,
-    sample_row: Mapping[str, Any],
+    sample_row: SampleRow,
     settings: LensSettings,
-) -> dict[str, list[dict[str, Any]]]:
+) -> dict[str, list[Row]]:
     """The ``lens`` and ``lens_top`` rows of one sample, from its clean run.
 
     ``sample_row`` is the sample's ``samples`` row (its ``answer_token_id`` is the generated token).
@@ -187,8 +179,8 @@ def lens_tables(
     >>> sorted(tables)                                                                             # doctest: +SKIP
     ['lens', 'lens_top']
     """
-    model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
-    tracked = tracked_tokens(tokenizer, prepared.sample, sample_row.get("answer_token_id"), skip_blank=settings.skip_blank)
+    decoder, tokenizer = loaded.decoder, loaded.tokenizer
+    tracked = tracked_tokens(tokenizer, prepared.sample, sample_row.answer_token_id, skip_blank=settings.skip_blank)
     token_ids = [t.token_id for t in tracked]
     where = settings.positions(prepared)
     # A position in several requested groups is read once and reported under each of them.
@@ -200,19 +192,19 @@ def lens_tables(
     input_of = dict(zip(unique, tokenizer.convert_ids_to_tokens(prepared.encoded.input_ids[unique].tolist()), strict=True))
     n_layers = len(clean.hidden) - 1
     chunk = max(1, MAX_LOGIT_ELEMENTS // ((n_layers + 1) * int(clean.logits.shape[-1])))
-    base = {"sample_id": prepared.sample.sample_id, "task": str(sample_row.get("task", ""))}
-    lens: list[dict[str, Any]] = []
-    top: list[dict[str, Any]] = []
+    base = {"sample_id": prepared.sample.sample_id, "task": sample_row.task}
+    lens: list[Row] = []
+    top: list[Row] = []
     for lo in range(0, len(unique), chunk):
         positions = unique[lo : lo + chunk]
         states = lens_states(clean, positions)  # [P, L+1, d_model]
         for readout in settings.readouts:
-            stats = readout_stats(readout_logits(model, adapter, states, readout), token_ids, settings.top_k)
+            stats = readout_stats(readout_logits(decoder, states, readout), token_ids, settings.top_k)
             for i, p in enumerate(positions):
                 for j in range(n_layers + 1):
                     normed = readout is Readout.NORMED or j == n_layers
                     top_ids = stats.top_ids[i, j].tolist()
-                    top_row = {
+                    top_values = {
                         "final_norm": normed,
                         "input_token": str(input_of[p]),
                         "top_token_ids": top_ids,
@@ -220,7 +212,7 @@ def lens_tables(
                         "top_probs": stats.top_log_prob[i, j].exp().tolist(),
                         "entropy": float(stats.entropy[i, j]),
                     }
-                    form_rows = [
+                    form_values = [
                         {
                             "form": tok.form.value,
                             "final_norm": normed,
@@ -234,104 +226,24 @@ def lens_tables(
                         for t, tok in enumerate(tracked)
                     ]
                     for label in groups_of[p]:
-                        where_row = {**base, "readout": readout.value, "group": label, "position": p, "layer": j}
-                        top.append({**where_row, **top_row})
-                        lens.extend({**where_row, **row} for row in form_rows)
+                        place = {**base, "readout": readout.value, "group": label, "position": p, "layer": j}
+                        top.append(LensTopRow(**place, **top_values))
+                        lens.extend(LensRow(**place, **values) for values in form_values)
     return {"lens": lens, "lens_top": top}
 
 
-@dataclass(frozen=True)
-class LensSettings:
-    """How to run the lens experiment (implements the runner's experiment protocol).
-
-    Attributes:
-        readouts: ``raw`` (the paper's) and/or ``normed``.
-        top_k: tokens kept per (position, layer) in the ``lens_top`` table.
-        groups: extra position groups read at every one of their positions (the last position is
-            always read, as group ``last``).
-        keep_all: keep wrongly answered samples too (the paper keeps only correct ones).
-        max_new_tokens: greedy tokens generated for the baseline answer (correctness filter).
-        skip_blank: skip a leading whitespace-only piece when taking a word's first sub-token
-            (see :func:`~vlmflow.experiments.answer_tokens.first_subtoken`); ``False`` is the
-            paper's literal ``encode(word)[0]``.
-        attention: also record group-to-group attention mass per layer (same clean forward).
-
-    >>> LensSettings(groups=(Group.QUESTION,)).identity()["groups"]
-    ['question']
-    """
-
-    readouts: tuple[Readout, ...] = (Readout.RAW, Readout.NORMED)
-    top_k: int = 10
-    groups: tuple[Group, ...] = ()
-    keep_all: bool = False
-    max_new_tokens: int = 12
-    skip_blank: bool = True
-    attention: AttentionSettings | None = None
-
-    name = "lens"
-
-    def __post_init__(self) -> None:
-        if not self.readouts:
-            raise ConfigError("no readout given; valid: raw, normed")
-        for r in self.readouts:
-            if not isinstance(r, Readout):
-                raise ConfigError(f"unknown readout {r!r}; valid: {', '.join(x.value for x in Readout)}")
-        if len(set(self.readouts)) != len(self.readouts):
-            raise ConfigError(f"duplicate readouts in {[r.value for r in self.readouts]}")
-        if self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
-        if len(set(self.groups)) != len(self.groups):
-            raise ConfigError(f"duplicate groups in {[g.value for g in self.groups]}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def identity(self) -> dict[str, Any]:
-        """JSON-able settings that define the run."""
-        return {
-            "readouts": [r.value for r in self.readouts],
-            "top_k": self.top_k,
-            "groups": [g.value for g in self.groups],
-            "keep_all": self.keep_all,
-            "max_new_tokens": self.max_new_tokens,
-            "skip_blank": self.skip_blank,
-            "attention": None if self.attention is None else self.attention.identity(),
-        }
-
-    def positions(self, prepared: PreparedSample) -> dict[str, tuple[int, ...]]:
-        """Positions read, by group label: ``last``, then each requested group this sample has.
-
-        A requested group the sample lacks (e.g. ``related`` without boxes) is skipped and logged.
-        """
-        groups = prepared.groups
-        out = {Group.LAST.value: groups[Group.LAST]}
-        for group in self.groups:
-            if group in groups:
-                out[group.value] = groups[group]
-            else:
-                log.info("sample %s has no %s positions; lens skips them", prepared.sample.sample_id, group.value)
-        return out
-
-    def capture_from(self, prepared: PreparedSample) -> int:
-        """First position whose hidden states the clean run must keep for this experiment."""
-        start = min(min(p) for p in self.positions(prepared).values() if p)
-        if self.attention is not None:
-            start = min(start, attention_capture_from(prepared.groups, self.attention))
-        return start
-
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
-        """Tables for one sample: ``samples``, and for kept samples ``lens``, ``lens_top``
-        (and ``attention``)."""
-        flow_like = FlowSettings(keep_all=self.keep_all, max_new_tokens=self.max_new_tokens)
-        clean, row = baseline(loaded, prepared, flow_like, self.capture_from(prepared))
-        tables: dict[str, list[dict[str, Any]]] = {"samples": [row]}
-        if not row["kept"]:
-            return tables
-        tables.update(lens_tables(loaded, prepared, clean, row, self))
-        if self.attention is not None:
-            tables["attention"] = attention_rows(
-                loaded.model, loaded.adapter, prepared, clean, self.attention, task=str(row["task"])
-            )
+def lens_sample_tables(loaded: LoadedModel, prepared: PreparedSample, settings: LensSettings) -> dict[str, list[Row]]:
+    """Tables for one sample (:meth:`LensSettings.analyse`): ``samples``, and for kept samples
+    ``lens``, ``lens_top`` (and ``attention``)."""
+    flow_like = FlowSettings(keep_all=settings.keep_all, max_new_tokens=settings.max_new_tokens)
+    clean, row = baseline(loaded, prepared, flow_like, settings.capture_from(prepared))
+    tables: dict[str, list[Row]] = {"samples": [row]}
+    if not row.kept:
         return tables
+    tables.update(lens_tables(loaded, prepared, clean, row, settings))
+    if settings.attention is not None:
+        tables["attention"] = attention_rows(loaded.decoder, prepared, clean, settings.attention, task=row.task)
+    return tables
 
 
 # --- reading results ---------------------------------------------------------------------------------
@@ -390,54 +302,3 @@ def summarise_lens(lens: pd.DataFrame) -> dict[str, Any]:
         }
     return out
 
-
-# --- result tables -----------------------------------------------------------------------------------
-
-
-def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
-    return pa.field(name, type_, nullable=False, metadata={"doc": doc})
-
-
-_WHERE = [
-    _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-    _field("task", pa.string(), "Task name of the sample; '' when unknown."),
-    _field("readout", pa.string(), "'raw' (the paper's: no final norm below the last layer) or 'normed' (final norm at every layer)."),
-    _field("group", pa.string(), "Position group read: 'last' (the final prompt position) or a requested group such as 'question'."),
-    _field("position", pa.int32(), "0-based position in the language-model sequence."),
-    _field(
-        "layer",
-        pa.int32(),
-        "Layer boundary j = 0..L: 0 = embedding output, j = output of decoder layer j-1 (0-based), L = last layer's output.",
-    ),
-]
-
-LENS_SCHEMA = pa.schema(
-    [
-        *_WHERE,
-        _field("form", pa.string(), "Tracked form: answer, answer_capitalized, false_option, false_option_capitalized or generated."),
-        _field("final_norm", pa.bool_(), "True when the final norm was applied before unembedding (normed: always; raw: only at j = L)."),
-        _field("word", pa.string(), "The word whose first sub-token is tracked (e.g. 'Red')."),
-        _field("token_id", pa.int64(), "Vocabulary id of the tracked first sub-token."),
-        _field("token", pa.string(), "That token as the tokenizer spells it (e.g. '▁Red')."),
-        _field("prob", pa.float64(), "Its probability, softmax over the full vocabulary (0..1)."),
-        _field("log_prob", pa.float64(), "Natural log of prob."),
-        _field("rank", pa.int32(), "1 + number of tokens with a strictly larger logit (1 = top-1)."),
-    ]
-)
-
-LENS_TOP_SCHEMA = pa.schema(
-    [
-        *_WHERE,
-        _field("final_norm", pa.bool_(), "True when the final norm was applied before unembedding."),
-        _field("input_token", pa.string(), "The input token at this position (e.g. '▁square', '<image>')."),
-        _field("top_token_ids", pa.list_(pa.int64()), "Ids of the top-k tokens, most probable first."),
-        _field("top_tokens", pa.list_(pa.string()), "The top-k tokens as the tokenizer spells them."),
-        _field("top_probs", pa.list_(pa.float64()), "Their probabilities (0..1)."),
-        _field("entropy", pa.float64(), "Entropy of the readout distribution (nats)."),
-    ]
-)
-
-LENS_TABLE = register_table(
-    TableSpec("lens", LENS_SCHEMA, ("sample_id", "readout", "group", "position", "layer", "form"))
-)
-LENS_TOP_TABLE = register_table(TableSpec("lens_top", LENS_TOP_SCHEMA, ("sample_id", "readout", "group", "position", "layer")))

@@ -14,10 +14,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmflow.adapters.base import Encoded
 from vlmflow.data.sample import Sample, find_image
 from vlmflow.errors import SampleError
 from vlmflow.experiments.answer_tokens import first_subtoken
+from vlmflow.inputs import Encoded
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
 from vlmflow.positions.groups import PositionGroups
@@ -62,7 +62,7 @@ def check_answer_tokens(tokenizer: Any, sample: Sample) -> None:
     never be produced by the model, so the sample would be scored wrong for a reason that has
     nothing to do with the model's answer.
 
-    >>> from vlmflow.testing.tokenizers import build_tokenizer
+    >>> from vlmflow.tiny.tokenizers import build_tokenizer
     >>> check_answer_tokens(build_tokenizer("word"), Sample("q1", "i", "Is it red?", "zebra"))
     Traceback (most recent call last):
     ...
@@ -92,10 +92,10 @@ def prepare_sample(
     >>> prepared.groups[Group.QUESTION]                             # doctest: +SKIP
     (42, 43, 44, 45, 46, 47)
     """
-    adapter = loaded.adapter
+    pipeline = loaded.inputs
     if check_answer:
         check_answer_tokens(loaded.tokenizer, sample)
-    placeholder = adapter.image_token(loaded.processor)
+    placeholder = pipeline.image_token
     if placeholder and placeholder in sample.question:
         raise SampleError(
             f"question {sample.question!r} contains the image placeholder {placeholder!r}, so the question text "
@@ -103,11 +103,9 @@ def prepare_sample(
             stage="prompt",
         )
     try:
-        encoded = adapter.encode(loaded.model, loaded.processor, loaded.template, sample.question, image, loaded.options)
+        encoded = pipeline.encode(sample.question, image)
     except (ValueError, TypeError) as exc:  # the processor rejects this input (e.g. an image it cannot resize)
         raise SampleError(f"the model's processor rejects this sample: {type(exc).__name__}: {exc}", stage="encode") from exc
-    layout = adapter.image_layout(loaded.model, loaded.processor, encoded, loaded.options)
-    groups = build_position_groups(
-        encoded, adapter.image_token_id(loaded.model), layout, sample, random_draw=random_draw
-    )
+    layout = pipeline.image_layout(encoded)
+    groups = build_position_groups(encoded, pipeline.image_token_id, layout, sample, random_draw=random_draw)
     return PreparedSample(sample=sample, encoded=encoded, groups=groups)

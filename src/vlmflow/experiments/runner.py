@@ -26,10 +26,12 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
 from vlmflow.errors import ConfigError, SampleError
-from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
+from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.knockout.fast import release_cached_memory
+from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
+from vlmflow.results.tables import ErrorRow, Row
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +42,8 @@ MAX_SUMMARY_ERRORS = 100
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to load the model (the identity part of a run spec).
-
-    >>> ModelSpec("llava-hf/llava-1.5-7b-hf").dtype
-    'auto'
-    """
-
-    name: str
-    dtype: str = "auto"
-    device: str = "auto"
-    attn_implementation: str = "sdpa"
-    revision: str | None = None
-    allow_hub: bool = False
-    template: str | None = None
-    options: tuple[tuple[str, Any], ...] = ()
-    trust_remote_code: bool = False
-
-    def load(self) -> LoadedModel:
-        return load_model(
-            self.name,
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn_implementation,
-            revision=self.revision,
-            allow_hub=self.allow_hub,
-            trust_remote_code=self.trust_remote_code,
-            template=self.template,
-            options=dict(self.options),
-        )
+#: The old name of :class:`~vlmflow.load_spec.LoadSpec` (how to load the model; the model part of a run spec).
+ModelSpec = LoadSpec
 
 
 @dataclass(frozen=True)
@@ -89,12 +63,13 @@ class Experiment(Protocol):
     """What the runner needs from an experiment's settings (see :class:`FlowSettings`)."""
 
     name: str  # "flows", "lens", ...
+    engine: Engine  # the engine the start-up self-test checks
 
     def identity(self) -> dict[str, Any]:
         """JSON-able settings that must match for a run directory to be resumed."""
         ...
 
-    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[dict[str, Any]]]:
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> dict[str, list[Row]]:
         """Tables to commit for one sample (always including its ``samples`` row)."""
         ...
 
@@ -103,18 +78,18 @@ class Experiment(Protocol):
 class RunSpec:
     """Everything that defines a run: model, data and experiment; its hash names the run directory."""
 
-    model: ModelSpec
+    model: LoadSpec
     data: DataSpec
     experiment: Experiment = field(default_factory=FlowSettings)
     name: str | None = None
 
     def identity(self, loaded: LoadedModel | None = None) -> dict[str, Any]:
-        """The part of the spec that must match for a run directory to be resumed."""
-        model = asdict(self.model)
-        model.pop("device")  # where it runs is provenance, not identity
-        model.pop("allow_hub")  # permissions, not settings: they do not change results
-        model.pop("trust_remote_code")
-        model["options"] = dict(self.model.options)
+        """The part of the spec that must match for a run directory to be resumed.
+
+        The model's and the experiment's parts are their fields declared part of the identity
+        (:func:`vlmflow.settings.setting`); with ``loaded``, what the model resolved to as well.
+        """
+        model = self.model.identity()
         if loaded is not None:
             model["resolved_dtype"] = loaded.info["dtype"]
             model["prompt_template"] = loaded.info["prompt_template"]
@@ -196,7 +171,7 @@ def provenance(loaded: LoadedModel) -> dict[str, Any]:
     }
 
 
-def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]:
+def load_data(spec: DataSpec) -> tuple[list[Sample], list[ErrorRow], Path]:
     """Read the samples and resolve the images folder; raise :class:`ConfigError` on bad config.
 
     Returns the samples (limited), error rows for malformed lines, and the images folder.
@@ -205,9 +180,7 @@ def load_data(spec: DataSpec) -> tuple[list[Sample], list[dict[str, Any]], Path]
 
     result, _task = load_samples(spec.data)
     samples = result.samples[: spec.limit] if spec.limit else result.samples
-    errors = [
-        {"sample_id": f"line:{err.line}", "stage": "read", "reason": err.reason} for err in result.errors
-    ]
+    errors = [ErrorRow(sample_id=f"line:{err.line}", stage="read", reason=err.reason) for err in result.errors]
     if spec.images is not None:
         images = Path(spec.images)
     else:
@@ -239,7 +212,7 @@ def iter_samples(
     samples: list[Sample],
     images: Path,
     experiment: Experiment,
-) -> Iterator[dict[str, list[dict[str, Any]]]]:
+) -> Iterator[dict[str, list[Row]]]:
     """Yield, per sample, the tables to commit (the experiment's tables, or an ``errors`` row)."""
     for sample in samples:
         out_of_memory: str | None = None
@@ -249,7 +222,7 @@ def iter_samples(
             tables = experiment.analyse(loaded, prepared)
         except SampleError as exc:
             log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
-            yield {"errors": [{"sample_id": sample.sample_id, "stage": exc.stage, "reason": exc.reason}]}
+            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage=exc.stage, reason=exc.reason)]}
             continue
         except torch.OutOfMemoryError as exc:  # the engine already retried with smaller folds
             out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
@@ -258,7 +231,7 @@ def iter_samples(
             free_memory()
             reason = f"out of memory even at the smallest fold size: {out_of_memory}"
             log.warning("sample %s skipped: %s", sample.sample_id, reason)
-            yield {"errors": [{"sample_id": sample.sample_id, "stage": "memory", "reason": reason}]}
+            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage="memory", reason=reason)]}
             continue
         yield tables
 
@@ -284,15 +257,15 @@ def run_to_store(
     stops the run with :class:`~vlmflow.experiments.selftest.SelfTestError`. ``self_test=False``
     skips it (for benchmarks that time the samples alone).
 
-    >>> spec = RunSpec(ModelSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))  # doctest: +SKIP
+    >>> spec = RunSpec(LoadSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))   # doctest: +SKIP
     >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
     PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
     """
     from vlmflow.experiments.selftest import run_self_test
 
     data = load_data(spec.data)
-    loaded = loaded or spec.model.load()
-    report = run_self_test(loaded, getattr(spec.experiment, "engine", "fast")) if self_test else None
+    loaded = loaded or load_model(spec.model)
+    report = run_self_test(loaded, spec.experiment.engine) if self_test else None
     torch.manual_seed(SEED)
     run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
     started = time.perf_counter()
@@ -332,7 +305,7 @@ def open_run(
     spec: RunSpec,
     out: Path | str,
     stored: dict[str, Any],
-    data: tuple[list[Sample], list[dict[str, Any]], Path],
+    data: tuple[list[Sample], list[ErrorRow], Path],
 ) -> OpenRun:
     """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
 
@@ -345,7 +318,7 @@ def open_run(
     path = Path(out) / spec.run_name()
     store = RunStore.open(path, stored)
     done = store.done_sample_ids()
-    fresh_read_errors = [e for e in read_errors if e["sample_id"] not in done]
+    fresh_read_errors = [e for e in read_errors if e.sample_id not in done]
     if fresh_read_errors:
         store.commit({"errors": fresh_read_errors})
     todo = [s for s in samples if s.sample_id not in done]

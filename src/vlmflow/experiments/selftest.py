@@ -38,9 +38,10 @@ from torch import nn
 from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.attention import eager_attention
+from vlmflow.experiments.engines import ENGINES
 from vlmflow.experiments.prepare import PreparedSample, prepare_sample
-from vlmflow.knockout.fast import affected_starts, clean_run, fast_logits
-from vlmflow.knockout.reference import attention_knockout, clean_logits, reference_logits
+from vlmflow.experiments.settings import Engine
+from vlmflow.knockout.reference import attention_knockout
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.groups import Group
@@ -131,26 +132,12 @@ def _knockouts(prepared: PreparedSample, n_layers: int) -> tuple[Knockout, Knock
 
 
 @torch.no_grad()
-def _logits(loaded: LoadedModel, prepared: PreparedSample, knockouts: Sequence[Knockout], engine: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(clean [vocab], knocked-out [len(knockouts), vocab])`` float32 CPU logits via ``engine``."""
-    model, adapter, encoded = loaded.model, loaded.adapter, prepared.encoded
-    if engine == "fast":
-        starts = affected_starts(adapter, encoded, adapter.n_layers(model), list(knockouts))
-        start = min((s for s in starts if s >= 0), default=0)
-        clean = clean_run(model, adapter, encoded, capture_from=start)
-        return clean.logits.cpu(), fast_logits(model, adapter, encoded, clean, knockouts).cpu()
-    if engine == "reference":
-        return clean_logits(model, encoded).cpu(), reference_logits(model, adapter, encoded, knockouts).cpu()
-    raise ConfigError(f"unknown engine {engine!r}; valid: fast, reference")
-
-
-@torch.no_grad()
 def _eager_probabilities(
     loaded: LoadedModel, prepared: PreparedSample, knockout: Knockout, targets: Sequence[int]
 ) -> tuple[float, float]:
     """``(largest blocked probability under the knockout, smallest clean image mass of a target row)``,
     over all layers and heads, from the eager kernel's attention probabilities."""
-    model, adapter, encoded = loaded.model, loaded.adapter, prepared.encoded
+    decoder, encoded = loaded.decoder, prepared.encoded
     image = list(prepared.groups[Group.IMAGE])
     rows = list(targets)
     captured: dict[int, torch.Tensor] = {}
@@ -166,32 +153,29 @@ def _eager_probabilities(
 
     def run(with_knockout: bool) -> dict[int, torch.Tensor]:
         captured.clear()
-        handles = [
-            adapter.attention_module(model, layer).register_forward_hook(make_hook(layer))
-            for layer in range(adapter.n_layers(model))
-        ]
+        handles = [decoder.attention(layer).register_forward_hook(make_hook(layer)) for layer in range(decoder.n_layers)]
         try:
             if with_knockout:
-                with attention_knockout(model, adapter, encoded, knockout):
-                    model(**encoded.inputs, logits_to_keep=1)
+                with attention_knockout(decoder, encoded, knockout):
+                    decoder.model(**encoded.inputs, logits_to_keep=1)
             else:
-                model(**encoded.inputs, logits_to_keep=1)
+                decoder.model(**encoded.inputs, logits_to_keep=1)
         finally:
             for handle in handles:
                 handle.remove()
         return dict(captured)
 
-    with eager_attention(model, adapter):
+    with eager_attention(decoder):
         blocked = run(True)
         clean = run(False)
-    if len(blocked) != adapter.n_layers(model):
-        raise SelfTestError(f"self-test: captured attention of {len(blocked)} of {adapter.n_layers(model)} layers")
+    if len(blocked) != decoder.n_layers:
+        raise SelfTestError(f"self-test: captured attention of {len(blocked)} of {decoder.n_layers} layers")
     largest = max(float(w.max()) for w in blocked.values())
     smallest = min(float(w.sum(-1).min()) for w in clean.values())
     return largest, smallest
 
 
-def run_self_test(loaded: LoadedModel, engine: str = "fast") -> SelfTestReport:
+def run_self_test(loaded: LoadedModel, engine: Engine = Engine.FAST) -> SelfTestReport:
     """Check on ``loaded`` that a knockout through ``engine`` really blocks; raise :class:`SelfTestError` if not.
 
     >>> report = run_self_test(loaded, "fast")   # doctest: +SKIP
@@ -199,8 +183,8 @@ def run_self_test(loaded: LoadedModel, engine: str = "fast") -> SelfTestReport:
     0.0
     """
     started = time.perf_counter()
-    impl = loaded.adapter.attention_implementation(loaded.model)
-    loaded.adapter.check_attention_backend(loaded.model)
+    impl = loaded.decoder.attention_implementation
+    loaded.decoder.check_attention_backend()
     image_a, image_b = self_test_images()
     prepared_a, prepared_b = _prepare(loaded, image_a), _prepare(loaded, image_b)
     if prepared_a.encoded.seq_len != prepared_b.encoded.seq_len:
@@ -208,8 +192,9 @@ def run_self_test(loaded: LoadedModel, engine: str = "fast") -> SelfTestReport:
     isolate, no_op, targets = _knockouts(prepared_a, loaded.n_layers)
     if not targets:
         raise SelfTestError("self-test: the prompt has no text position after the image, nothing to test")
-    clean_a, knocked_a = _logits(loaded, prepared_a, [isolate, no_op], engine)
-    clean_b, knocked_b = _logits(loaded, prepared_b, [isolate], engine)
+    implementation = ENGINES[engine]
+    clean_a, knocked_a = implementation.self_test_logits(loaded, prepared_a.encoded, [isolate, no_op])
+    clean_b, knocked_b = implementation.self_test_logits(loaded, prepared_b.encoded, [isolate])
     for name, tensor in (("clean", clean_a), ("knocked-out", knocked_a), ("clean (image B)", clean_b)):
         if not bool(torch.isfinite(tensor).all()):
             raise SelfTestError(f"self-test: the {name} forward produced non-finite logits")
@@ -219,7 +204,7 @@ def run_self_test(loaded: LoadedModel, engine: str = "fast") -> SelfTestReport:
     no_op_error = float((knocked_a[1] - clean_a).abs().max())
     blocked_p, clean_p = _eager_probabilities(loaded, prepared_a, isolate, targets)
     report = SelfTestReport(
-        engine=engine,
+        engine=str(engine),
         attn_implementation=impl,
         clean_image_effect=image_effect,
         knockout_image_effect=isolation,

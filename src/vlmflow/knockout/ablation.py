@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, VLMAdapter
+from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.errors import ConfigError, UnsupportedModelError, VlmflowError
+from vlmflow.inputs import Encoded
 from vlmflow.positions.groups import Group, PositionGroups
 
 
@@ -135,25 +136,18 @@ class Ablation:
 AblationValues = dict[int, torch.Tensor]
 
 
-def site_module(adapter: VLMAdapter, model: nn.Module, site: Site, layer: int) -> nn.Module:
+def site_module(decoder: DecoderMap, site: Site, layer: int) -> nn.Module:
     """The module whose output is ``site`` in decoder layer ``layer``.
 
-    Attention comes from :meth:`VLMAdapter.attention_module`. For the MLP an adapter may define
-    ``mlp_module(model, layer)``; otherwise the decoder layer's ``mlp`` child is used (the name every
-    Llama-style decoder in transformers uses), and a clear error is raised when it has none.
+    Attention and MLP come from the decoder map (:meth:`DecoderMap.attention`,
+    :meth:`DecoderMap.mlp`); a decoder layer without an MLP child gives a clear error.
     """
     if site is Site.ATTENTION:
-        return adapter.attention_module(model, layer)
-    getter = getattr(adapter, "mlp_module", None)
-    if callable(getter):
-        return getter(model, layer)
-    module = getattr(adapter.decoder_layers(model)[layer], "mlp", None)
-    if not isinstance(module, nn.Module):
-        raise UnsupportedModelError(
-            f"decoder layer {layer} of {type(model).__name__} has no 'mlp' module; the {adapter.family!r} "
-            "adapter must define mlp_module(model, layer) for MLP ablations"
-        )
-    return module
+        return decoder.attention(layer)
+    try:
+        return decoder.mlp(layer)
+    except ConfigError as exc:
+        raise UnsupportedModelError(f"{exc}; MLP ablations need the family's decoder map to name it") from None
 
 
 def check_ablations(ablations: Sequence[Ablation], n_layers: int, seq_len: int) -> None:
@@ -178,18 +172,16 @@ def _with_tensor(output: Any, tensor: torch.Tensor) -> Any:
 
 
 @torch.no_grad()
-def replacement_values(
-    model: nn.Module, adapter: VLMAdapter, encoded: Encoded, ablations: Sequence[Ablation]
-) -> list[AblationValues]:
+def replacement_values(decoder: DecoderMap, encoded: Encoded, ablations: Sequence[Ablation]) -> list[AblationValues]:
     """Per ablation, the ``[d_model]`` replacement vector of each of its layers.
 
     Zero ablations need no forward. Mean ablations share one clean full forward whose forward hooks
     average each needed (site, layer) output over the requested positions (in float32, then cast
     back to the model dtype); hooks are removed in ``finally``.
     """
-    dtype = next(model.parameters()).dtype
-    device = encoded.inputs["input_ids"].device
-    d_model = adapter.language_model(model).config.hidden_size
+    dtype = decoder.dtype
+    device = encoded.device
+    d_model = decoder.hidden_size
     wanted: dict[tuple[Site, int], set[tuple[int, ...]]] = {}
     for a in ablations:
         if a.mode is AblationMode.MEAN and not a.is_empty:
@@ -212,9 +204,9 @@ def replacement_values(
 
         try:
             for (site, layer), sets in wanted.items():
-                module = site_module(adapter, model, site, layer)
+                module = site_module(decoder, site, layer)
                 handles.append(module.register_forward_hook(make_hook(site, layer, sets)))
-            model(**encoded.inputs, logits_to_keep=1)
+            decoder.model(**encoded.inputs, logits_to_keep=1)
         finally:
             for handle in handles:
                 handle.remove()
@@ -236,22 +228,20 @@ def _replace_rows(hidden: torch.Tensor, rows: torch.Tensor, value: torch.Tensor)
 
 
 @contextmanager
-def module_ablation(
-    model: nn.Module, adapter: VLMAdapter, encoded: Encoded, ablation: Ablation, values: AblationValues
-) -> Iterator[None]:
+def module_ablation(decoder: DecoderMap, encoded: Encoded, ablation: Ablation, values: AblationValues) -> Iterator[None]:
     """Inside the block, a full forward of ``encoded`` runs with ``ablation`` applied.
 
     Forward hooks on the site module of every ablated layer overwrite the rows of ``positions``;
     they refuse calls that do not cover the whole prompt (e.g. generation steps) and are removed in
     ``finally``.
 
-    >>> values = replacement_values(model, adapter, encoded, [ablation])[0]      # doctest: +SKIP
-    >>> with module_ablation(model, adapter, encoded, ablation, values):         # doctest: +SKIP
-    ...     logits = model(**encoded.inputs).logits
+    >>> values = replacement_values(decoder, encoded, [ablation])[0]      # doctest: +SKIP
+    >>> with module_ablation(decoder, encoded, ablation, values):         # doctest: +SKIP
+    ...     logits = decoder.model(**encoded.inputs).logits
     """
-    check_ablations([ablation], adapter.n_layers(model), encoded.seq_len)
+    check_ablations([ablation], decoder.n_layers, encoded.seq_len)
     n = encoded.seq_len
-    device = encoded.inputs["input_ids"].device
+    device = encoded.device
     rows = torch.as_tensor(ablation.positions, dtype=torch.long, device=device)
     handles = []
 
@@ -270,7 +260,7 @@ def module_ablation(
     try:
         if not ablation.is_empty:
             for layer in ablation.layers:
-                module = site_module(adapter, model, ablation.site, layer)
+                module = site_module(decoder, ablation.site, layer)
                 handles.append(module.register_forward_hook(make_hook(layer)))
         yield
     finally:
@@ -279,26 +269,23 @@ def module_ablation(
 
 
 @torch.no_grad()
-def reference_ablation_logits(
-    model: nn.Module, adapter: VLMAdapter, encoded: Encoded, ablations: Sequence[Ablation]
-) -> torch.Tensor:
+def reference_ablation_logits(decoder: DecoderMap, encoded: Encoded, ablations: Sequence[Ablation]) -> torch.Tensor:
     """Last-position logits ``[len(ablations), vocab]`` (float32), one full forward per ablation.
 
-    >>> logits = reference_ablation_logits(model, adapter, encoded, [ablation])   # doctest: +SKIP
+    >>> logits = reference_ablation_logits(decoder, encoded, [ablation])   # doctest: +SKIP
     """
-    values = replacement_values(model, adapter, encoded, ablations)
+    values = replacement_values(decoder, encoded, ablations)
     out = []
     for ablation, vals in zip(ablations, values, strict=True):
-        with module_ablation(model, adapter, encoded, ablation, vals):
-            logits = model(**encoded.inputs, logits_to_keep=1).logits
+        with module_ablation(decoder, encoded, ablation, vals):
+            logits = decoder.model(**encoded.inputs, logits_to_keep=1).logits
         out.append(logits[0, -1].float())
     return torch.stack(out) if out else torch.empty(0)
 
 
 @contextmanager
 def folded_ablation(
-    model: nn.Module,
-    adapter: VLMAdapter,
+    decoder: DecoderMap,
     layer: int,
     variants: Sequence[Any],
     values: Mapping[int, AblationValues],
@@ -337,7 +324,7 @@ def folded_ablation(
 
     with ExitStack() as stack:
         for site, (rows, vals) in per_site.items():
-            module = site_module(adapter, model, site, layer)
+            module = site_module(decoder, site, layer)
             handle = module.register_forward_hook(make_hook(site, torch.cat(rows), torch.cat(vals)))
             stack.callback(handle.remove)
         yield

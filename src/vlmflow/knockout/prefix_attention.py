@@ -14,24 +14,25 @@ allowed keys, so the result is exact up to floating-point rounding.
 
 The mask it takes is the *compact* allowed mask ``[1, 1|H, k*S, t0 + S]``: row ``v*S + i`` lists
 what variant ``v``'s suffix position ``t0 + i`` may read, prefix columns first, then its own
-suffix columns. For one variant this is the ordinary dense mask, so a call that did not come
-through here would still be right; for several the key lengths differ and the kernel raises.
+suffix columns. The keys/values it receives are the variants' own ``k*S`` only (the prefix comes
+with the call), so a call that did not come through here fails on the shapes instead of
+attending without the prefix.
 
-A call may also ask for fewer query rows than keys per variant (:attr:`PrefixLayout.queries`, e.g.
-only each variant's last row in the top layer): then the queries are ``[1, H, k*Q, D]``, the keys
-still ``t0 + k*S``, and the mask ``[1, 1|H, k*Q, t0 + S]``.
+A call may also ask for fewer query rows than keys per variant (:attr:`FoldCall.queries`, e.g.
+only each variant's last row in the top layer): then the queries are ``[1, H, k*Q, D]``, the own
+keys still ``k*S``, and the mask ``[1, 1|H, k*Q, t0 + S]``.
 
-Routing: :func:`shared_prefix_attention` registers :func:`shared_prefix_attention_forward` with
-transformers' ``AttentionInterface`` and names it in the decoder's config for the duration of the
-block only (both undone in ``finally``, also after an error); no module's ``forward`` is touched.
-Every call counts itself so the engine can check the attention really went through it.
+Routing: :func:`register` registers :func:`shared_prefix_attention_forward` with transformers'
+``AttentionInterface`` (its public ``register``); the fold strategy
+(:class:`~vlmflow.knockout.strategy.SharedPrefixFold`) makes the decoder use it for the duration
+of an engine call (the model's public ``set_attn_implementation``, restored in ``finally``) and
+hands every call its inputs explicitly, as the attention keyword ``vlmflow_fold`` (a
+:class:`FoldCall`). Without that keyword the function is transformers' sdpa attention. No module's
+``forward`` is touched, and nothing is shared between calls but what the caller passes.
 """
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,40 +44,52 @@ from vlmflow.knockout.mask import any_last
 #: Name under which the attention function is registered with transformers.
 ATTENTION_NAME = "vlmflow_shared_prefix"
 
-#: Use torch's fused CPU flash kernel for the prefix part when it exists (tests switch it off).
-USE_FUSED_CPU = True
-
 #: Bound on the float32 score tensor of one chunk of key/value heads (bytes), without the fused kernel.
 SCORE_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass
-class PrefixLayout:
-    """The folded layout of the layer calls inside :func:`shared_prefix_attention`.
+class FoldCall:
+    """What the attention of one folded layer call needs, handed to it as the keyword ``vlmflow_fold``.
 
     Attributes:
         t0: length of the shared prefix (keys ``< t0`` are shared by all variants).
         suffix: query rows (and own keys) per variant, ``S``.
-        calls: how many attention calls went through the shared-prefix path.
-        queries: query rows per variant in the next call (``None``: ``suffix``, every row); the
-            engine sets it before a call that computes only some rows of each variant.
-        prefix_visible: the engine's promise for the next call that every query row may read every
-            prefix key (no knockout edge and no clean-mask edge cuts the prefix), so the prefix part
-            needs no mask. The mask is still checked against it (cheaply: see :func:`_attend`).
-        prefix: the shared prefix keys/values ``[1, kv_heads, t0, head_dim]`` of the next call, when
-            the layer's cache hands the attention only the variants' own keys (``k*S`` of them)
-            instead of ``[prefix ; own]``: saves concatenating the prefix in every layer.
+        prefix: the shared prefix keys/values ``[1, kv_heads, t0, head_dim]``; the layer's cache
+            hands the attention only the variants' own keys (``k*S`` of them), so the prefix is never
+            concatenated per layer call.
+        queries: query rows per variant in this call (``None``: ``suffix``, every row), e.g. only
+            each variant's last row in the top layer.
+        prefix_visible: the engine's promise that every query row may read every prefix key (no
+            knockout edge and no clean-mask edge cuts the prefix), so the prefix part needs no mask;
+            the mask is still checked against it (cheaply: see :func:`_attend`).
+        fused: use torch's fused CPU flash kernel where it exists (tests switch it off).
+        done: set by the attention function once it has attended this call.
+
+    >>> FoldCall(t0=600, suffix=31, prefix=(keys, values)).queries is None   # doctest: +SKIP
+    True
     """
 
     t0: int
     suffix: int
-    calls: int = 0
+    prefix: tuple[torch.Tensor, torch.Tensor]
     queries: int | None = None
     prefix_visible: bool = False
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+    fused: bool = True
+    done: bool = False
 
 
-_LAYOUT: contextvars.ContextVar[PrefixLayout | None] = contextvars.ContextVar("vlmflow_prefix_layout", default=None)
+def register() -> str:
+    """Register :func:`shared_prefix_attention_forward` with transformers (idempotent); its name.
+
+    >>> register()
+    'vlmflow_shared_prefix'
+    """
+    from transformers import AttentionInterface
+
+    if AttentionInterface().get(ATTENTION_NAME) is not shared_prefix_attention_forward:
+        AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
+    return ATTENTION_NAME
 
 
 def shared_prefix_attention_forward(
@@ -87,39 +100,35 @@ def shared_prefix_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    vlmflow_fold: FoldCall | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """An ``AttentionInterface`` function: ``query [1, H, k*Q, D]``, ``key/value [1, Hkv, t0 + k*S, D]``.
+    """An ``AttentionInterface`` function: ``query [1, H, k*Q, D]``, own ``key/value [1, Hkv, k*S, D]``.
 
-    ``Q`` is :attr:`PrefixLayout.queries` (``S`` unless the engine asks for fewer rows per variant).
-    When :attr:`PrefixLayout.prefix` is set, ``key/value`` are only the ``k*S`` own keys and the
-    prefix comes from there.
+    ``Q`` is :attr:`FoldCall.queries` (``S`` unless the engine asks for fewer rows per variant);
+    the prefix keys/values come from :attr:`FoldCall.prefix`.
 
-    Returns ``([1, k*S, H, D], None)`` like transformers' sdpa function. Outside a
-    :func:`shared_prefix_attention` block, or for arguments it does not model (attention sinks,
-    logit soft-capping, dropout), it hands the call to transformers' sdpa function unchanged.
+    Returns ``([1, k*Q, H, D], None)`` like transformers' sdpa function. Without ``vlmflow_fold``,
+    or for arguments it does not model (attention sinks, logit soft-capping, dropout), it is
+    transformers' sdpa function (with the prefix put back in front of the keys).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    layout = _LAYOUT.get()
-    if layout is None:
+    call = vlmflow_fold
+    if call is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    t0, suffix = layout.t0, layout.suffix
-    per_variant = layout.queries if layout.queries is not None else suffix
+    t0, suffix = call.t0, call.suffix
+    per_variant = call.queries if call.queries is not None else suffix
     batch, n_heads, rows, dim = query.shape
     n_kv = key.shape[1]
     k = rows // per_variant
-    if layout.prefix is not None:
-        prefix_key, prefix_value = layout.prefix
-        own_key, own_value = key, value
-        if prefix_key.shape[2] != t0 or key.shape[2] != k * suffix:
-            raise ValueError(
-                f"shared-prefix attention expected {t0} prefix keys and {k} x {suffix} own keys, "
-                f"got {tuple(prefix_key.shape)} and {tuple(key.shape)}"
-            )
-    else:
-        prefix_key, prefix_value = key[:, :, :t0], value[:, :, :t0]
-        own_key, own_value = key[:, :, t0:], value[:, :, t0:]
+    prefix_key, prefix_value = call.prefix
+    own_key, own_value = key, value
+    if prefix_key.shape[2] != t0 or key.shape[2] != k * suffix:
+        raise ValueError(
+            f"shared-prefix attention expected {t0} prefix keys and {k} x {suffix} own keys, "
+            f"got {tuple(prefix_key.shape)} and {tuple(key.shape)}"
+        )
     if batch != 1 or rows != k * per_variant or own_key.shape[2] != k * suffix or attention_mask is None:
         raise ValueError(
             f"shared-prefix attention expected 1 x {k} x {per_variant} query rows and {t0} + {k} x {suffix} keys with a "
@@ -128,11 +137,10 @@ def shared_prefix_attention_forward(
         )
     if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (rows, t0 + suffix):
         raise ValueError(f"shared-prefix attention needs the compact bool mask [.., {rows}, {t0 + suffix}], got {attention_mask.dtype} {tuple(attention_mask.shape)}")
-    layout.calls += 1
+    call.done = True
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or (dropout and module.training):
         dense = compact_to_dense(attention_mask, t0, suffix, per_variant)
-        if layout.prefix is not None:
-            key, value = torch.cat([prefix_key, own_key], dim=2), torch.cat([prefix_value, own_value], dim=2)
+        key, value = torch.cat([prefix_key, own_key], dim=2), torch.cat([prefix_value, own_value], dim=2)
         return sdpa_attention_forward(module, query, key, value, dense, dropout=dropout, scaling=scaling, **kwargs)
     group = n_heads // n_kv
     scale = scaling if scaling is not None else dim**-0.5
@@ -152,7 +160,8 @@ def shared_prefix_attention_forward(
             m,
             suffix,
             k,
-            layout.prefix_visible,
+            call.prefix_visible,
+            call.fused,
         )
     result = out.view(n_heads, rows, dim).to(query.dtype).transpose(0, 1)  # [rows, H, D]
     return result[None].contiguous(), None
@@ -166,6 +175,7 @@ def _attend(
     suffix: int,
     k: int,
     prefix_visible: bool = False,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Softmax attention of ``q [h, g, k*Q, D]`` (already scaled) over the prefix and own keys.
 
@@ -180,13 +190,13 @@ def _attend(
     """
     t0 = prefix[0].shape[-2]
     if t0 == 0:  # nothing shared (a prefix-LM knockout can start at position 0); fused kernels refuse 0 keys
-        out, _ = _own_part(q, *own, mask, suffix, k)
+        out, _ = _own_part(q, *own, mask, suffix, k, fused)
         return out
     prefix_mask = mask[..., :t0]
     if prefix_visible and not _looks_all_visible(prefix_mask):
         raise RuntimeError("shared-prefix attention was told the prefix is fully visible, but its mask blocks prefix keys")
-    out_p, lse_p = _prefix_part(q, *prefix, None if prefix_visible else prefix_mask)
-    out_o, lse_o = _own_part(q, *own, mask[..., t0:], suffix, k)
+    out_p, lse_p = _prefix_part(q, *prefix, None if prefix_visible else prefix_mask, fused)
+    out_o, lse_o = _own_part(q, *own, mask[..., t0:], suffix, k, fused)
     lse = torch.logaddexp(lse_p, lse_o)  # [h, g, rows]; never -inf: no row is empty (checked by the engine)
     out_p.mul_(torch.exp(lse_p - lse)[..., None])
     return out_p.add_(out_o.mul_(torch.exp(lse_o - lse)[..., None]))
@@ -197,7 +207,9 @@ def _looks_all_visible(mask: torch.Tensor) -> bool:
     return bool(mask[..., 0].all()) and bool(mask[..., -1].all()) and bool(mask[..., 0, :].all())
 
 
-def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_part(
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row over the shared prefix: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
     On CPU torch's fused flash kernel (which also returns the log-sum-exp) is used when present;
@@ -207,13 +219,13 @@ def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     """
     h, g, rows, dim = q.shape
     t0 = key.shape[-2]
-    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused and q.device.type == "cpu" and kernel is not None:
         bias = None
         if mask is not None:
             bias = torch.where(mask, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
             bias = bias.expand(bias.shape[0], g, rows, t0).reshape(1, bias.shape[0], g * rows, t0)
-        out, lse = fused(q.reshape(1, h, g * rows, dim), key[None], value[None], 0.0, False, attn_mask=bias, scale=1.0)
+        out, lse = kernel(q.reshape(1, h, g * rows, dim), key[None], value[None], 0.0, False, attn_mask=bias, scale=1.0)
         out, lse = out.view(h, g, rows, dim).float(), lse.view(h, g, rows).float()
     else:
         scores = torch.matmul(q, key[:, None].transpose(-1, -2)).float()  # [h, g, rows, t0]
@@ -229,7 +241,9 @@ def _prefix_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     return out, lse.masked_fill(~any_last(mask), float("-inf"))
 
 
-def _own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, suffix: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _own_part(
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, suffix: int, k: int, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of variant ``v``'s rows over its own ``S`` keys: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
     ``q [h, g, k*Q, D]`` (``Q`` rows per variant); ``key/value [h, k*S, D]``; ``mask [h|1, g|1, k*Q, S]``.
@@ -241,15 +255,15 @@ def _own_part(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     per_variant = rows // k
     m = mask.reshape(*mask.shape[:2], k, per_variant, suffix)  # [h|1, g|1, k, Q, S]
     visible = any_last(m)  # [h|1, g|1, k, Q]
-    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if USE_FUSED_CPU and q.device.type == "cpu" and fused is not None:
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if fused and q.device.type == "cpu" and kernel is not None:
         qb = q.view(h, g, k, per_variant, dim).permute(2, 0, 1, 3, 4).reshape(k, h, g * per_variant, dim)
         kb = key.view(h, k, suffix, dim).transpose(0, 1)  # [k, h, S, D]
         vb = value.view(h, k, suffix, dim).transpose(0, 1)
         bias = torch.where(m, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
         bias = bias.permute(2, 0, 1, 3, 4).expand(k, bias.shape[0], g, per_variant, suffix)
         bias = bias.reshape(k, bias.shape[1], g * per_variant, suffix)  # [k, h|1, g*Q, S]
-        out, lse = fused(qb, kb, vb, 0.0, False, attn_mask=bias, scale=1.0)[:2]  # [k, h, g*Q, D], [k, h, g*Q]
+        out, lse = kernel(qb, kb, vb, 0.0, False, attn_mask=bias, scale=1.0)[:2]  # [k, h, g*Q, D], [k, h, g*Q]
         out = out.view(k, h, g, per_variant, dim).permute(1, 2, 0, 3, 4).float()
         lse = lse.view(k, h, g, per_variant).permute(1, 2, 0, 3).float()
         # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
@@ -282,34 +296,3 @@ def compact_to_dense(compact: torch.Tensor, t0: int, suffix: int, queries: int |
             ..., v * per_variant : (v + 1) * per_variant, t0:
         ]
     return torch.cat([compact[..., :t0], own], dim=-1)
-
-
-@contextmanager
-def shared_prefix_attention(config: Any, t0: int, suffix: int) -> Iterator[PrefixLayout]:
-    """Inside the block, attention modules reading ``config`` use the shared-prefix path.
-
-    ``config`` is the decoder config the attention modules read ``_attn_implementation`` from; its
-    previous value is restored in ``finally``.
-
-    >>> with shared_prefix_attention(attn.config, t0=600, suffix=31) as layout:   # doctest: +SKIP
-    ...     hidden = layer(hidden, attention_mask=compact_mask, ...)
-    >>> layout.calls                                                               # doctest: +SKIP
-    1
-    """
-    from transformers import AttentionInterface
-
-    mapping = AttentionInterface._global_mapping  # noqa: SLF001
-    added = ATTENTION_NAME not in mapping
-    layout = PrefixLayout(t0=t0, suffix=suffix)
-    previous = config._attn_implementation  # noqa: SLF001
-    token = _LAYOUT.set(layout)
-    try:
-        if added:
-            AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
-        config._attn_implementation = ATTENTION_NAME  # noqa: SLF001
-        yield layout
-    finally:
-        config._attn_implementation = previous  # noqa: SLF001
-        if added:
-            mapping.pop(ATTENTION_NAME, None)
-        _LAYOUT.reset(token)

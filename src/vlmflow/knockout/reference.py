@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmflow.adapters.base import Encoded, VLMAdapter
+from vlmflow.adapters.decoder import DecoderMap
+from vlmflow.adapters.pattern import AttentionPattern
 from vlmflow.errors import VlmflowError
+from vlmflow.inputs import Encoded
 from vlmflow.knockout.mask import check_no_empty_rows, to_kernel_mask
 from vlmflow.knockout.spec import Knockout, check_layers
 
@@ -27,18 +29,18 @@ class HookError(VlmflowError, RuntimeError):
     """The attention module was called in a way the knockout hook cannot handle safely."""
 
 
-def full_allowed(adapter: VLMAdapter, model: nn.Module, encoded: Encoded, knockout: Knockout, layer: int) -> torch.Tensor:
+def full_allowed(
+    pattern: AttentionPattern, encoded: Encoded, knockout: Knockout, layer: int, n_heads: int
+) -> torch.Tensor:
     """``[1, head|1, seq, seq]`` bool mask of layer ``layer`` under ``knockout``."""
     n = encoded.seq_len
-    device = encoded.inputs["input_ids"].device
-    rows = torch.arange(n, device=device)
-    base = adapter.base_allowed(layer, rows, n, encoded)  # [seq, seq]
+    rows = torch.arange(n, device=encoded.device)
+    base = pattern.allowed(layer, rows, n)  # [seq, seq]
     blocked = knockout.blocked_rows(rows, n) if layer in knockout.layers else torch.zeros_like(base)
     if knockout.heads is None or layer not in knockout.layers:
         allowed = (base & ~blocked)[None, None]
     else:
-        n_heads = adapter.n_heads(model)
-        per_head = torch.zeros(n_heads, dtype=torch.bool, device=device)
+        per_head = torch.zeros(n_heads, dtype=torch.bool, device=rows.device)
         per_head[list(knockout.heads)] = True
         allowed = (base[None] & ~(blocked[None] & per_head[:, None, None]))[None]
     check_no_empty_rows(allowed.reshape(-1, n), rows.repeat(allowed.shape[1]))
@@ -46,19 +48,19 @@ def full_allowed(adapter: VLMAdapter, model: nn.Module, encoded: Encoded, knocko
 
 
 @contextmanager
-def attention_knockout(model: nn.Module, adapter: VLMAdapter, encoded: Encoded, knockout: Knockout) -> Iterator[None]:
+def attention_knockout(decoder: DecoderMap, encoded: Encoded, knockout: Knockout) -> Iterator[None]:
     """Inside the block, a full forward of ``encoded`` runs with ``knockout`` applied.
 
-    >>> with attention_knockout(model, adapter, encoded, knockout):   # doctest: +SKIP
-    ...     logits = model(**encoded.inputs).logits
+    >>> with attention_knockout(decoder, encoded, knockout):   # doctest: +SKIP
+    ...     logits = decoder.model(**encoded.inputs).logits
     """
-    adapter.check_attention_backend(model)
-    check_layers([knockout], adapter.n_layers(model), adapter.n_heads(model))
-    impl = adapter.attention_implementation(model)
-    dtype = next(model.parameters()).dtype
+    decoder.check_attention_backend()
+    check_layers([knockout], decoder.n_layers, decoder.n_heads)
+    impl = decoder.attention_implementation
+    pattern = decoder.attention_pattern(encoded)
     n = encoded.seq_len
     masks = {
-        layer: to_kernel_mask(full_allowed(adapter, model, encoded, knockout, layer), impl, dtype)
+        layer: to_kernel_mask(full_allowed(pattern, encoded, knockout, layer, decoder.n_heads), impl, decoder.dtype)
         for layer in knockout.layers
     }
     handles = []
@@ -83,7 +85,7 @@ def attention_knockout(model: nn.Module, adapter: VLMAdapter, encoded: Encoded, 
 
     try:
         for layer in knockout.layers:
-            module = adapter.attention_module(model, layer)
+            module = decoder.attention(layer)
             handles.append(module.register_forward_pre_hook(make_hook(layer), with_kwargs=True))
         yield
     finally:
@@ -92,17 +94,21 @@ def attention_knockout(model: nn.Module, adapter: VLMAdapter, encoded: Encoded, 
 
 
 @torch.no_grad()
-def reference_logits(model: nn.Module, adapter: VLMAdapter, encoded: Encoded, knockouts: Sequence[Knockout]) -> torch.Tensor:
-    """Last-position logits ``[len(knockouts), vocab]`` (float32), one full forward per knockout."""
+def reference_logits(decoder: DecoderMap, encoded: Encoded, knockouts: Sequence[Knockout]) -> torch.Tensor:
+    """Last-position logits ``[len(knockouts), vocab]`` (float32), one full forward per knockout.
+
+    >>> reference_logits(decoder, encoded, knockouts).shape   # doctest: +SKIP
+    torch.Size([6, 32064])
+    """
     out = []
     for knockout in knockouts:
-        with attention_knockout(model, adapter, encoded, knockout):
-            logits = model(**encoded.inputs, logits_to_keep=1).logits
+        with attention_knockout(decoder, encoded, knockout):
+            logits = decoder.model(**encoded.inputs, logits_to_keep=1).logits
         out.append(logits[0, -1].float())
     return torch.stack(out) if out else torch.empty(0)
 
 
 @torch.no_grad()
-def clean_logits(model: nn.Module, encoded: Encoded) -> torch.Tensor:
+def clean_logits(decoder: DecoderMap, encoded: Encoded) -> torch.Tensor:
     """Last-position logits ``[vocab]`` (float32) of the unmodified model."""
-    return model(**encoded.inputs, logits_to_keep=1).logits[0, -1].float()
+    return decoder.model(**encoded.inputs, logits_to_keep=1).logits[0, -1].float()

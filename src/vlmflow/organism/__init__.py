@@ -9,6 +9,9 @@ the alias is a model name wherever a model is named (``--model organism``):
 * ``"organism-planted"``: trained so that its routes follow the paper's story by construction, with
   the planted bands in ``planted_routes.json`` (see :mod:`vlmflow.organism.routes`).
 
+The aliases are declared as entry points of the group ``vlmflow.model_aliases`` (see
+:mod:`vlmflow.aliases`), so the core finds them without importing this package.
+
 >>> organism_path().name, organism_path(PLANTED_ALIAS).name
 ('organism', 'organism-planted')
 """
@@ -35,23 +38,24 @@ def organism_path(alias: str = ALIAS) -> Path:
     return Path(str(resources.files("vlmflow").joinpath("resources", alias)))
 
 
-def resolve_model_name(name: str | Path) -> str:
-    """An organism alias (when no such local folder exists) becomes the packaged checkpoint's folder.
-
-    Any other name is returned unchanged.
+def packaged_checkpoint(alias: str = ALIAS) -> str:
+    """The folder of the packaged organism that ``alias`` stands for.
 
     Raises:
-        ConfigError: an alias is used but the package holds no such organism.
+        ConfigError: the package holds no such organism.
 
-    >>> resolve_model_name("llava-hf/llava-1.5-7b-hf")
-    'llava-hf/llava-1.5-7b-hf'
+    >>> from vlmflow.aliases import resolve_model_name
+    >>> resolve_model_name(ALIAS) == packaged_checkpoint()   # doctest: +SKIP
+    True
     """
-    text = str(name)
-    if text not in ALIASES or Path(text).is_dir():
-        return text
-    path = organism_path(text)
+    path = organism_path(alias)
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {text!r} names a packaged organism, but {path} holds no checkpoint; train one with '{ALIASES[text]}'"
+            f"model {alias!r} names a packaged organism, but {path} holds no checkpoint; train one with '{ALIASES[alias]}'"
         )
     return str(path)
+
+
+def packaged_planted_checkpoint() -> str:
+    """The folder of the packaged planted-route organism (the alias ``"organism-planted"``)."""
+    return packaged_checkpoint(PLANTED_ALIAS)

@@ -20,8 +20,8 @@ from vlmflow.data.sample import TaskType
 from vlmflow.data.scene_questions import ANSWERS, scene_question
 from vlmflow.data.scenes import COLORS, SHAPES, SIZES
 from vlmflow.prompts import ANSWER_SUFFIX, VICUNA_SYSTEM
-from vlmflow.testing.tiny import TinyLlavaConfig, build_tiny_llava
-from vlmflow.testing.tokenizers import DEFAULT_CORPUS, build_tokenizer
+from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava
+from vlmflow.tiny.tokenizers import DEFAULT_CORPUS, build_tokenizer
 
 #: The prompt template the organism is trained with (recorded in its ``vlmflow.json``).
 TEMPLATE = "vicuna_nosys"

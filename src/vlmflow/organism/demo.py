@@ -39,7 +39,7 @@ from vlmflow.data.scene_sets import write_scene_set
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
-from vlmflow.loading import LoadedModel
+from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import PLANTED_ALIAS
 from vlmflow.organism.routes import PlantedRoutes, band_names, routes_for_model
 from vlmflow.plots.flows import write_flow_figures
@@ -102,7 +102,7 @@ def run_demo(
     scenes = out / "scenes"
     files = write_scene_set(scenes, per_task, seed, tasks)
     spec_model = ModelSpec(model, dtype="float32", device="cpu")
-    loaded = loaded or spec_model.load()
+    loaded = loaded or load_model(spec_model)
     result = DemoResult(path=out, scenes=scenes)
     routes = routes_for_model(str(loaded.info.get("model", model)))  # the loaded checkpoint's folder
     decorate = None

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
-from vlmflow.organism import ALIAS, organism_path, resolve_model_name
+from vlmflow.organism import ALIAS, organism_path
 from vlmflow.organism.routes import routes_for_model
 
 

@@ -283,15 +283,12 @@ def train_planted(
 
 def _check_training_groups(s: _Session, processor: Any, template: str, questions: Sequence[SceneQuestion]) -> None:
     """The training masks' groups must be vlmflow's own (checked on real questions through the processor)."""
-    from vlmflow.adapters.registry import adapter_for_architecture
+    from vlmflow.adapters.registry import family_for_model
     from vlmflow.experiments.prepare import prepare_sample
-    from vlmflow.loading import LoadedModel
+    from vlmflow.loading import bind_model
 
     s.encoder.check_against_processor(questions)
-    loaded = LoadedModel(
-        model=s.model, processor=processor, adapter=adapter_for_architecture("LlavaForConditionalGeneration"),
-        template=get_template(template),
-    )  # fmt: skip
+    loaded = bind_model(s.model, processor, family_for_model(s.model), get_template(template), {}, {})
     reference = [prepare_sample(loaded, q.sample, q.scene.render()).groups for q in questions]
     batch = s.encoder.encode(questions, with_answers=False)
     check_groups(batch_groups(batch, s.encoder.tokenizer, s.encoder.image_token_id, GRID, s.image_size), reference)

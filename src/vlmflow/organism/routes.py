@@ -221,7 +221,7 @@ def routes_for_model(name: str | Path) -> PlantedRoutes | None:
     >>> routes_for_model("llava-hf/llava-1.5-7b-hf") is None
     True
     """
-    from vlmflow.organism import resolve_model_name
+    from vlmflow.aliases import resolve_model_name
 
     folder = Path(resolve_model_name(name))
     return read_planted_routes(folder) if folder.is_dir() else None

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
 from vlmflow.positions.groups import Flow, Group
+from vlmflow.results.tables import flows_of
 
 if TYPE_CHECKING:
     from vlmflow.results.store import RunStore
@@ -55,8 +56,7 @@ def flow_panels(flows: Sequence[str | Flow]) -> list[tuple[str, list[str]]]:
     """
     order = [PANEL_LAST, PANEL_IMAGE_QUESTION, PANEL_PARTS_QUESTION]
     panels: dict[str, list[str]] = {}
-    for item in flows:
-        flow = item if isinstance(item, Flow) else Flow.parse(item)
+    for flow in flows_of(str(item) for item in flows).values():
         panels.setdefault(_panel_of(flow), []).append(str(flow))
     ranked = sorted(panels, key=lambda t: (order.index(t) if t in order else len(order), t))
     return [(title, panels[title]) for title in ranked]
@@ -88,7 +88,7 @@ def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None =
     """
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
     table = curves(flows[flows["flow"].isin(order)], "flow", "rel_change")
-    labels = {name: Flow.parse(name).label for name in order}
+    labels = {name: flow.label for name, flow in flows_of(order).items()}
     drawn = draw_curves(ax, table, "flow", order, labels=labels, colors=flow_colors(order))
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_ylabel("Change in probability (%)")
@@ -149,7 +149,7 @@ def kept_flows(store: RunStore) -> pd.DataFrame:
     Only kept samples enter the figures and curves: the paper drops wrongly answered ones, and a
     sample's ``kept`` flag in the ``samples`` table says whether this run did.
     """
-    from vlmflow.results.schema import empty_table
+    from vlmflow.results.tables import empty_table
 
     if "flows" not in store.tables():
         return empty_table("flows").to_pandas()

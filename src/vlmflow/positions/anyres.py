@@ -15,8 +15,9 @@ An anyres image reaches the language model as two parts, in this order:
 
 Everything follows the installed transformers' ``LlavaNextImageProcessor`` /
 ``LlavaOnevisionImageProcessor`` (pixels) and ``pack_image_features`` / ``unpad_image`` (token
-order), written out here independently; :mod:`vlmflow.positions.anyres_oracle` checks the result
-against the real processor and the real model code on painted masks.
+order), written out here independently; the pixel oracle of the tests
+(``tests/support/anyres_oracle.py``) checks the result against the real processor and the real
+model code on painted masks.
 
 Pixel rule: the same as :mod:`vlmflow.positions.patches` (a token is related when one of its
 pixels shows a box pixel, padding when none shows an image pixel). A downscaled token mixes up to

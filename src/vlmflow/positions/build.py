@@ -13,10 +13,11 @@ import hashlib
 
 import numpy as np
 
-from vlmflow.adapters.base import Encoded, ImageLayout
 from vlmflow.data.sample import Sample
 from vlmflow.errors import SampleError
+from vlmflow.inputs import Encoded
 from vlmflow.positions.groups import Group, PositionGroups
+from vlmflow.positions.layout import ImageLayout
 from vlmflow.positions.text import find_word, tokens_in_span
 
 
@@ -31,7 +32,7 @@ def build_position_groups(
     """All position groups of one sample.
 
     Args:
-        encoded: the processor output with offsets (:meth:`VLMAdapter.encode`).
+        encoded: the processor output with offsets (:meth:`InputPipeline.encode <vlmflow.adapters.pipeline.InputPipeline.encode>`).
         image_token_id: id of the image token in ``encoded.input_ids``.
         layout: the image tokens' patch layout; ``None`` skips the patch groups.
         sample: the sample (boxes, options, object name).

@@ -6,7 +6,8 @@ Qwen2-VL resizes an image to the nearest size whose sides are multiples of ``pat
 language-model token. So one image token shows a ``patch * merge`` square of the resized image
 (28 x 28 pixels for the released checkpoints), the tokens run row-major over the merged grid, and
 there is no padding. The pixel rule is the one of :mod:`vlmflow.positions.patches` (nearest source
-pixel); :mod:`vlmflow.positions.family_oracles` checks it against the real image processor.
+pixel); the pixel oracle of the tests (``tests/support/family_oracles.py``) checks it against the
+real image processor.
 """
 
 from __future__ import annotations

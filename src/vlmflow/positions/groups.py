@@ -78,7 +78,8 @@ class Flow:
 
     @classmethod
     def parse(cls, text: str) -> Flow:
-        """Parse ``"source->target"``. Used at the CLI/config edge only."""
+        """Parse ``"source->target"``. Used at the edges only: the CLI, configs, and reading a ``flow``
+        column back (:func:`vlmflow.results.tables.flows_of`)."""
         source, sep, target = text.partition("->")
         if not sep or not source.strip() or not target.strip():
             raise ConfigError(f"expected a flow written 'source->target' (e.g. 'image->last'), got {text!r}")

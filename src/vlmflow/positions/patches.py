@@ -17,10 +17,11 @@ A vision encoder sees the image after preprocessing (padding, resizing, cropping
   paper's "a patch is related if any of its pixels is inside the box after preprocessing"); a
   **patch is padding** when none of its pixels shows an original pixel.
 
-:mod:`vlmflow.positions.oracle` checks this against the real Hugging Face image processor run with
-``resample=NEAREST`` on painted masks. The paper's code instead draws the box with PIL's inclusive
-rectangle (one pixel wider and taller), resizes bicubically and keeps patches holding an exactly
-red pixel; the two rules differ only at box borders (see the oracle module).
+The pixel oracle of the tests (``tests/support/oracle.py``) checks this against the real Hugging
+Face image processor run with ``resample=NEAREST`` on painted masks. The paper's code instead draws
+the box with PIL's inclusive rectangle (one pixel wider and taller), resizes bicubically and keeps
+patches holding an exactly red pixel; the two rules differ only at box borders
+(:mod:`vlmflow.positions.paper_rule`).
 
 Composition
 -----------

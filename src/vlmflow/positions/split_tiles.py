@@ -16,7 +16,8 @@ never seen, e.g. 6 of 384 at patch 14), and the connector's pixel shuffle folds 
 ``scale x scale`` block of patches into one token, row-major (13 x 13 tokens of 28 px for Idefics3
 at 364/14/2, 9 x 9 of 42 px for SmolVLM-2B at 384/14/3, 8 x 8 of 64 px for SmolVLM-256M at 512/16/4).
 The language model sees the frames' tokens in frame order: tiles, then the global view.
-:mod:`vlmflow.positions.family_oracles` checks this against the real processor and pixel shuffle.
+The pixel oracle of the tests (``tests/support/family_oracles.py``) checks this against the real
+processor and pixel shuffle.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from vlmflow.analysis.evidence import ControlComparison
 from vlmflow.analysis.stats import Curve
 from vlmflow.plots.common import FIGURE_FORMATS, draw_curves
 from vlmflow.plots.common import save_figure as write_figure
+from vlmflow.positions.groups import Flow, Group
 
 FORMATS = FIGURE_FORMATS
 
@@ -61,8 +62,8 @@ def plot_control(comparison: ControlComparison, title: str = "") -> Figure:
     """
     fig = Figure(figsize=(6.0, 5.5), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
-    target = comparison.target
-    labels = {"related": f"related ↛ {target}", "random": f"random ↛ {target} ({comparison.draws} draws, same size)"}
+    related, random = Flow(Group.RELATED, comparison.target), Flow(Group.RANDOM, comparison.target)
+    labels = {"related": related.label, "random": f"{random.label} ({comparison.draws} draws, same size)"}
     table = pd.concat([_table(comparison.related, "related"), _table(comparison.random, "random")])
     colors = {"related": "C4", "random": "C7"}
     draw_curves(top, table, "key", ["related", "random"], labels=labels, colors=colors, styles={"random": "--"})
@@ -80,7 +81,7 @@ def plot_control(comparison: ControlComparison, title: str = "") -> Figure:
     return fig
 
 
-def plot_cross_model(curves: dict[str, dict[str, Curve]], flows: Sequence[str], title: str) -> Figure:
+def plot_cross_model(curves: dict[str, dict[Flow, Curve]], flows: Sequence[Flow], title: str) -> Figure:
     """One panel per flow, one line per model, on relative depth (so models of any depth line up).
 
     ``curves`` maps a model label to its flow curves (on the common set of questions).
@@ -100,7 +101,7 @@ def plot_cross_model(curves: dict[str, dict[str, Curve]], flows: Sequence[str], 
         if parts:
             draw_curves(ax, pd.concat(parts), "key", list(curves), labels=labels)
         ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_title(flow.replace("->", " ↛ "), fontsize="small")
+        ax.set_title(flow.label, fontsize="small")
         ax.set_xlabel("Relative depth (window centre / (L − 1))")
         ax.set_ylabel("Change (%)")
         ax.legend(fontsize="x-small", frameon=False, loc="lower right")

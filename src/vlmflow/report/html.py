@@ -11,24 +11,17 @@ Sections (their element ids): ``overview``, ``checklist``, ``flows``, ``lens``, 
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from vlmflow.analysis.claims import CLAIMS, STUDY_CLAIMS, ClaimResult, Status
-from vlmflow.analysis.stats import CurveSummary, format_bands
-from vlmflow.analysis.study import CellAnalysis, StudyAnalysis, analyse_study, require_cells
-from vlmflow.report.figures import FORMATS, plot_control, plot_cross_model, save_figure
-from vlmflow.study.viewer import read_viewer
-
-log = logging.getLogger(__name__)
+from vlmflow.analysis.claims import STUDY_CLAIMS
+from vlmflow.report.figures import FORMATS
+from vlmflow.report.markup import _e
+from vlmflow.report.sections import SectionBuilder
+from vlmflow.report.style import CSS, JS
+from vlmflow.study.analysis import StudyAnalysis, analyse_study, require_cells
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("overview", "Overview"),
@@ -42,70 +35,6 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("metadata", "Run metadata"),
 )
 REPORT_FILE = "report.html"
-
-_e = html.escape
-
-CSS = """
-:root { --fg:#1d2330; --muted:#5b6475; --line:#d9dde5; --bg:#fafbfc; --ok:#1a7f37; --bad:#c62828; --na:#8a8f99; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg); margin: 0; background: #fff; }
-header { padding: 18px 28px; border-bottom: 1px solid var(--line); background: var(--bg); }
-header h1 { margin: 0 0 4px; font-size: 22px; }
-nav { position: sticky; top: 0; z-index: 2; background: #fff; border-bottom: 1px solid var(--line); padding: 6px 28px; }
-nav a { margin-right: 14px; color: #0b57d0; text-decoration: none; font-size: 13px; }
-main { padding: 0 28px 40px; max-width: 1500px; }
-section { padding-top: 10px; border-bottom: 1px solid var(--line); padding-bottom: 18px; scroll-margin-top: 36px; }
-h2 { font-size: 18px; margin: 18px 0 8px; }
-h3 { font-size: 15px; margin: 14px 0 6px; }
-p.note, .muted { color: var(--muted); font-size: 13px; }
-.banner { border: 1px solid #e0c36a; background: #fff8e1; border-radius: 6px; padding: 8px 12px; margin: 8px 0 12px; font-size: 13px; }
-.banner ul { margin: 4px 0 0; padding-left: 18px; }
-table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13px; }
-th, td { border: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; }
-th { background: var(--bg); font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.scroll { overflow-x: auto; }
-.grid { display: grid; gap: 12px; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); }
-.grid.wide { grid-template-columns: repeat(auto-fill, minmax(900px, 1fr)); }
-figure { margin: 0; border: 1px solid var(--line); padding: 6px; background: #fff; }
-figure svg, figure img { width: 100%; height: auto; display: block; }
-figcaption { font-size: 12px; color: var(--muted); margin-top: 4px; }
-.badge { display: inline-block; border-radius: 10px; padding: 0 8px; font-size: 12px; font-weight: 600; color: #fff; white-space: nowrap; }
-.badge.holds { background: var(--ok); } .badge.fails { background: var(--bad); } .badge.not-run { background: var(--na); }
-details { margin: 4px 0; } summary { cursor: pointer; }
-ul.conditions { margin: 4px 0 8px 18px; padding: 0; font-size: 13px; }
-.cond-true::marker { content: "✔ "; color: var(--ok); } .cond-false::marker { content: "✘ "; color: var(--bad); } .cond-none::marker { content: "– "; color: var(--na); }
-pre { background: var(--bg); border: 1px solid var(--line); padding: 8px; overflow-x: auto; font-size: 12px; }
-.viewer { border: 1px solid var(--line); padding: 8px; margin-bottom: 12px; }
-.viewer .controls { margin-bottom: 6px; }
-.viewer button { margin-right: 6px; }
-.slide { display: flex; gap: 14px; align-items: flex-start; }
-.slide[hidden] { display: none; }
-.stack { position: relative; display: inline-block; line-height: 0; }
-.stack img { image-rendering: pixelated; max-width: 320px; }
-.stack img.overlay { position: absolute; left: 0; top: 0; }
-.viewer.no-overlay img.overlay { display: none; }
-"""
-
-JS = """
-document.querySelectorAll('.viewer').forEach(function (viewer) {
-  var slides = viewer.querySelectorAll('.slide');
-  var position = viewer.querySelector('.pos');
-  var index = 0;
-  function show(k) {
-    if (!slides.length) { return; }
-    index = (k + slides.length) % slides.length;
-    slides.forEach(function (slide, j) { slide.hidden = j !== index; });
-    position.textContent = (index + 1) + ' / ' + slides.length;
-  }
-  viewer.querySelector('.prev').addEventListener('click', function () { show(index - 1); });
-  viewer.querySelector('.next').addEventListener('click', function () { show(index + 1); });
-  viewer.querySelector('.overlay-toggle').addEventListener('change', function (event) {
-    viewer.classList.toggle('no-overlay', !event.target.checked);
-  });
-  show(0);
-});
-"""
 
 
 def write_report(
@@ -127,393 +56,37 @@ def write_report(
     study = analysis.study
     target = Path(out) if out is not None else study.path / REPORT_FILE
     (study.path / "analysis.json").write_text(json.dumps(analysis.as_dict(), indent=2, default=str), encoding="utf-8")
-    builder = _Builder(analysis, formats)
-    target.write_text(builder.page(), encoding="utf-8")
+    builder = SectionBuilder(analysis, formats)
+    target.write_text(_page(builder), encoding="utf-8")
     return target
 
 
-def _badge(status: Status) -> str:
-    css = {Status.HOLDS: "holds", Status.FAILS: "fails", Status.NOT_RUN: "not-run"}[status]
-    return f'<span class="badge {css}">{_e(status.value)}</span>'
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{_e(str(h))}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = []
-        for i, value in enumerate(row):
-            text = value if isinstance(value, _Raw) else _e("" if value is None else str(value))
-            cells.append(f'<td class="num">{text}</td>' if i in numeric else f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
-class _Raw(str):
-    """HTML that is already escaped."""
-
-
-def _conditions(result: ClaimResult) -> str:
-    if not result.conditions:
-        return ""
-    items = []
-    for text, passed in result.conditions:
-        css = "cond-none" if passed is None else f"cond-{str(passed).lower()}"
-        items.append(f'<li class="{css}">{_e(text)}</li>')
-    return f'<ul class="conditions">{"".join(items)}</ul>'
-
-
-def _fmt(x: float | None, digits: int = 1) -> str:
-    return "–" if x is None else f"{x:+.{digits}f}"
-
-
-class _Builder:
-    def __init__(self, analysis: StudyAnalysis, formats: Sequence[str]) -> None:
-        self.a = analysis
-        self.formats = formats
-        self.inline = analysis.report.figure_format
-
-    def figure(self, make: Callable[[], Any], folder: Path, stem: str, caption: str) -> str:
-        try:
-            fig = make()
-        except Exception as exc:  # a figure that cannot be drawn must not lose the whole report
-            log.warning("figure %s/%s not drawn: %s", folder, stem, exc)
-            return f'<figure><p class="muted">figure not drawn: {_e(str(exc))}</p><figcaption>{_e(caption)}</figcaption></figure>'
-        body = save_figure(fig, folder, stem, self.formats, inline=self.inline)
-        return f"<figure>{body}<figcaption>{_e(caption)}</figcaption></figure>"
-
-    def cells(self) -> list[CellAnalysis]:
-        return [self.a.cells[(m, t)] for m in self.a.models for t in self.a.tasks if (m, t) in self.a.cells]
-
-    # --- page ------------------------------------------------------------------------------------
-
-    def page(self) -> str:
-        name = self.a.manifest.get("name") or self.a.study.path.name
-        sections = {
-            "overview": self.overview,
-            "checklist": self.checklist,
-            "flows": self.flows,
-            "lens": self.lens,
-            "statistics": self.statistics,
-            "controls": self.controls,
-            "cross-model": self.cross_model,
-            "samples": self.samples,
-            "metadata": self.metadata,
-        }
-        nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
-        body = "".join(
-            f'<section id="{sid}" data-section="{sid}"><h2>{_e(title)}</h2>{sections[sid]()}</section>' for sid, title in SECTIONS
-        )
-        generated = datetime.now(UTC).isoformat(timespec="seconds")
-        return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>vlmflow study: {_e(name)}</title>"
-            f"<style>{CSS}</style></head><body>"
-            f"<header><h1>vlmflow study: {_e(name)}</h1><div class=\"muted\">{len(self.a.models)} model(s) × "
-            f"{len(self.a.tasks)} task(s) · report generated {generated}</div></header>"
-            f"<nav>{nav}</nav><main>{body}</main><script>{JS}</script></body></html>\n"
-        )
-
-    # --- sections --------------------------------------------------------------------------------
-
-    def overview(self) -> str:
-        runs = self.a.manifest.get("runs", {})
-        models = []
-        for model in self.a.models:
-            entry = next((e for e in runs.values() if e["model"] == model and e.get("status") == "done"), None) or next(
-                e for e in runs.values() if e["model"] == model
-            )
-            info = entry.get("model_info", {})
-            models.append([model, entry.get("model_name"), entry.get("n_layers"), entry.get("window"), info.get("dtype"), info.get("device")])
-        tasks = []
-        for task in self.a.tasks:
-            row: list[Any] = [task]
-            for model in self.a.models:
-                cell = self.a.cells.get((model, task))
-                samples = cell.evidence.samples if cell else None
-                if samples is None or samples.empty:
-                    row.append("–")
-                else:
-                    row.append(f"{int(samples['correct'].sum())}/{len(samples)} correct, {int(samples['kept'].sum())} kept")
-            tasks.append(row)
-        counts = {s: sum(1 for c in self.cells() for r in c.claims if r.status is s) for s in Status}
-        failed = ""
-        if self.a.failed:
-            failed = "<h3>Failed runs</h3>" + _table(["run", "reason"], sorted(self.a.failed.items()))
-        config = yaml.safe_dump(self.a.manifest.get("config", {}), sort_keys=False, allow_unicode=True)
-        return (
-            f"<p>Claims over all model × task: {counts[Status.HOLDS]} hold, {counts[Status.FAILS]} do not hold, "
-            f"{counts[Status.NOT_RUN]} not run. Confidence intervals: {self.a.boot.confidence:.0%} percentile bootstrap over "
-            f"samples ({self.a.boot.n_boot} resamples, seed {self.a.boot.seed}).</p>"
-            "<h3>Models</h3>" + _table(["model", "checkpoint", "layers", "window", "dtype", "device"], models, numeric=(2, 3))
-            + "<h3>Tasks (baseline per model)</h3>" + _table(["task", *self.a.models], tasks)
-            + failed
-            + f"<details><summary>Study config</summary><pre>{_e(config)}</pre></details>"
-        )
-
-    def checklist(self) -> str:
-        cells = self.cells()
-        header = ["claim", *(f"{c.model} / {c.task}" for c in cells)]
-        rows = []
-        for claim_id, claim in CLAIMS.items():
-            row: list[Any] = [_Raw(f"<details><summary>{_e(claim.text)}</summary><p class=\"muted\">Rule: {_e(claim.rule)}</p></details>")]
-            for cell in cells:
-                result = next(r for r in cell.claims if r.claim.id == claim_id)
-                row.append(_Raw(f'<span title="{_e(result.evidence)}" data-claim="{claim_id}">{_badge(result.status)}</span>'))
-            rows.append(row)
-        study_rows = [
-            [_Raw(f"<details><summary>{_e(r.claim.text)}</summary><p class=\"muted\">Rule: {_e(r.claim.rule)}</p></details>"), _Raw(_badge(r.status)), r.evidence]
-            for r in self.a.study_claims
-        ]
-        details = []
-        for cell in cells:
-            items = "".join(
-                f"<li>{_badge(r.status)} <b>{_e(r.claim.id)}</b>: {_e(r.evidence)}{_conditions(r)}</li>" for r in cell.claims
-            )
-            details.append(f"<details><summary>Evidence for {_e(cell.model)} / {_e(cell.task)}</summary><ul>{items}</ul></details>")
-        return (
-            self.expectations()
-            + "<p class=\"note\">Each claim of the paper is evaluated by an explicit rule (expand a claim to read it; thresholds "
-            "are set under <code>claims:</code> in the study config). Hover a badge for its evidence, or open the evidence "
-            "lists below. Flow curves are over each model's correctly answered samples.</p>"
-            + _table(header, rows)
-            + "<h3>Across models and tasks</h3>"
-            + _table(["claim", "status", "evidence"], study_rows)
-            + "".join(details)
-        )
-
-    def expectations(self) -> str:
-        from vlmflow.report.banner import expectations_banner
-
-        names = {e["model"]: e.get("model_name") for e in self.a.manifest.get("runs", {}).values()}
-        return expectations_banner([(model, names.get(model)) for model in self.a.models])
-
-    def flows(self) -> str:
-        from vlmflow.plots.flows import plot_flows
-
-        figures = []
-        for cell in self.cells():
-            frame = cell.tables.get("flows")
-            if frame is None or frame.empty:
-                continue
-            frame = frame[frame["sample_id"].astype(str).isin(cell.evidence.kept_ids)]
-            n = frame["sample_id"].nunique()
-            title = f"{cell.model} / {cell.task}: {n} samples, window {cell.evidence.window}"
-            figures.append(
-                self.figure(
-                    lambda frame=frame, title=title: plot_flows(frame, title=title),
-                    self.a.study.figures_dir(cell.model, cell.task),
-                    "flows",
-                    title,
-                )
-            )
-        if not figures:
-            return "<p class=\"muted\">No flows were run.</p>"
-        return (
-            "<p class=\"note\">Mean relative change of the answer's probability when the flow is knocked out in a window of "
-            "layers centred on each layer, with the 95% bootstrap band.</p>" + f'<div class="grid wide">{"".join(figures)}</div>'
-        )
-
-    def lens(self) -> str:
-        from vlmflow.experiments.lens import Readout
-        from vlmflow.plots.lens import plot_lens
-
-        figures = []
-        for cell in self.cells():
-            frame = cell.tables.get("lens")
-            if frame is None or frame.empty:
-                continue
-            for readout in (r for r in Readout if r.value in set(frame["readout"])):
-                title = f"{cell.model} / {cell.task}: {readout.value} readout"
-
-                def make(frame: Any = frame, readout: Readout = readout, title: str = title) -> Any:
-                    return plot_lens(frame, readout, title=title)
-
-                figures.append(
-                    self.figure(make, self.a.study.figures_dir(cell.model, cell.task), f"lens_{readout.value}", title)
-                )
-        if not figures:
-            return "<p class=\"muted\">The lens was not run.</p>"
-        return (
-            "<p class=\"note\">Probability of the answer's first sub-token read out of the residual stream at the last position "
-            "after each layer (raw: no final norm below the top layer, as the paper; normed: final norm at every layer).</p>"
-            + f'<div class="grid">{"".join(figures)}</div>'
-        )
-
-    def statistics(self) -> str:
-        parts = [
-            "<p class=\"note\">Per flow: the layer of the largest drop (with the bootstrap interval of that layer), the "
-            "drop's size with its interval, and the band of layers where the drop is significant (pointwise interval below "
-            "0; not corrected for the number of layers).</p>"
-        ]
-        for cell in self.cells():
-            if not cell.summaries:
-                continue
-            rows = [self._summary_row(flow, s, cell.evidence.flow_tokens.get(flow)) for flow, s in cell.summaries.items()]
-            parts.append(f"<h3>{_e(cell.model)} / {_e(cell.task)}</h3>" + _table(_SUMMARY_HEADER, rows, numeric=(1, 2, 3, 4, 6)))
-        return "".join(parts) if len(parts) > 1 else "<p class=\"muted\">No flows were run.</p>"
-
-    @staticmethod
-    def _summary_row(flow: str, s: CurveSummary | None, tokens: float | None) -> list[Any]:
-        if s is None:
-            return [flow, 0, "–", "–", "–", "–", "–"]
-        return [
-            flow,
-            s.n,
-            f"{s.peak_layer} [{s.peak_layer_low}, {s.peak_layer_high}]",
-            _fmt(s.peak),
-            f"[{_fmt(s.peak_low)}, {_fmt(s.peak_high)}]",
-            format_bands(s.bands),
-            "–" if tokens is None else f"{tokens:.0f}",
-        ]
-
-    def controls(self) -> str:
-        parts = []
-        for cell in self.cells():
-            for target, comparison in cell.evidence.control.items():
-                caption = f"{cell.model} / {cell.task}: related vs random ↛ {target}"
-                figure = self.figure(
-                    lambda comparison=comparison, caption=caption: plot_control(comparison, caption),
-                    self.a.study.figures_dir(cell.model, cell.task),
-                    f"control_{target}",
-                    caption,
-                )
-                diff = comparison.difference
-                i = int(diff.mean.argmin())
-                summary = (
-                    f"{comparison.n_related_tokens:.0f} image tokens per sample on average, {comparison.draws} random draws, "
-                    f"{diff.n} paired samples; largest paired difference {_fmt(float(diff.mean[i]))} points "
-                    f"[{_fmt(float(diff.low[i]))}, {_fmt(float(diff.high[i]))}] at layer {int(diff.layers[i])}."
-                )
-                parts.append(f"<div>{figure}<p class=\"muted\">{_e(summary)}</p></div>")
-        if not parts:
-            return "<p class=\"muted\">The random-patch control was not run (set <code>controls: {random_draws: N}</code>).</p>"
-        return (
-            "<p class=\"note\">Related↛Question blocks few image tokens and Other↛Question many. The control blocks, for the "
-            "same samples and windows, as many image tokens as the related patches, drawn at random from the non-related "
-            "patches (several draws). If the related curve drops clearly below the random one, the middle-layer effect is "
-            "about <em>which</em> patches, not how many.</p>" + f'<div class="grid">{"".join(parts)}</div>'
-        )
-
-    def cross_model(self) -> str:
-        if not self.a.common:
-            return "<p class=\"muted\">Needs at least two models with flows on the same task.</p>"
-        parts = [
-            "<p class=\"note\">Each model is restricted to the questions that every model answers correctly (the common set), "
-            "and the curves are drawn on relative depth so that models of different depth line up.</p>"
-        ]
-        for task, common in self.a.common.items():
-            flows = list(dict.fromkeys(f for ev in common.evidence.values() for f in ev.flows))
-            curves = {m: ev.flows for m, ev in common.evidence.items()}
-            title = f"{task}: {len(common.sample_ids)} questions answered correctly by all of {', '.join(common.models)}"
-            parts.append(f"<h3>{_e(task)}</h3>")
-            parts.append(
-                self.figure(lambda curves=curves, flows=flows, title=title: plot_cross_model(curves, flows, title), self.a.study.figures_dir() / "cross-model", task, title)
-            )
-            rows = []
-            for model, by_flow in common.summaries.items():
-                depth = common.evidence[model].depth or 1
-                for flow, s in by_flow.items():
-                    row = self._summary_row(flow, s, None)[:-1]
-                    rel = "–" if s is None else f"{s.peak_layer / max(depth - 1, 1):.2f}"
-                    rows.append([model, *row, rel])
-            parts.append(_table(["model", *_SUMMARY_HEADER[:-1], "relative depth of the drop"], rows, numeric=(2, 4, 7)))
-        return "".join(parts)
-
-    def samples(self) -> str:
-        viewers = []
-        for cell in self.cells():
-            folder = self.a.study.viewer_dir(cell.model, cell.task)
-            records = read_viewer(folder)
-            if not records:
-                continue
-            slides = []
-            for record in records:
-                slides.append(self._slide(folder, record))
-            viewers.append(
-                f'<div class="viewer" data-model="{_e(cell.model)}" data-task="{_e(cell.task)}"><h3>{_e(cell.model)} / {_e(cell.task)}</h3>'
-                '<div class="controls"><button type="button" class="prev">◀ previous</button><button type="button" class="next">next ▶</button>'
-                '<span class="pos"></span> <label><input type="checkbox" class="overlay-toggle" checked> related patches</label></div>'
-                + "".join(slides)
-                + "</div>"
-            )
-        if not viewers:
-            return "<p class=\"muted\">No viewer records (set <code>report: {viewer_samples: N}</code> and rerun reproduce).</p>"
-        return (
-            "<p class=\"note\">The image as the dataset gives it; red: the image patches whose tokens are the related group "
-            "(as this model's preprocessing maps them); yellow: the object boxes.</p>" + "".join(viewers)
-        )
-
-    def _slide(self, folder: Path, record: dict[str, Any]) -> str:
-        info = _pairs(
-            [
-                ["sample", record.get("sample_id")],
-                ["question", record.get("question")],
-                ["answer", record.get("answer")],
-                ["prediction", record.get("prediction")],
-                ["correct", record.get("correct")],
-                ["image tokens", record.get("n_image_tokens")],
-                ["related tokens", record.get("n_related_tokens")],
-            ],
-        )
-        if "error" in record or "image" not in record:
-            picture = f'<p class="muted">no image: {_e(str(record.get("error", "missing")))}</p>'
-        else:
-            picture = (
-                f'<div class="stack"><img class="base" alt="sample {_e(str(record["sample_id"]))}" src="{_data_uri(folder / record["image"])}">'
-                f'<img class="overlay" alt="related patches" src="{_data_uri(folder / record["overlay"])}"></div>'
-            )
-        return f'<div class="slide" hidden>{picture}<div>{info}</div></div>'
-
-    def metadata(self) -> str:
-        rows = []
-        errors = []
-        versions: dict[str, Any] = {}
-        for cell in self.cells():
-            for info in cell.runs.values():
-                summary = info.summary
-                provenance = info.spec.get("provenance", {})
-                versions = versions or provenance.get("versions", {})
-                rows.append(
-                    [
-                        info.key,
-                        info.entry.get("status"),
-                        summary.get("samples"),
-                        summary.get("correct"),
-                        summary.get("kept"),
-                        summary.get("errors"),
-                        summary.get("seconds_this_session"),
-                        provenance.get("device"),
-                        provenance.get("started"),
-                        json.dumps(info.spec.get("settings", {}), sort_keys=True),
-                    ]
-                )
-                if info.errors is not None and len(info.errors):
-                    for r in info.errors.head(5).to_dict("records"):
-                        errors.append([info.key, r["sample_id"], r["stage"], r["reason"]])
-        out = _table(
-            ["run", "status", "samples", "correct", "kept", "errors", "seconds (last session)", "device", "started", "settings"],
-            rows,
-            numeric=(2, 3, 4, 5, 6),
-        )
-        if versions:
-            out += "<h3>Versions</h3>" + _table(["package", "version"], sorted(versions.items()))
-        if errors:
-            out += "<h3>Sample errors (first 5 per run)</h3>" + _table(["run", "sample", "stage", "reason"], errors)
-        return out
-
-
-_SUMMARY_HEADER = ["flow", "samples", "layer of largest drop [CI]", "drop (%)", "95% CI", "significant band", "tokens blocked"]
-
-
-def _pairs(rows: Iterable[Sequence[Any]]) -> str:
-    body = "".join(f"<tr><th>{_e(str(k))}</th><td>{_e('' if v is None else str(v))}</td></tr>" for k, v in rows)
-    return f"<table><tbody>{body}</tbody></table>"
-
-
-def _data_uri(path: Path) -> str:
-    mime = "image/png" if path.suffix == ".png" else "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+def _page(builder: SectionBuilder) -> str:
+    name = builder.a.manifest.get("name") or builder.a.study.path.name
+    sections = {
+        "overview": builder.overview,
+        "checklist": builder.checklist,
+        "flows": builder.flows,
+        "lens": builder.lens,
+        "statistics": builder.statistics,
+        "controls": builder.controls,
+        "cross-model": builder.cross_model,
+        "samples": builder.samples,
+        "metadata": builder.metadata,
+    }
+    nav = "".join(f'<a href="#{sid}">{_e(title)}</a>' for sid, title in SECTIONS)
+    body = "".join(
+        f'<section id="{sid}" data-section="{sid}"><h2>{_e(title)}</h2>{sections[sid]()}</section>' for sid, title in SECTIONS
+    )
+    generated = datetime.now(UTC).isoformat(timespec="seconds")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>vlmflow study: {_e(name)}</title>"
+        f"<style>{CSS}</style></head><body>"
+        f"<header><h1>vlmflow study: {_e(name)}</h1><div class=\"muted\">{len(builder.a.models)} model(s) × "
+        f"{len(builder.a.tasks)} task(s) · report generated {generated}</div></header>"
+        f"<nav>{nav}</nav><main>{body}</main><script>{JS}</script></body></html>\n"
+    )
 
 
 __all__ = ["REPORT_FILE", "SECTIONS", "STUDY_CLAIMS", "write_report"]

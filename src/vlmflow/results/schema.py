@@ -1,176 +1,190 @@
-"""Schemas of the result tables, and a registry of them.
+"""How a result table is declared: a typed row class whose fields are the table's columns.
 
-Every table a run writes is registered here as a :class:`TableSpec`: its name, its pyarrow schema
-(each field carries a one-line ``doc`` in its metadata), and its key (the columns that identify a
-row; a run never holds two rows with the same key). The store accepts any registered table, so a
-new experiment adds its table with :func:`register_table` and nothing else changes.
+Every row of a table is an instance of one frozen dataclass (the tables themselves are declared in
+:mod:`vlmflow.results.tables`). A :class:`TableSpec` derives the table's pyarrow schema from that
+class once: one non-nullable field per dataclass field, in declaration order, its type read from the
+annotation and its one-line description (the :func:`column` ``doc``) stored in the field metadata.
 
-Rows are plain dicts; :func:`build_table` turns a list of them into a pyarrow Table and rejects a
-missing, unknown or wrongly typed value with a message naming the table, row and column.
+===================  =====================  ===============================================
+annotation           Arrow type             values accepted
+===================  =====================  ===============================================
+``str``              ``string``             ``str``
+``bool``             ``bool``               ``bool``, ``numpy.bool_``
+``float``            ``double``             real numbers but bools (NaN and inf allowed)
+``Int32``, ``Int64`` ``int32``, ``int64``   integers but bools, within range
+``Sequence[X]``      ``list<X>``            lists, tuples or 1-d arrays of ``X`` values
+any other class C    ``string``             instances of C, stored as ``str(value)``
+===================  =====================  ===============================================
 
->>> table = build_table("errors", [{"sample_id": "q1", "stage": "image", "reason": "no file"}])
->>> table.num_rows, table.column_names
-(1, ['sample_id', 'stage', 'reason'])
+:func:`arrow_table` turns rows into a pyarrow Table and rejects a row of another class or a
+wrongly typed value with a message naming the table, row and column (a missing or unknown column
+cannot happen: the dataclass constructor refuses it).
+
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True, kw_only=True)
+... class NoteRow:
+...     sample_id: str = column("Sample identifier.")
+...     words: Int32 = column("Number of words.")
+>>> spec = TableSpec("notes", NoteRow, key=("sample_id",))
+>>> spec.schema.field("words").type, column_doc(spec.schema.field("words"))
+(DataType(int32), 'Number of words.')
+>>> arrow_table(spec, [NoteRow(sample_id="q1", words=3)]).to_pylist()
+[{'sample_id': 'q1', 'words': 3}]
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 
 from vlmflow.errors import ConfigError, VlmflowError
 
+#: Annotations of integer columns: the Arrow width is part of the declaration.
+Int32 = Annotated[int, pa.int32()]
+Int64 = Annotated[int, pa.int64()]
+
+_SCALARS: dict[Any, pa.DataType] = {str: pa.string(), bool: pa.bool_(), float: pa.float64()}
+_SEQUENCES = (Sequence, list, tuple)
+
 
 class RowError(VlmflowError, ValueError):
-    """A row does not fit its table's schema (missing, unknown or wrongly typed column)."""
+    """A row does not fit its table (a row of another table, or a wrongly typed value)."""
 
 
-def _field(name: str, type_: pa.DataType, doc: str) -> pa.Field:
-    # Non-nullable: every column is always known for a row; a None is a bug upstream.
-    return pa.field(name, type_, nullable=False, metadata={"doc": doc})
+def column(doc: str) -> Any:
+    """Declare a column of a row class: the field's annotation gives its type, ``doc`` its description.
+
+    The field has no default: every column of every row is always given (columns are not nullable).
+
+    >>> column("Decoder layer, 0-based.").metadata["doc"]
+    'Decoder layer, 0-based.'
+    """
+    return dataclasses.field(metadata={"doc": doc})
 
 
 def column_doc(field: pa.Field) -> str:
     """The one-line description stored with a schema field.
 
-    >>> column_doc(FLOWS_SCHEMA.field("rel_change"))[:30]
+    >>> from vlmflow.results.tables import TABLES
+    >>> column_doc(TABLES["flows"].schema.field("rel_change"))[:30]
     'Relative change of the answer '
     """
     return (field.metadata or {}).get(b"doc", b"").decode()
 
 
-FLOWS_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-        _field("task", pa.string(), "Task name of the sample (e.g. 'ChooseAttr'); '' when unknown."),
-        _field("flow", pa.string(), "Knocked-out flow 'source->target' (targets may not attend to sources)."),
-        _field("layer", pa.int32(), "Centre layer of the window, 0-based; the figure's x axis."),
-        _field(
-            "layers_blocked",
-            pa.list_(pa.int32()),
-            "Layers actually knocked out (0-based, ascending); the window is clipped at both ends.",
-        ),
-        _field("window", pa.int32(), "Requested window size k (layers); edge windows block fewer layers."),
-        _field(
-            "p_base",
-            pa.float64(),
-            "Probability of the baseline's first answer token at the last position, softmax over the "
-            "full vocabulary, no knockout (0..1).",
-        ),
-        _field("p_blocked", pa.float64(), "Probability of the same token with the knockout applied (0..1)."),
-        _field(
-            "rel_change",
-            pa.float64(),
-            "Relative change of the answer probability in percent: 100 * (p_blocked - p_base) / p_base "
-            "(the paper's metric; >= -100, unbounded above).",
-        ),
-        _field("logprob_diff", pa.float64(), "log(p_blocked) - log(p_base), natural log (nats)."),
-        _field("answer_changed", pa.bool_(), "True when the greedy token under knockout differs from the baseline token."),
-        _field("answer_token_id", pa.int64(), "Vocabulary id of the baseline's first answer token."),
-        _field("blocked_token_id", pa.int64(), "Vocabulary id of the greedy (argmax) token under knockout."),
-        _field("n_source", pa.int32(), "Number of positions in the flow's source group for this sample."),
-        _field("n_target", pa.int32(), "Number of positions in the flow's target group for this sample."),
-        _field("engine", pa.string(), "Knockout engine that computed the row: 'fast' or 'reference'."),
-    ]
-)
+@dataclass(frozen=True)
+class Column:
+    """One column of a table, derived from a field of its row class.
 
-SAMPLES_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier (the dataset's question id)."),
-        _field("task", pa.string(), "Task name of the sample; '' when unknown."),
-        _field("image_id", pa.string(), "Image identifier (the image file's stem)."),
-        _field("question", pa.string(), "Question text as given to the model."),
-        _field("answer", pa.string(), "Gold answer from the dataset."),
-        _field("prediction", pa.string(), "The model's greedy answer, decoded and stripped."),
-        _field("correct", pa.bool_(), "prediction.lower() == answer.lower() (the paper's exact-match filter)."),
-        _field("kept", pa.bool_(), "The sample enters the analyses: correct, or every sample with keep-all."),
-        _field("answer_token_id", pa.int64(), "Vocabulary id of the first generated answer token."),
-        _field("answer_token", pa.string(), "That token as the tokenizer spells it (e.g. '▁red')."),
-        _field("p_base", pa.float64(), "Probability of the first answer token without knockout (0..1)."),
-        _field("seq_len", pa.int32(), "Length of the language-model input sequence (tokens, image tokens expanded)."),
-        _field("n_image_tokens", pa.int32(), "Number of image-token positions in the sequence."),
-        _field("group_sizes", pa.string(), "JSON object: position group name -> number of positions."),
-    ]
-)
+    Attributes:
+        name: the field's (and column's) name.
+        type: its Arrow type.
+        doc: one-line description.
+        text_of: for a column of objects stored as text (``Flow``), their class; else ``None``.
+    """
 
-ERRORS_SCHEMA = pa.schema(
-    [
-        _field("sample_id", pa.string(), "Sample identifier ('line:N' for a malformed line of the data file)."),
-        _field("stage", pa.string(), "Where it failed: read, image, prepare, groups, forward, knockout, ..."),
-        _field("reason", pa.string(), "Human-readable reason."),
-    ]
-)
+    name: str
+    type: pa.DataType
+    doc: str
+    text_of: type | None = None
+
+    @property
+    def field(self) -> pa.Field:
+        # Non-nullable: every column is always known for a row; a None is a bug upstream.
+        return pa.field(self.name, self.type, nullable=False, metadata={"doc": self.doc})
+
+
+def _arrow_type(hint: Any, where: str) -> tuple[pa.DataType, type | None]:
+    """The Arrow type of an annotation, and the class of values stored as text (or None)."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        base, *extras = typing.get_args(hint)
+        types_ = [x for x in extras if isinstance(x, pa.DataType)]
+        if base is not int or len(types_) != 1:
+            raise ConfigError(f"{where}: annotate integers as Int32 or Int64, got {hint!r}")
+        return types_[0], None
+    if hint in _SCALARS:
+        return _SCALARS[hint], None
+    if hint is int:
+        raise ConfigError(f"{where}: annotate integers as Int32 or Int64 (the Arrow width is part of the table)")
+    if origin in _SEQUENCES:
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if len(args) != 1:
+            raise ConfigError(f"{where}: a list column needs one item type, got {hint!r}")
+        item, text_of = _arrow_type(args[0], where)
+        if text_of is not None or pa.types.is_list(item):
+            raise ConfigError(f"{where}: list items must be str, bool, float, Int32 or Int64, got {args[0]!r}")
+        return pa.list_(item), None
+    if isinstance(hint, type) and origin is None and not isinstance(hint, types.GenericAlias):
+        return pa.string(), hint
+    raise ConfigError(f"{where}: cannot store a column annotated {hint!r}")
+
+
+def row_columns(row: type) -> tuple[Column, ...]:
+    """The columns of row class ``row`` (a dataclass), in field order.
+
+    >>> from vlmflow.results.tables import ErrorRow
+    >>> [c.name for c in row_columns(ErrorRow)]
+    ['sample_id', 'stage', 'reason']
+    """
+    if not dataclasses.is_dataclass(row):
+        raise ConfigError(f"a row class must be a dataclass, got {row!r}")
+    hints = typing.get_type_hints(row, include_extras=True)
+    columns = []
+    for f in dataclasses.fields(row):
+        doc = f.metadata.get("doc")
+        if not doc:
+            raise ConfigError(f"{row.__name__}.{f.name}: declare it with column('one-line description')")
+        type_, text_of = _arrow_type(hints[f.name], f"{row.__name__}.{f.name}")
+        columns.append(Column(f.name, type_, doc, text_of))
+    return tuple(columns)
 
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A result table: its name, schema and key columns.
+    """A result table: its name, row class and key; its columns and schema are derived from the row class.
 
     Attributes:
         name: file stem of the table (``flows`` -> ``flows.parquet``).
-        schema: pyarrow schema; every field non-nullable with a ``doc`` in its metadata.
-        key: columns identifying a row; the first is always ``sample_id``.
-        core: written by :meth:`RunStore.finalize` even when empty (``samples`` and ``errors``).
+        row: the frozen dataclass every row of the table is an instance of.
+        key: columns identifying a row (a run never holds two rows with the same key); the first is
+            always ``sample_id``.
+        core: written by :meth:`RunStore.finalize <vlmflow.results.store.RunStore.finalize>` even
+            when empty (``samples`` and ``errors``).
+        columns: derived from ``row``.
+        schema: the pyarrow schema, derived from ``row``; every field non-nullable with a ``doc``.
 
-    >>> TABLES["flows"].key
-    ('sample_id', 'flow', 'layer')
+    >>> from vlmflow.results.tables import TABLES
+    >>> TABLES["flows"].key, TABLES["flows"].row.__name__
+    (('sample_id', 'flow', 'layer'), 'FlowRow')
     """
 
     name: str
-    schema: pa.Schema
+    row: type
     key: tuple[str, ...]
     core: bool = False
+    columns: tuple[Column, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    schema: pa.Schema = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ConfigError(f"table name must be a Python identifier, got {self.name!r}")
+        columns = row_columns(self.row)
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "schema", pa.schema([c.field for c in columns]))
         if not self.key or self.key[0] != "sample_id":
             raise ConfigError(f"table {self.name!r}: the key must start with 'sample_id', got {self.key}")
         missing = [c for c in self.key if c not in self.schema.names]
         if missing:
             raise ConfigError(f"table {self.name!r}: key columns {missing} are not in its schema")
-
-
-#: Registered tables by name. Add one with :func:`register_table`.
-TABLES: dict[str, TableSpec] = {}
-
-
-def register_table(spec: TableSpec) -> TableSpec:
-    """Register a result table so the store accepts it; re-registering the same spec is a no-op.
-
-    >>> import pyarrow as pa
-    >>> demo = TableSpec("demo_doc", pa.schema([pa.field("sample_id", pa.string())]), ("sample_id",))
-    >>> register_table(demo).name
-    'demo_doc'
-    >>> _ = TABLES.pop("demo_doc")
-    """
-    existing = TABLES.get(spec.name)
-    if existing is not None and existing != spec:
-        raise ConfigError(f"table {spec.name!r} is already registered with a different schema")
-    TABLES[spec.name] = spec
-    return spec
-
-
-register_table(TableSpec("flows", FLOWS_SCHEMA, ("sample_id", "flow", "layer")))
-register_table(TableSpec("samples", SAMPLES_SCHEMA, ("sample_id",), core=True))
-register_table(TableSpec("errors", ERRORS_SCHEMA, ("sample_id",), core=True))
-
-
-def table_spec(name: str) -> TableSpec:
-    """The registered :class:`TableSpec` called ``name``; :class:`ConfigError` listing the valid ones.
-
-    >>> table_spec("samples").key
-    ('sample_id',)
-    """
-    try:
-        return TABLES[name]
-    except KeyError:
-        raise ConfigError(f"unknown result table {name!r}; registered: {', '.join(sorted(TABLES))}") from None
 
 
 # --- building tables from rows ---------------------------------------------------------------------
@@ -218,13 +232,19 @@ def _type_ok(kind: type, type_: pa.DataType) -> bool:
     return False
 
 
-def _column_array(name: str, field: pa.Field, values: list[Any], rows: Sequence[Mapping[str, Any]]) -> pa.Array:
+def _column_array(table: str, column: Column, values: list[Any], rows: Sequence[Any]) -> pa.Array:
     """One column as a pyarrow array; a bad value is reported by row and column.
 
     The fast path checks the set of Python types present (a handful) instead of every value; the
     per-value scan runs only to name the culprit when something is wrong.
     """
-    type_ = field.type
+    type_ = column.type
+    if column.text_of is not None:
+        cls = column.text_of
+        if all(issubclass(t, cls) for t in {type(v) for v in values}):
+            return pa.array([str(v) for v in values], type=type_)
+        i, value = next((i, v) for i, v in enumerate(values) if not isinstance(v, cls))
+        raise RowError(f"{_where(table, i, rows[i])}: column {column.name!r}: expected a {cls.__name__}, got {type(value).__name__}")
     if pa.types.is_list(type_):
         outer_ok = all(issubclass(t, list | tuple | np.ndarray) for t in {type(v) for v in values})
         inner = {type(x) for v in values for x in v} if outer_ok else set()
@@ -239,55 +259,33 @@ def _column_array(name: str, field: pa.Field, values: list[Any], rows: Sequence[
     for i, value in enumerate(values):
         problem = _type_problem(value, type_)
         if problem:
-            raise RowError(f"{_where(name, i, rows[i])}: column {field.name!r} ({type_}): {problem}")
+            raise RowError(f"{_where(table, i, rows[i])}: column {column.name!r} ({type_}): {problem}")
     try:  # pragma: no cover - every value passed the strict check
         return pa.array(values, type=type_)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:  # pragma: no cover
-        raise RowError(f"table {name!r}: column {field.name!r} ({type_}): {exc}") from exc
+        raise RowError(f"table {table!r}: column {column.name!r} ({type_}): {exc}") from exc
 
 
-def build_table(name: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Build the pyarrow Table of registered table ``name`` from dict rows.
+def arrow_table(spec: TableSpec, rows: Sequence[Any]) -> pa.Table:
+    """The pyarrow Table of ``rows``, each an instance of ``spec.row`` (exactly: not a subclass).
 
-    Every row must have exactly the schema's columns, with values of the right Python type
-    (ints for integer columns, no bools; numbers for floats; str; lists of ints for list columns).
-    Floats may be NaN or infinite.
+    Values must have the right Python type (ints for integer columns, no bools; numbers for
+    floats; str; lists of the item type for list columns; the class for text-stored columns).
 
-    >>> build_table("errors", [{"sample_id": "q1", "stage": "image"}])
+    >>> from vlmflow.results.tables import TABLES, ErrorRow, SampleRow
+    >>> arrow_table(TABLES["samples"], [ErrorRow(sample_id="q1", stage="image", reason="no file")])
     Traceback (most recent call last):
     ...
-    vlmflow.results.schema.RowError: table 'errors', row 0 (sample_id 'q1'): missing column 'reason'
+    vlmflow.results.schema.RowError: table 'samples', row 0 (sample_id 'q1'): expected a SampleRow, got ErrorRow
     """
-    spec = table_spec(name)
-    schema = spec.schema
-    names = schema.names
-    wanted = set(names)
-    for i, row in enumerate(rows):
-        if row.keys() != wanted:
-            where = _where(name, i, row)
-            missing = [c for c in names if c not in row]
-            if missing:
-                raise RowError(f"{where}: missing column {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
-            extra = sorted(set(row) - wanted)
-            raise RowError(f"{where}: unknown column {extra[0]!r}; columns of {name!r}: {', '.join(names)}")
-    arrays = []
-    for field in schema:
-        values = [row[field.name] for row in rows]
-        arrays.append(_column_array(name, field, values, rows))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    if any(kind is not spec.row for kind in {type(r) for r in rows}):
+        i = next(i for i, r in enumerate(rows) if type(r) is not spec.row)
+        raise RowError(f"{_where(spec.name, i, rows[i])}: expected a {spec.row.__name__}, got {type(rows[i]).__name__}")
+    arrays = [_column_array(spec.name, c, [getattr(r, c.name) for r in rows], rows) for c in spec.columns]
+    return pa.Table.from_arrays(arrays, schema=spec.schema)
 
 
-def empty_table(name: str) -> pa.Table:
-    """A zero-row table with the registered schema of ``name``.
-
-    >>> empty_table("flows").num_rows
-    0
-    """
-    return table_spec(name).schema.empty_table()
-
-
-def _where(name: str, index: int, row: Mapping[str, Any]) -> str:
-    sample = row.get("sample_id")
+def _where(table: str, index: int, row: Any) -> str:
+    sample = getattr(row, "sample_id", None)
     suffix = f" (sample_id {sample!r})" if isinstance(sample, str) else ""
-    return f"table {name!r}, row {index}{suffix}"
-
+    return f"table {table!r}, row {index}{suffix}"

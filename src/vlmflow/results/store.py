@@ -64,7 +64,7 @@ from vlmflow.results.atomic import (
     write_parquet,
 )
 from vlmflow.results.identity import canonical_spec, identity_of, json_bytes, read_spec, spec_differences
-from vlmflow.results.schema import TABLES, build_table, empty_table, table_spec
+from vlmflow.results.tables import TABLES, Row, build_table, empty_table, table_spec
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class RunStore:
     def tables(self) -> list[str]:
         """Names of the tables with committed data (in parts or consolidated), sorted.
 
+        A finalized run whose ``parts/`` was deleted lists its consolidated tables.
+
         >>> store.tables()  # doctest: +SKIP
         ['errors', 'flows', 'samples']
         """
@@ -229,7 +231,7 @@ class RunStore:
     def read(self, table: str, columns: Sequence[str] | None = None) -> Any:
         """All committed rows of ``table`` as a pandas DataFrame (commit order, deduplicated by key).
 
-        Sort by the table's key (``TABLES[table].key``) for a canonical order.
+        Sort by the table's key (``table_spec(table).key``) for a canonical order.
 
         >>> store.read("flows").groupby(["flow", "layer"]).rel_change.mean()  # doctest: +SKIP
         """
@@ -249,13 +251,15 @@ class RunStore:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def commit(self, tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-        """Atomically commit one batch of rows (any subset of registered tables).
+    def commit(self, tables: Mapping[str, Sequence[Row]]) -> None:
+        """Atomically commit one batch of typed rows (any subset of the tables of
+        :mod:`vlmflow.results.tables`; each table's rows are instances of its row class).
 
         Either the whole batch becomes visible or none of it. Refused with :class:`CommitError`
         (before anything is written) if a sample id in the batch is already committed, a key
         repeats within the batch, or a sample has rows but no ``samples``/``errors`` row in the
-        batch; with :class:`~vlmflow.results.schema.RowError` if a row does not fit its schema.
+        batch; with :class:`~vlmflow.results.schema.RowError` if a row is not of the table's row
+        class or a value has the wrong type.
 
         >>> store.commit({"samples": [row], "flows": rows})  # doctest: +SKIP
         """

@@ -37,55 +37,43 @@ import yaml
 from vlmflow.analysis.claims import ClaimThresholds
 from vlmflow.data.sample import TaskType
 from vlmflow.errors import ConfigError
-from vlmflow.experiments.flows import ENGINES
-from vlmflow.experiments.lens import Readout
-from vlmflow.experiments.runner import DataSpec, ModelSpec
+from vlmflow.experiments.runner import DataSpec
+from vlmflow.experiments.settings import ControlSettings, Engine, FlowSettings, LensSettings, Readout
 from vlmflow.experiments.windows import default_window
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import PAPER_FLOWS, Flow
+from vlmflow.settings import declared, read_config, read_value
 
 T = TypeVar("T")
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-ATTN_CHOICES = ("sdpa", "eager")
 FIGURE_FORMATS = ("svg", "png")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the study.
+    """One model of the study: its label, its window and how to load it.
 
     Attributes:
         label: short name used for folders and in the report (letters, digits, ``_.+-``).
-        model: HF id, local checkpoint directory or alias (e.g. ``organism``).
+        spec: how to load it (:class:`~vlmflow.load_spec.LoadSpec`; its config keys are those
+            declared there: ``model``, ``dtype``, ``device``, ``attn``, ...).
         window: layers per knockout window; ``None``: the study's ``windows`` for the model's depth,
             else the paper's rule (:func:`~vlmflow.experiments.windows.default_window`).
     """
 
     label: str
-    model: str
+    spec: LoadSpec
     window: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    attn: str = "sdpa"
-    revision: str | None = None
-    allow_hub: bool = False
-    template: str | None = None
-    image_mode: str | None = None
 
-    def spec(self) -> ModelSpec:
-        """The runner's :class:`ModelSpec` for this model."""
-        options = (("image_mode", self.image_mode),) if self.image_mode else ()
-        return ModelSpec(
-            name=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            attn_implementation=self.attn,
-            revision=self.revision,
-            allow_hub=self.allow_hub,
-            template=self.template,
-            options=options,
-        )
+    @property
+    def model(self) -> str:
+        """HF id, local checkpoint directory or alias (e.g. ``organism``)."""
+        return self.spec.name
+
+    @property
+    def image_mode(self) -> str | None:
+        return self.spec.image_mode
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,7 @@ class TaskEntry:
 
 @dataclass(frozen=True)
 class LensEntry:
-    """The answer-emergence readout (paper §6)."""
+    """The answer-emergence readout (paper §6): the :class:`LensSettings` fields a study sets."""
 
     readouts: tuple[Readout, ...] = (Readout.RAW, Readout.NORMED)
     top_k: int = 10
@@ -125,7 +113,8 @@ class LensEntry:
 
 @dataclass(frozen=True)
 class ControlsEntry:
-    """The size-matched random-patch control of every ``related->TARGET`` flow."""
+    """The size-matched random-patch control of every ``related->TARGET`` flow (``random_draws``:
+    :attr:`ControlSettings.draws`; 0 turns the control off)."""
 
     random_draws: int = 5
 
@@ -161,7 +150,7 @@ class StudyConfig:
     name: str = "study"
     flows: tuple[Flow, ...] = PAPER_FLOWS
     windows: Mapping[int, int] = field(default_factory=dict)
-    engine: str = "fast"
+    engine: Engine = Engine.FAST
     keep_all: bool = False
     max_new_tokens: int = 12
     lens: LensEntry | None = field(default_factory=LensEntry)
@@ -231,7 +220,7 @@ def parse_config(data: Any, *, base: Path | None = None) -> StudyConfig:
             raise ConfigError(f"{what}: labels must be unique, {', '.join(dup)} appear more than once (set 'label')")
     flows = PAPER_FLOWS
     if "flows" in top:
-        flows = tuple(reader.parse(Flow.parse, f, f"flows[{i}]") for i, f in enumerate(reader.items(top["flows"], "flows", empty=True)))
+        flows = read_value(FlowSettings, "flows", top["flows"], "flows")
         if len(set(flows)) != len(flows):
             raise ConfigError(f"flows: duplicate flows in {[str(f) for f in flows]}")
     windows = reader.windows(top.get("windows", {}))
@@ -246,9 +235,7 @@ def parse_config(data: Any, *, base: Path | None = None) -> StudyConfig:
         name=reader.label(top.get("name", "study"), "name"),
         flows=flows,
         windows=windows,
-        engine=reader.choice(top.get("engine", "fast"), "engine", ENGINES),
-        keep_all=reader.boolean(top.get("keep_all", False), "keep_all"),
-        max_new_tokens=reader.integer(top.get("max_new_tokens", 12), "max_new_tokens", minimum=1),
+        **{key: read_value(FlowSettings, key, top[key], key) for key in _SHARED_KEYS if key in top},
         lens=lens,
         controls=controls,
         statistics=statistics,
@@ -279,7 +266,11 @@ _TOP_KEYS = (
     "name", "models", "tasks", "flows", "windows", "engine", "keep_all", "max_new_tokens", "lens", "controls",
     "statistics", "claims", "report",
 )  # fmt: skip
-_MODEL_KEYS = tuple(f.name for f in fields(ModelEntry))
+#: Experiment settings the study sets once for all its runs (read as FlowSettings declares them).
+_SHARED_KEYS = ("engine", "keep_all", "max_new_tokens")
+#: A model entry: its label and window, and the config keys of LoadSpec (model, dtype, attn, ...).
+_LOAD_KEYS = tuple(d.config for d in declared(LoadSpec) if d.config is not None)
+_MODEL_KEYS = ("label", "model", "window", *(k for k in _LOAD_KEYS if k != "model"))
 _TASK_KEYS = ("label", "data", "images", "limit", "synthetic")
 _STATS_CHECKS: dict[str, Callable[[Any], bool]] = {
     "n_boot": lambda v: v >= 100,
@@ -341,11 +332,6 @@ class _Reader:
             raise ConfigError(f"{where} {text!r} may only hold letters, digits and _ . + - (it names folders)")
         return text
 
-    def choice(self, value: Any, where: str, valid: Sequence[str]) -> str:
-        if value not in valid:
-            raise ConfigError(f"{where}: unknown value {value!r}; valid: {', '.join(valid)}")
-        return str(value)
-
     def parse(self, parser: Callable[[str], T], value: Any, where: str) -> T:
         try:
             return parser(self.string(value, where))
@@ -405,19 +391,9 @@ class _Reader:
         if model.startswith((".", "/", "~", "$")) or local.exists():
             model = self.path(model, f"{where}.model")
         label = raw.get("label") or Path(str(raw["model"]).rstrip("/")).name
-        out = ModelEntry(
-            label=self.label(label, f"{where}.label"),
-            model=model,
-            window=None if raw.get("window") is None else self.integer(raw["window"], f"{where}.window", minimum=1),
-            dtype=self.choice(raw.get("dtype", "auto"), f"{where}.dtype", DTYPE_CHOICES),
-            device=self.string(raw.get("device", "auto"), f"{where}.device"),
-            attn=self.choice(raw.get("attn", "sdpa"), f"{where}.attn", ATTN_CHOICES),
-            revision=None if raw.get("revision") is None else self.string(raw["revision"], f"{where}.revision"),
-            allow_hub=self.boolean(raw.get("allow_hub", False), f"{where}.allow_hub"),
-            template=None if raw.get("template") is None else self.string(raw["template"], f"{where}.template"),
-            image_mode=None if raw.get("image_mode") is None else self.string(raw["image_mode"], f"{where}.image_mode"),
-        )
-        return out
+        window = None if raw.get("window") is None else read_value(FlowSettings, "window", raw["window"], f"{where}.window")
+        spec = read_config(LoadSpec, {**{k: v for k, v in raw.items() if k in _LOAD_KEYS}, "model": model}, where)
+        return ModelEntry(label=self.label(label, f"{where}.label"), spec=spec, window=window)
 
     def task(self, value: Any, where: str) -> TaskEntry:
         if isinstance(value, str):
@@ -464,19 +440,20 @@ class _Reader:
             return None
         raw = self.mapping(value, "lens")
         self.keys(raw, "lens", ("readouts", "top_k"))
-        readouts = LensEntry().readouts
         if "readouts" in raw:
-            items = self.items(raw["readouts"], "lens.readouts")
-            readouts = tuple(self.parse(_readout, r, f"lens.readouts[{i}]") for i, r in enumerate(items))
-        return LensEntry(readouts=readouts, top_k=self.integer(raw.get("top_k", 10), "lens.top_k", minimum=1))
+            self.items(raw["readouts"], "lens.readouts")
+        values = {key: read_value(LensSettings, key, raw[key], f"lens.{key}") for key in raw}
+        return LensEntry(**values)
 
     def controls(self, value: Any) -> ControlsEntry | None:
         if value is False or value is None:
             return None
         raw = self.mapping(value, "controls")
         self.keys(raw, "controls", ("random_draws",))
-        draws = self.integer(raw.get("random_draws", 5), "controls.random_draws", minimum=0)
-        return ControlsEntry(random_draws=draws) if draws else None
+        draws = raw.get("random_draws", ControlsEntry.random_draws)
+        if draws == 0 and not isinstance(draws, bool):
+            return None
+        return ControlsEntry(random_draws=read_value(ControlSettings, "draws", draws, "controls.random_draws"))
 
 
 def _task_type(text: str) -> TaskType:
@@ -484,10 +461,3 @@ def _task_type(text: str) -> TaskType:
         return TaskType.parse(text)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def _readout(text: str) -> Readout:
-    try:
-        return Readout(text.strip().lower())
-    except ValueError:
-        raise ConfigError(f"unknown readout {text!r}; valid: {', '.join(r.value for r in Readout)}") from None

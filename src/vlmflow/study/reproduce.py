@@ -19,17 +19,15 @@ import gc
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.data.sample import Sample
 from vlmflow.errors import ConfigError, VlmflowError
-from vlmflow.experiments.controls import ControlSettings
-from vlmflow.experiments.flows import FlowSettings
-from vlmflow.experiments.lens import LensSettings
 from vlmflow.experiments.runner import DataSpec, Experiment, RunSpec, load_data, run_to_store
-from vlmflow.loading import LoadedModel
+from vlmflow.experiments.settings import ControlSettings, FlowSettings, LensSettings
+from vlmflow.loading import LoadedModel, load_model
 from vlmflow.results.store import RunStore
 from vlmflow.study.config import ModelEntry, StudyConfig, TaskEntry
 from vlmflow.study.directory import StudyDir, run_key
@@ -85,14 +83,13 @@ def planned_runs(config: StudyConfig) -> list[tuple[ModelEntry, TaskEntry, str]]
 def experiment_settings(config: StudyConfig, experiment: str, window: int) -> Experiment:
     """The runner settings of one experiment of the study, with the model's window."""
     common = {"keep_all": config.keep_all, "max_new_tokens": config.max_new_tokens}
+    knockout = FlowSettings(window=window, engine=config.engine, **common)
     if experiment == "flows":
-        return FlowSettings(flows=config.flows, window=window, engine=config.engine, **common)  # type: ignore[arg-type]
+        return replace(knockout, flows=config.flows)
     if experiment == "controls":
         assert config.controls is not None
         targets = tuple(dict.fromkeys(f.target for f in config.control_flows))
-        return ControlSettings(
-            targets=targets, draws=config.controls.random_draws, window=window, engine=config.engine, **common  # type: ignore[arg-type]
-        )
+        return ControlSettings(targets=targets, draws=config.controls.random_draws, flow_settings=knockout)
     if experiment == "lens":
         assert config.lens is not None
         return LensSettings(readouts=config.lens.readouts, top_k=config.lens.top_k, **common)
@@ -145,7 +142,7 @@ def reproduce(
 ) -> StudyOutcome:
     """Run every model x task x experiment of ``config`` into the study directory ``out``.
 
-    ``loader`` loads a model entry (default: :meth:`ModelEntry.spec` ``.load()``); tests pass one
+    ``loader`` loads a model entry (default: its ``spec.load()``); tests pass one
     that returns cached models. With ``ray`` the runs' samples are computed by model replicas on a
     Ray cluster (one pool per model, kept across its runs; see ``docs/scale-out.md``); this process
     still loads each model once, for its layer count and the report's sample viewer.
@@ -186,7 +183,7 @@ def _reproduce_model(
     """Every run of one model entry (``executor``: a RayExecutor, or None for this process)."""
     runs = [(t, e) for m, t, e in plan if m is model]
     try:
-        loaded = loader(model) if loader is not None else model.spec().load()
+        loaded = loader(model) if loader is not None else load_model(model.spec)
     except VlmflowError as exc:
         log.error("model %s cannot be loaded: %s", model.label, exc)
         for task, experiment in runs:
@@ -198,7 +195,7 @@ def _reproduce_model(
     for task, experiment in runs:
         key = run_key(model.label, task.label, experiment)
         resolved = tasks[task.label]
-        spec = RunSpec(model.spec(), resolved.data, experiment_settings(config, experiment, window), name=experiment)
+        spec = RunSpec(model.spec, resolved.data, experiment_settings(config, experiment, window), name=experiment)
         folder = study.run_path(model.label, task.label, experiment).parent
 
         def report(done: int, total: int, message: str, key: str = key) -> None:

@@ -2,7 +2,7 @@
 
 Which image pixels a related image token shows depends on the family's preprocessing (padding,
 resizing, anyres tiling). Rather than knowing each geometry, the overlay asks the sample's own
-:class:`~vlmflow.adapters.base.ImageLayout`: a cell of the original image is painted when a box
+:class:`~vlmflow.positions.layout.ImageLayout`: a cell of the original image is painted when a box
 around that cell maps to at least one of the sample's related tokens. Only the layout's public
 ``related`` rule is used, so the overlay is right for every family the engine supports.
 
@@ -97,7 +97,7 @@ def write_viewer(
         try:
             image = open_image(sample, images)
             prepared = prepare_sample(loaded, sample, image)
-            layout = loaded.adapter.image_layout(loaded.model, loaded.processor, prepared.encoded, loaded.options)
+            layout = loaded.inputs.image_layout(prepared.encoded)
             image_pos = np.asarray(prepared.groups[Group.IMAGE])
             related = np.asarray(prepared.groups.positions.get(Group.RELATED, ()), dtype=int)
             token_index = np.searchsorted(image_pos, related)  # related positions -> image-token indices

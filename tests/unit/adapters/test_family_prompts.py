@@ -7,19 +7,25 @@ import pytest
 import torch
 from PIL import Image
 
+from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 from vlmflow.adapters.expansion import ImageTextProcessor, check_template_tokens
-from vlmflow.adapters.registry import adapter_for_architecture, adapter_for_model
+from vlmflow.adapters.registry import family_for_architecture, family_for_model
 from vlmflow.errors import ConfigError, UnsupportedModelError
 from vlmflow.prompts import ANSWER_SUFFIX, get_template
-from vlmflow.testing.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from vlmflow.testing.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from vlmflow.testing.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 
 QUESTION = "Is the square red or blue?"
 
 
 def _image(size=(40, 30)) -> Image.Image:
     return Image.new("RGB", size, (200, 30, 30))
+
+
+def _bind(model, processor, template: str):
+    """The family's input pipeline and decoder map bound to an in-memory model."""
+    family = family_for_model(model)  # importing the family registers its templates
+    return family.bind(model, processor, get_template(template), {})
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +36,17 @@ def idefics3():
 @pytest.mark.parametrize("size", [(40, 30), (30, 70), (12, 9), (64, 16)])
 def test_idefics3_expansion_equals_the_idefics3_processor(idefics3, size):
     model, processor = idefics3
-    adapter = adapter_for_model(model)
-    template = get_template("idefics3")
     parts = ImageTextProcessor(processor.image_processor, processor.tokenizer)
-    encoded = adapter.encode(model, parts, template, QUESTION, _image(size), {})
+    bound = _bind(model, parts, "idefics3")
+    template = get_template("idefics3")
+    encoded = bound.inputs.encode(QUESTION, _image(size))
     rendered = template.render(QUESTION, image_token=processor.image_token).text
     real = processor(images=[_image(size)], text=rendered, return_tensors="pt", add_special_tokens=False)
     assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
     torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
     assert encoded.text.startswith("<|begin_of_text|>User:<fake_token_around_image>")
     assert encoded.text.endswith(QUESTION + ANSWER_SUFFIX + "<end_of_utterance>\nAssistant:")
-    layout = adapter.image_layout(model, parts, encoded, {})
+    layout = bound.inputs.image_layout(encoded)
     assert layout.n_tokens == int((encoded.input_ids == model.config.image_token_id).sum())
 
 
@@ -59,8 +65,8 @@ def test_qwen2_vl_prompt_and_image_pad_count(size):
     from transformers import Qwen2VLProcessor
 
     model, processor = build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=1))
-    adapter = adapter_for_model(model)
-    encoded = adapter.encode(model, processor, get_template("qwen2_vl"), QUESTION, _image(size), {})
+    bound = _bind(model, processor, "qwen2_vl")
+    encoded = bound.inputs.encode(QUESTION, _image(size))
     grid = encoded.inputs["image_grid_thw"]
     # The real processor's replacement rule, run on this image's grid.
     ip = processor.image_processor
@@ -73,9 +79,9 @@ def test_qwen2_vl_prompt_and_image_pad_count(size):
     )
     image_mask = encoded.input_ids == model.config.image_token_id
     assert torch.equal(encoded.inputs["mm_token_type_ids"][0].bool().cpu(), image_mask)
-    assert int(image_mask.sum()) == adapter.image_layout(model, processor, encoded, {}).n_tokens
+    assert int(image_mask.sum()) == bound.inputs.image_layout(encoded).n_tokens
     # M-RoPE: the image tokens' height/width ids walk the merged grid, text continues after it.
-    pos = adapter.position_ids(model, encoded)[:, 0]  # [3, seq]
+    pos = bound.decoder.position_ids(encoded)[:, 0]  # [3, seq]
     h, w = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
     first = int(torch.nonzero(image_mask)[0])
     image_pos = pos[:, image_mask]
@@ -86,8 +92,7 @@ def test_qwen2_vl_prompt_and_image_pad_count(size):
 
 def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
     model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
-    adapter = adapter_for_model(model)
-    encoded = adapter.encode(model, processor, get_template("gemma3"), QUESTION, _image(), {})
+    encoded = _bind(model, processor, "gemma3").inputs.encode(QUESTION, _image())
     soft = "<image_soft_token>" * 16
     assert encoded.text == (
         "<bos><start_of_turn>user\n\n\n<start_of_image>" + soft + "<end_of_image>\n\n"
@@ -100,11 +105,10 @@ def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
 
 
 def test_paligemma_prompt_equals_the_paligemma_processor():
-    from vlmflow.testing.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+    from support.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
 
     model, processor = build_tiny_paligemma(TinyPaliGemmaConfig(layers=1))
-    adapter = adapter_for_model(model)
-    encoded = adapter.encode(model, processor, get_template("paligemma"), QUESTION, _image(), {})
+    encoded = _bind(model, processor, "paligemma").inputs.encode(QUESTION, _image())
     real = processor(images=[_image()], text="<image>answer en " + QUESTION, return_tensors="pt")
     assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
     assert torch.equal(encoded.inputs["token_type_ids"].cpu(), real["token_type_ids"])
@@ -123,18 +127,18 @@ def test_unsupported_settings_and_families_are_refused_with_the_reason():
     model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
     processor.image_processor.do_pan_and_scan = True
     with pytest.raises(ConfigError, match="pan-and-scan"):
-        adapter_for_model(model).prepare_processor(processor, {})
+        _bind(model, processor, "gemma3")
     qwen, _ = build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=1))
     qwen.model.language_model.config.layer_types = ["sliding_attention"]
     with pytest.raises(UnsupportedModelError, match="sliding"):
-        adapter_for_model(qwen).check_attention_backend(qwen)
+        family_for_model(qwen).decoder_class(qwen).check_attention_backend()
     for architecture, reason in [
         ("MllamaForConditionalGeneration", "cross-attention"),
         ("Qwen3VLForConditionalGeneration", "DeepStack"),
         ("Gemma3nForConditionalGeneration", "per-layer inputs"),
     ]:
         with pytest.raises(UnsupportedModelError, match=reason):
-            adapter_for_architecture(architecture)
+            family_for_architecture(architecture)
 
 
 def test_models_command_lists_every_family_with_how_it_was_verified(capsys):

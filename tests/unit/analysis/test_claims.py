@@ -10,6 +10,7 @@ from vlmflow.analysis.claims import CLAIMS, RULES, ClaimThresholds, Status, eval
 from vlmflow.analysis.evidence import cell_evidence
 from vlmflow.analysis.stats import Bootstrap
 from vlmflow.errors import ConfigError
+from vlmflow.positions.groups import Flow, Group
 
 BOOT = Bootstrap(n_boot=300)
 
@@ -108,12 +109,12 @@ def test_optional_conditions_are_skipped_not_failed_when_their_flow_is_missing()
 def test_exact_zero_for_a_window_confined_to_the_last_layer_is_checked_when_measured():
     curves = paper_like()
     results, ev = evaluate(curves, window=1, noise=0.5)
-    assert "image->question" in ev.exact_last
+    assert Flow(Group.IMAGE, Group.QUESTION) in ev.exact_last
     # The synthetic last-layer value is noise (not exactly 0), so this condition must fail.
     assert results["image-question"].status is Status.FAILS
     curves["image->question"][-1] = 0.0
     results, ev = evaluate(curves, window=1, noise=0.0)
-    assert ev.exact_last["image->question"] == 0.0
+    assert ev.exact_last[Flow(Group.IMAGE, Group.QUESTION)] == 0.0
     assert results["image-question"].status is Status.HOLDS
 
 

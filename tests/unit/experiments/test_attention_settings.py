@@ -7,7 +7,7 @@ import pytest
 from vlmflow.errors import ConfigError
 from vlmflow.experiments.attention import AttentionSettings, attention_capture_from
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.results.schema import TABLES
+from vlmflow.results.tables import TABLES
 
 
 def test_capture_starts_at_the_first_available_target():

@@ -23,8 +23,8 @@ from vlmflow.experiments.lens import (
     tracked_tokens,
 )
 from vlmflow.positions.groups import Group
-from vlmflow.results.schema import TABLES
-from vlmflow.testing.tokenizers import build_tokenizer
+from vlmflow.results.tables import TABLES
+from vlmflow.tiny.tokenizers import build_tokenizer
 
 KINDS = ["sentencepiece", "bytelevel", "word"]
 
@@ -108,7 +108,7 @@ def test_settings_identity_is_json(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"readouts": ()}, "no readout"),
-    ({"readouts": ("raw",)}, "unknown readout 'raw'"),
+    ({"readouts": ("logit",)}, r"readouts\[0\]: unknown readout 'logit'; valid: raw, normed"),
     ({"readouts": (Readout.RAW, Readout.RAW)}, "duplicate readouts"),
     ({"top_k": 0}, "top_k"),
     ({"groups": (Group.QUESTION, Group.QUESTION)}, "duplicate groups"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vlmflow.knockout.ablation import Ablation, Site
-from vlmflow.knockout.folding import branch_plan
+from vlmflow.knockout.plan import branch_plan
 from vlmflow.knockout.spec import Knockout
 
 EDGES = (((9,), (1, 2, 3)),)

@@ -123,9 +123,9 @@ def test_masked_forward_is_the_reference_knockout(loaded, encoder):
         assert probs[cell.layer].shape[:2] == (1, model.config.text_config.num_attention_heads)
         flow = Flow(Group(cell.source), Group(cell.target))
         knockout = Knockout.for_flows(prepared.groups, [flow], [cell.layer])
-        reference = reference_logits(model, loaded.adapter, prepared.encoded, [knockout])[0]
+        reference = reference_logits(loaded.decoder, prepared.encoded, [knockout])[0]
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
-        assert not torch.allclose(ours, clean_logits(model, prepared.encoded), atol=1e-4)
+        assert not torch.allclose(ours, clean_logits(loaded.decoder, prepared.encoded), atol=1e-4)
     attention = model.model.language_model.layers[0].self_attn
     assert not attention._forward_pre_hooks and not attention._forward_hooks  # noqa: SLF001 - removed in finally
 

@@ -11,6 +11,7 @@ import pytest
 from vlmflow.plots.flows import flow_panels, kept_flows, plot_flows, write_flow_figures
 from vlmflow.positions.groups import PAPER_FLOWS
 from vlmflow.results.store import RunStore
+from vlmflow.results.tables import FlowRow, SampleRow, build_table
 
 SIX = [str(f) for f in PAPER_FLOWS]
 
@@ -20,21 +21,26 @@ def _flow_row(sample_id, task, flow, layer, rel_change, n_layers, window=9):
     blocked = list(range(max(0, layer - half), min(n_layers, layer + window - half)))
     p_base = 0.5
     p_blocked = p_base * (1 + rel_change / 100)
-    return {
-        "sample_id": sample_id, "task": task, "flow": flow, "layer": layer, "layers_blocked": blocked,
-        "window": window, "p_base": p_base, "p_blocked": p_blocked, "rel_change": rel_change,
-        "logprob_diff": float(np.log(p_blocked / p_base)), "answer_changed": False, "answer_token_id": 7,
-        "blocked_token_id": 7, "n_source": 3, "n_target": 1, "engine": "fast",
-    }
+    return FlowRow(
+        sample_id=sample_id, task=task, flow=flow, layer=layer, layers_blocked=blocked,
+        window=window, p_base=p_base, p_blocked=p_blocked, rel_change=rel_change,
+        logprob_diff=float(np.log(p_blocked / p_base)), answer_changed=False, answer_token_id=7,
+        blocked_token_id=7, n_source=3, n_target=1, engine="fast",
+    )
 
 
 def _sample_row(sample_id, task, kept=True):
-    return {
-        "sample_id": sample_id, "task": task, "image_id": "img", "question": "Is it red or blue?", "answer": "red",
-        "prediction": "red" if kept else "blue", "correct": kept, "kept": kept, "answer_token_id": 7,
-        "answer_token": "▁red", "p_base": 0.5, "seq_len": 50, "n_image_tokens": 16,
-        "group_sizes": json.dumps({"image": 16}),
-    }
+    return SampleRow(
+        sample_id=sample_id, task=task, image_id="img", question="Is it red or blue?", answer="red",
+        prediction="red" if kept else "blue", correct=kept, kept=kept, answer_token_id=7,
+        answer_token="▁red", p_base=0.5, seq_len=50, n_image_tokens=16,
+        group_sizes=json.dumps({"image": 16}),
+    )
+
+
+def _frame(rows):
+    """The ``flows`` table of ``rows`` as a run's reader returns it."""
+    return build_table("flows", rows).to_pandas()
 
 
 def _effect(flow_index: int, layer: int, sample: int) -> float:
@@ -45,7 +51,7 @@ def _rows(n_layers=40, tasks=("ChooseAttr",), n_samples=3):
     rows = []
     for task in tasks:
         for s in range(n_samples):
-            for i, flow in enumerate(SIX):
+            for i, flow in enumerate(PAPER_FLOWS):
                 rows += [_flow_row(f"{task}-{s}", task, flow, layer, _effect(i, layer, s), n_layers)
                          for layer in range(n_layers)]
     return rows
@@ -59,9 +65,7 @@ def test_the_six_flows_fall_into_the_papers_three_panels_and_others_get_their_ow
 
 
 def test_a_40_layer_figure_shows_every_layer_with_mean_and_band():
-    import pandas as pd
-
-    fig = plot_flows(pd.DataFrame(_rows(n_layers=40)))
+    fig = plot_flows(_frame(_rows(n_layers=40)))
     axes = fig.axes
     assert len(axes) == 3
     first = axes[0]
@@ -79,9 +83,7 @@ def test_a_40_layer_figure_shows_every_layer_with_mean_and_band():
 
 
 def test_several_tasks_get_one_row_each():
-    import pandas as pd
-
-    fig = plot_flows(pd.DataFrame(_rows(n_layers=8, tasks=("ChooseAttr", "QueryAttr"))))
+    fig = plot_flows(_frame(_rows(n_layers=8, tasks=("ChooseAttr", "QueryAttr"))))
     assert len(fig.axes) == 6
     assert fig.axes[0].get_title().startswith("ChooseAttr") and fig.axes[3].get_title().startswith("QueryAttr")
 
@@ -94,9 +96,9 @@ def run_dir(tmp_path: Path) -> Path:
     for task in ("ChooseAttr", "QueryAttr"):
         for s in range(2):
             sid = f"{task}-{s}"
-            store.commit({"samples": [_sample_row(sid, task)], "flows": [r for r in rows if r["sample_id"] == sid]})
+            store.commit({"samples": [_sample_row(sid, task)], "flows": [r for r in rows if r.sample_id == sid]})
     # A sample that is not kept (answered wrongly) but has flow rows must not be drawn.
-    wrong = [_flow_row("bad", "QueryAttr", flow, layer, 500.0, 6) for flow in SIX for layer in range(6)]
+    wrong = [_flow_row("bad", "QueryAttr", flow, layer, 500.0, 6) for flow in PAPER_FLOWS for layer in range(6)]
     store.commit({"samples": [_sample_row("bad", "QueryAttr", kept=False)], "flows": wrong})
     store.finalize({})
     return path

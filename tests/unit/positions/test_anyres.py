@@ -61,8 +61,8 @@ def test_bilinear_sources_are_the_nonzero_weights_of_torch_interpolate(n_in):
 def test_downscale_rule_matches_the_onevision_processor_count():
     from transformers import LlavaOnevisionImageProcessorPil
 
+    from support.tiny_next import build_bytelevel_tokenizer
     from vlmflow.adapters.llava_onevision import OnevisionImageProcessor
-    from vlmflow.testing.tiny_next import build_bytelevel_tokenizer
 
     processor = OnevisionImageProcessor(
         image_processor=LlavaOnevisionImageProcessorPil(), tokenizer=build_bytelevel_tokenizer("qwen2"),
@@ -81,7 +81,7 @@ def test_downscale_rule_matches_the_onevision_processor_count():
 def test_llava_next_counts_match_the_processor_and_the_paper():
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    from vlmflow.testing.tokenizers import build_tokenizer
+    from vlmflow.tiny.tokenizers import build_tokenizer
 
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),

@@ -24,16 +24,16 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from vlmflow.adapters.llava_onevision import OnevisionImageProcessor
-from vlmflow.data.sample import Box
-from vlmflow.positions.anyres import LLAVA_NEXT_PINPOINTS, anyres_geometry, onevision_pinpoints
-from vlmflow.positions.anyres_oracle import (
+from support.anyres_oracle import (
     anyres_oracle_tokens,
     llava_next_packer,
     llava_onevision_packer,
     nearest_image_processor,
 )
-from vlmflow.testing.tokenizers import build_tokenizer
+from vlmflow.adapters.llava_onevision import OnevisionImageProcessor
+from vlmflow.data.sample import Box
+from vlmflow.positions.anyres import LLAVA_NEXT_PINPOINTS, anyres_geometry, onevision_pinpoints
+from vlmflow.tiny.tokenizers import build_tokenizer
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -189,10 +189,10 @@ def test_nohd_view_is_the_llava15_padded_view():
     """noHD_noPad's single view (mean-padded square through the LLaVA-NeXT processor, base view) is
     pixel for pixel the LLaVA-1.5 pad-to-square view the single-view oracle checks."""
     from vlmflow.adapters.llava import expand_to_square
-    from vlmflow.positions.oracle import oracle_processor
+    from vlmflow.positions.paper_rule import mask_processor
 
     next_processor = nearest_image_processor(LlavaNextImageProcessorPil, LLAVA_V16_IMAGE_PROCESSOR)
-    llava15 = oracle_processor("pad", 336)
+    llava15 = mask_processor("pad", 336)
     mean = tuple(int(255 * m) for m in CLIP_MEAN)
     rng = np.random.default_rng(3)
     for size in ((500, 375), (375, 500), (333, 333), (640, 427), (120, 57)):

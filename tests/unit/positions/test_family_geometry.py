@@ -15,16 +15,16 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from vlmflow.data.datasets import load_samples, released_specs
-from vlmflow.data.sample import Box
-from vlmflow.positions.dynamic_grid import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, dynamic_geometry
-from vlmflow.positions.family_oracles import (
+from support.family_oracles import (
     gemma3_reader,
     idefics3_reader,
     qwen2_vl_reader,
     run_oracle,
     siglip_reader,
 )
+from vlmflow.data.datasets import load_samples, released_specs
+from vlmflow.data.sample import Box
+from vlmflow.positions.dynamic_grid import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, dynamic_geometry
 from vlmflow.positions.patches import llava_geometry
 from vlmflow.positions.split_tiles import split_geometry
 

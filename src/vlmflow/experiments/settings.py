@@ -1,0 +1,322 @@
+"""What each experiment is asked to do: one frozen settings type per experiment, declared once.
+
+:class:`FlowSettings` (the paper's knockout flows), :class:`ControlSettings` (the random-patch
+control, holding a FlowSettings), :class:`LensSettings` (the logit lens) and
+:class:`AttentionSettings` (group-to-group attention mass). Each field is a
+:func:`~vlmflow.settings.setting`: the CLI options of ``vlmflow flows``/``lens``, the keywords of
+``vlmflow.run_flows``/``run_lens``, the study config keys and each run's identity come from these
+declarations. Strings given for typed fields (``"image->last"``, ``"reference"``, ``"raw"``) are
+parsed once, when the object is built.
+
+Importing this module imports no torch; :meth:`analyse` imports the experiment's code when it runs.
+
+>>> FlowSettings(flows=["image->last"], engine="reference").engine
+<Engine.REFERENCE: 'reference'>
+>>> FlowSettings(window=0)
+Traceback (most recent call last):
+...
+vlmflow.settings.SettingError: window must be >= 1, got 0
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from vlmflow.errors import ConfigError
+from vlmflow.experiments.windows import default_window
+from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
+from vlmflow.settings import Settings, setting
+
+if TYPE_CHECKING:
+    from vlmflow.experiments.prepare import PreparedSample
+    from vlmflow.loading import LoadedModel
+    from vlmflow.results.tables import Row
+
+__all__ = [
+    "DEFAULT_SOURCES",
+    "DEFAULT_TARGETS",
+    "AttentionSettings",
+    "ControlSettings",
+    "Engine",
+    "FlowSettings",
+    "LensSettings",
+    "Readout",
+]
+
+log = logging.getLogger(__name__)
+
+Tables = dict[str, list["Row"]]
+
+DEFAULT_TARGETS = (Group.IMAGE, Group.QUESTION, Group.LAST)
+DEFAULT_SOURCES = (Group.SYSTEM, Group.IMAGE, Group.RELATED, Group.OTHER, Group.QUESTION, Group.SUFFIX, Group.LAST)
+
+
+class Engine(StrEnum):
+    """The knockout engine (values are what users type); :mod:`vlmflow.experiments.engines` runs each."""
+
+    FAST = "fast"  # exact, batched: recomputes only what a knockout can change
+    REFERENCE = "reference"  # one full forward per window
+
+    @classmethod
+    def parse(cls, text: str) -> Engine:
+        """``"fast"``/``"reference"`` (any case) -> :class:`Engine`.
+
+        >>> Engine.parse("Reference")
+        <Engine.REFERENCE: 'reference'>
+        """
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise ConfigError(f"unknown engine {text!r}; valid: {', '.join(e.value for e in cls)}") from None
+
+
+class Readout(StrEnum):
+    """How a hidden state becomes logits (values are what users type)."""
+
+    RAW = "raw"  # the paper's: no final norm for j < L; final norm at j = L
+    NORMED = "normed"  # final norm at every j
+
+    @classmethod
+    def parse(cls, text: str) -> Readout:
+        """``"raw"``/``"normed"`` (any case) -> :class:`Readout`.
+
+        >>> Readout.parse("logit")
+        Traceback (most recent call last):
+        ...
+        vlmflow.errors.ConfigError: unknown readout 'logit'; valid: raw, normed
+        """
+        try:
+            return cls(text.strip().lower())
+        except ValueError:
+            raise ConfigError(f"unknown readout {text!r}; valid: {', '.join(r.value for r in cls)}") from None
+
+
+def _keep_all() -> Any:
+    return setting(False, help="Keep wrongly answered samples too (the paper drops them).")
+
+
+def _max_new_tokens() -> Any:
+    return setting(12, minimum=1, help="Greedy tokens for the baseline answer.")
+
+
+def _check_distinct(what: str, values: tuple[Any, ...]) -> None:
+    if len(set(values)) != len(values):
+        raise ConfigError(f"duplicate {what} in {[str(v) for v in values]}")
+
+
+@dataclass(frozen=True)
+class FlowSettings(Settings):
+    """How to run the flow experiment (implements the runner's experiment protocol).
+
+    >>> FlowSettings(window=9).flows[0]
+    Flow(source=<Group.QUESTION: 'question'>, target=<Group.LAST: 'last'>)
+    """
+
+    flows: tuple[Flow, ...] = setting(
+        PAPER_FLOWS, flags=("--flow", "-f"), help="Flow 'source->target' (repeatable). Default: the paper's six flows."
+    )
+    window: int | None = setting(
+        None, flags=("--window", "-k"), minimum=1, help="Layers per window. Default: 7 for 32 layers, 9 for 40."
+    )
+    keep_all: bool = _keep_all()
+    engine: Engine = setting(Engine.FAST, help="fast (exact, batched) or reference (one forward per window).")
+    max_new_tokens: int = _max_new_tokens()
+    max_fold_queries: int | None = setting(
+        None,
+        flags=None,
+        config=False,
+        identity=False,  # how the work is cut, not what is computed
+        minimum=1,
+        help="Query rows per folded layer call of the fast engine (memory/speed trade-off); default: the engine's.",
+    )
+
+    name = "flows"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.flows:
+            raise ConfigError("no flows given; pass at least one flow such as 'image->last'")
+        _check_distinct("flows", self.flows)
+
+    def window_for(self, n_layers: int) -> int:
+        """The window size for a model of ``n_layers`` (the paper's rule unless ``window`` is set)."""
+        return self.window if self.window is not None else default_window(n_layers)
+
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
+        """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
+        from vlmflow.experiments.flows import flow_tables
+
+        return flow_tables(loaded, prepared, self)
+
+
+@dataclass(frozen=True)
+class ControlSettings(Settings):
+    """How to run the size-matched random-patch control (implements the runner's experiment protocol).
+
+    It holds the :class:`FlowSettings` it shares with the flows run (window, engine, keep-all,
+    baseline decoding; pass the flows run's so both describe the same samples and windows); their
+    flows become the control flows ``random->TARGET``.
+
+    >>> ControlSettings(draws=3, flow_settings=FlowSettings(window=5)).flow_settings.flows
+    (Flow(source=<Group.RANDOM: 'random'>, target=<Group.QUESTION: 'question'>),)
+    """
+
+    targets: tuple[Group, ...] = setting(
+        (Group.QUESTION,),
+        identity=False,  # recorded as the control flows
+        help="Target groups; the control flow is random->TARGET (the paper's related flow targets the question).",
+    )
+    draws: int = setting(
+        5,
+        minimum=1,
+        config="random_draws",
+        help="Random draws per sample (each a different size-matched set of non-related patches).",
+    )
+    flow_settings: FlowSettings = setting(
+        FlowSettings(),
+        flags=None,
+        config=False,
+        keyword=False,
+        identity="inline",
+        help="Window, engine, keep-all and baseline decoding, as in the flows run.",
+    )
+
+    name = "controls"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.targets:
+            raise ConfigError("the random-patch control needs at least one target group")
+        _check_distinct("control targets", self.targets)
+        object.__setattr__(self, "flow_settings", replace(self.flow_settings, flows=self.flows))
+
+    @property
+    def flows(self) -> tuple[Flow, ...]:
+        """The control flows, ``random->TARGET`` per target."""
+        return tuple(Flow(Group.RANDOM, target) for target in self.targets)
+
+    @property
+    def engine(self) -> Engine:
+        return self.flow_settings.engine
+
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
+        """Tables for one sample: its ``samples`` row and, when kept, ``controls`` rows for every draw."""
+        from vlmflow.experiments.controls import control_tables
+
+        return control_tables(loaded, prepared, self)
+
+
+@dataclass(frozen=True)
+class AttentionSettings(Settings):
+    """Which group-to-group attention masses to record (one per layer, target and source group).
+
+    Groups may overlap (``related`` lies inside ``image``).
+
+    >>> AttentionSettings().identity()["targets"]
+    ['image', 'question', 'last']
+    """
+
+    targets: tuple[Group, ...] = setting(
+        DEFAULT_TARGETS,
+        flags=("--attention-target",),
+        help="Query group of the attention summaries (repeatable). Default: image, question, last.",
+    )
+    sources: tuple[Group, ...] = setting(
+        DEFAULT_SOURCES,
+        flags=("--attention-source",),
+        help="Key group of the attention summaries (repeatable). Default: system, image, related, other, question, suffix, last.",
+    )
+    max_chunk_queries: int = setting(
+        256,
+        flags=None,
+        config=False,
+        identity=False,  # does not change results
+        minimum=1,
+        help="Query rows recomputed per layer call; bounds the [head, chunk, seq] probabilities held at once.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.targets or not self.sources:
+            raise ConfigError("attention summaries need at least one target and one source group")
+        _check_distinct("targets", self.targets)
+        _check_distinct("sources", self.sources)
+
+
+@dataclass(frozen=True)
+class LensSettings(Settings):
+    """How to run the lens experiment (implements the runner's experiment protocol).
+
+    ``skip_blank`` (the flag ``--literal-first-piece`` negated): skip a leading whitespace-only piece
+    when taking a word's first sub-token (see :func:`~vlmflow.experiments.answer_tokens.first_subtoken`);
+    ``False`` is the paper's literal ``encode(word)[0]``. The last position is always read, as
+    group ``last``.
+
+    >>> LensSettings(groups=(Group.QUESTION,)).identity()["groups"]
+    ['question']
+    """
+
+    readouts: tuple[Readout, ...] = setting(
+        (Readout.RAW, Readout.NORMED),
+        flags=("--readout", "-r"),
+        help="raw (the paper's: no final norm below the top layer) or normed (repeatable). Default: both.",
+    )
+    top_k: int = setting(10, minimum=1, help="Top tokens kept per position and layer.")
+    groups: tuple[Group, ...] = setting(
+        (), flags=("--group", "-g"), help="Also read every position of this group, e.g. question (repeatable)."
+    )
+    keep_all: bool = _keep_all()
+    max_new_tokens: int = _max_new_tokens()
+    skip_blank: bool = setting(
+        True,
+        key="literal_first_piece",
+        invert=True,
+        help="Track encode(word)[0] even when it is a bare word-boundary piece such as '▁'.",
+    )
+    attention: AttentionSettings | None = setting(
+        None, flags=("--attention/--no-attention",), help="Also record group-to-group attention mass per layer."
+    )
+
+    name = "lens"
+    #: The engine of the runner's start-up self-test (the lens knocks nothing out itself).
+    engine = Engine.FAST
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.readouts:
+            raise ConfigError(f"no readout given; valid: {', '.join(r.value for r in Readout)}")
+        _check_distinct("readouts", self.readouts)
+        _check_distinct("groups", self.groups)
+
+    def positions(self, prepared: PreparedSample) -> dict[str, tuple[int, ...]]:
+        """Positions read, by group label: ``last``, then each requested group this sample has.
+
+        A requested group the sample lacks (e.g. ``related`` without boxes) is skipped and logged.
+        """
+        groups = prepared.groups
+        out = {Group.LAST.value: groups[Group.LAST]}
+        for group in self.groups:
+            if group in groups:
+                out[group.value] = groups[group]
+            else:
+                log.info("sample %s has no %s positions; lens skips them", prepared.sample.sample_id, group.value)
+        return out
+
+    def capture_from(self, prepared: PreparedSample) -> int:
+        """First position whose hidden states the clean run must keep for this experiment."""
+        from vlmflow.experiments.attention import attention_capture_from
+
+        start = min(min(p) for p in self.positions(prepared).values() if p)
+        if self.attention is not None:
+            start = min(start, attention_capture_from(prepared.groups, self.attention))
+        return start
+
+    def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
+        """Tables for one sample: ``samples``, and for kept samples ``lens``, ``lens_top``
+        (and ``attention``)."""
+        from vlmflow.experiments.lens import lens_sample_tables
+
+        return lens_sample_tables(loaded, prepared, self)

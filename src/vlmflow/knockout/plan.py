@@ -1,0 +1,259 @@
+"""The fold plan: how the fast engine runs many knockouts of one sample together, as a pure value.
+
+The fast engine (:mod:`vlmflow.knockout.fast`) runs every knockout (and ablation) of one sample
+with the same first affected position ``t0`` "folded" into the query axis of one batch row:
+variant ``v``'s suffix ``t0..n-1`` occupies query rows ``[v*S, (v+1)*S)``. A :class:`FoldPlan`
+says everything about such a run that does not need the model:
+
+* the **order** of the variants and the **layer each starts** in: a variant is computed from its
+  first blocked layer on, or, when another variant with the same edges agrees with it below layer
+  ``b`` (the windows of a sweep clipped at layer 0), from ``b`` on, starting from that **parent**'s
+  hidden states (:func:`branch_plan`);
+* per layer (:meth:`FoldPlan.step`), **how many variants are active** (a prefix of the order: starts
+  never decrease), which ones start there, and **which attention edges** each active variant may use
+  (the clean pattern minus the edges its window blocks there);
+* **which rows each layer computes**: every row, except in the top layer, where only the last row
+  of each variant is read (when every variant is a knockout).
+
+Unit tests check plans without a model; :mod:`vlmflow.knockout.executor` runs them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmflow.adapters.pattern import AttentionPattern
+from vlmflow.knockout.ablation import Ablation
+from vlmflow.knockout.mask import check_no_empty_rows
+from vlmflow.knockout.spec import Knockout
+
+#: What the fast engine runs: blocked attention edges or a module-level ablation.
+Intervention = Knockout | Ablation
+
+
+@dataclass(frozen=True, eq=False)
+class FoldPlan:
+    """One folded run of ``variants`` that share their first affected position ``t0``.
+
+    Attributes:
+        variants: the interventions in folded order (``order[i]`` is the caller's index of
+            ``variants[i]``).
+        order: caller index of each folded variant.
+        starts: per folded variant, the first layer it is computed in (never decreasing).
+        parents: per folded variant, the folded index whose hidden states it starts from, or
+            ``None`` for the clean states.
+        t0: first recomputed position; ``n``: sequence length; ``n_layers``: decoder depth.
+        pattern: the sample's clean attention pattern.
+        blocked: ``[V, S, n]`` bool, the edges each variant blocks where its window is open.
+        in_window: ``[V, n_layers]`` bool, whether variant ``v``'s window is open in a layer.
+        heads: ``[V, H]`` bool, the heads each variant's edges apply to (``None``: all heads).
+        last_rows_only: the top layer computes only each variant's last row.
+
+    >>> from vlmflow.adapters.pattern import CausalPattern
+    >>> edges = (((5,), (1, 2)),)
+    >>> plan = plan_fold([Knockout(edges, (0, 1)), Knockout(edges, (2,))], CausalPattern(), t0=5, n=6, n_layers=3)
+    >>> [plan.active(layer) for layer in range(3)], plan.step(2).allowed.shape
+    ([1, 1, 2], torch.Size([2, 1, 1, 6]))
+    """
+
+    variants: tuple[Intervention, ...]
+    order: tuple[int, ...]
+    starts: tuple[int, ...]
+    parents: tuple[int | None, ...]
+    t0: int
+    n: int
+    n_layers: int
+    pattern: AttentionPattern
+    blocked: torch.Tensor
+    in_window: torch.Tensor
+    heads: torch.Tensor | None
+    last_rows_only: bool
+
+    @property
+    def suffix(self) -> int:
+        """Query rows (and own keys) per variant, ``S``."""
+        return self.n - self.t0
+
+    @property
+    def first_layer(self) -> int:
+        return self.starts[0]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``[S]`` absolute positions of each variant's rows."""
+        return torch.arange(self.t0, self.n, device=self.blocked.device)
+
+    def active(self, layer: int) -> int:
+        """How many variants (a prefix of the folded order) are computed in ``layer``."""
+        return sum(1 for start in self.starts if start <= layer)
+
+    def step(self, layer: int) -> LayerStep:
+        """What ``layer`` computes: active variants, the ones starting there, their allowed keys, which rows.
+
+        Raises:
+            SampleError: a knockout leaves a query row with no key at all.
+        """
+        k = self.active(layer)
+        rows = self.rows
+        base = self.pattern.allowed(layer, rows, self.n)  # [S, n]
+        now = self.in_window[:k, layer]  # [k]
+        cuts_prefix = self.blocked[:k, :, : self.t0].flatten(1).any(dim=1)  # [k]
+        if not bool(now.any()):  # no window is open here: every variant keeps the clean pattern
+            allowed = base[None, None].expand(k, 1, -1, -1)
+        else:
+            blocked = self.blocked[:k] & now[:, None, None]  # [k, S, n]
+            if self.heads is None:
+                allowed = (base[None] & ~blocked)[:, None]  # [k, 1, S, n]
+            else:
+                # Per head: the blocked edges apply only in the selected heads of each variant.
+                allowed = base[None, None] & ~(blocked[:, None] & self.heads[:k, :, None, None])  # [k, H, S, n]
+            check_no_empty_rows(allowed.reshape(-1, self.n), rows.repeat(k * allowed.shape[1]))
+        return LayerStep(
+            layer=layer,
+            active=k,
+            entering=tuple((v, self.parents[v]) for v in range(k) if self.starts[v] == layer),
+            allowed=allowed,
+            prefix_visible=bool(base[:, : self.t0].all()) and not bool((cuts_prefix & now).any()),
+            last_rows_only=self.last_rows_only and layer == self.n_layers - 1,
+        )
+
+    def steps(self) -> Iterator[LayerStep]:
+        """The layer steps from the first variant's start to the top layer."""
+        for layer in range(self.first_layer, self.n_layers):
+            yield self.step(layer)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStep:
+    """One layer of a :class:`FoldPlan`.
+
+    Attributes:
+        layer: the decoder layer.
+        active: ``k``, the variants computed here (the first ``k`` of the folded order).
+        entering: ``(variant, parent)`` of the variants that start here (``parent`` ``None``: clean states).
+        allowed: ``[k, H|1, S, n]`` bool, the keys each active variant's rows may read.
+        prefix_visible: every active row may read every prefix key (``< t0``): no open window cuts
+            one and the clean pattern hides none.
+        last_rows_only: only each variant's last row is computed (its output is all that is read).
+    """
+
+    layer: int
+    active: int
+    entering: tuple[tuple[int, int | None], ...]
+    allowed: torch.Tensor
+    prefix_visible: bool
+    last_rows_only: bool
+
+
+def plan_fold(
+    variants: Sequence[Intervention],
+    pattern: AttentionPattern,
+    *,
+    t0: int,
+    n: int,
+    n_layers: int,
+    n_heads: int | None = None,
+    device: torch.device | str = "cpu",
+) -> FoldPlan:
+    """The :class:`FoldPlan` of ``variants`` (all with first affected position ``t0``).
+
+    ``n_heads`` is needed only when some knockout names heads.
+
+    >>> from vlmflow.adapters.pattern import CausalPattern
+    >>> e = (((5,), (1, 2)),)
+    >>> plan = plan_fold([Knockout(e, (0, 1, 2)), Knockout(e, (0, 1))], CausalPattern(), t0=5, n=6, n_layers=4)
+    >>> plan.order, plan.starts, plan.parents
+    ((1, 0), (0, 2), (None, 0))
+    """
+    order, starts, parents = branch_plan(variants)
+    folded = tuple(variants[i] for i in order)
+    rows = torch.arange(t0, n, device=device)
+    in_window = torch.tensor(
+        [[isinstance(v, Knockout) and layer in v.layers for layer in range(n_layers)] for v in folded],
+        dtype=torch.bool,
+        device=device,
+    ).reshape(len(folded), n_layers)
+    return FoldPlan(
+        variants=folded,
+        order=tuple(order),
+        starts=tuple(starts),
+        parents=tuple(parents),
+        t0=t0,
+        n=n,
+        n_layers=n_layers,
+        pattern=pattern,
+        blocked=blocked_edges(folded, rows, n),
+        in_window=in_window,
+        heads=head_selection(folded, n_heads, rows.device),
+        # Ablations replace module outputs row by row; their top layer keeps every row.
+        last_rows_only=n - t0 > 1 and all(isinstance(v, Knockout) for v in folded),
+    )
+
+
+def branch_plan(variants: Sequence[Intervention]) -> tuple[list[int], list[int], list[int | None]]:
+    """Where each folded variant starts, and from whose hidden states: ``(order, starts, parents)``.
+
+    Two knockouts with the same edges, heads and first layer whose layer sets agree below layer
+    ``b`` compute the same hidden states below ``b`` (same inputs, same masks), so the second can
+    start at ``b`` from the first one's states there instead of at its first layer from the clean
+    ones. In a window sweep these are the windows clipped at layer 0 (``[0, 4]``, ``[0, 5]``, ...:
+    each branches off the previous one where it first differs). ``order`` permutes the variants so
+    that starts never decrease and a parent comes before its children; ``starts`` and ``parents``
+    (indices into the permuted list, ``None``: clean states) follow that order.
+
+    >>> e = (((5,), (1, 2)),)
+    >>> branch_plan([Knockout(e, (0, 1, 2)), Knockout(e, (0, 1)), Knockout(e, (3, 4))])
+    ([1, 0, 2], [0, 2, 3], [None, 0, None])
+    """
+    start = [v.first_layer for v in variants]
+    parent: list[int | None] = [None] * len(variants)
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, v in enumerate(variants):
+        if isinstance(v, Knockout):
+            groups[(v.edges, v.heads, v.first_layer)].append(i)
+    for members in groups.values():
+        members.sort(key=lambda i: tuple(sorted(variants[i].layers)))
+        for j, i in enumerate(members):
+            best: tuple[int, int] | None = None
+            for u in members[:j]:
+                differ = set(variants[u].layers) ^ set(variants[i].layers)
+                # u must be running before b so that its states entering b exist when i starts.
+                if differ and start[u] < min(differ) and (best is None or min(differ) > best[0]):
+                    best = (min(differ), u)
+            if best is not None:
+                start[i], parent[i] = best
+    order = sorted(range(len(variants)), key=lambda i: start[i])  # stable; start[parent] < start[child]
+    new_index = {old: new for new, old in enumerate(order)}
+    return order, [start[i] for i in order], [None if parent[i] is None else new_index[parent[i]] for i in order]
+
+
+def blocked_edges(variants: Sequence[Intervention], rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``[V, S, n]`` bool: the edges each variant blocks (computed once per distinct edge set)."""
+    by_edges: dict[Any, torch.Tensor] = {}
+    out = torch.zeros(len(variants), len(rows), n, dtype=torch.bool, device=rows.device)
+    for i, v in enumerate(variants):
+        if isinstance(v, Knockout):
+            if v.edges not in by_edges:
+                by_edges[v.edges] = v.blocked_rows(rows, n)
+            out[i] = by_edges[v.edges]
+    return out
+
+
+def head_selection(variants: Sequence[Intervention], n_heads: int | None, device: torch.device) -> torch.Tensor | None:
+    """``[V, H]`` bool: the heads each variant's blocked edges apply to; ``None`` when all apply to all heads."""
+    if all(not isinstance(v, Knockout) or v.heads is None for v in variants):
+        return None
+    if n_heads is None:
+        raise ValueError("a knockout names heads: plan_fold needs n_heads")
+    sel = torch.zeros(len(variants), n_heads, dtype=torch.bool, device=device)
+    for i, v in enumerate(variants):
+        if not isinstance(v, Knockout) or v.heads is None:
+            sel[i] = True
+        else:
+            sel[i, list(v.heads)] = True
+    return sel

@@ -1,0 +1,206 @@
+"""How the folded variants of a fast-engine layer call attend: the fold's attention strategy.
+
+The fast engine folds ``k`` variants' suffixes (``S`` rows each) into the query axis of one batch
+row (:mod:`vlmflow.knockout.plan`). Every variant reads the shared clean prefix (keys ``< t0``)
+and only its own ``S`` suffix keys. Two strategies compute that, chosen once per engine call by
+:func:`choose_strategy`:
+
+* :class:`DenseFold`: the model's own attention kernel with a dense block-diagonal mask
+  ``[1, 1|H, k*S, t0 + k*S]`` over ``[prefix ; every variant's keys]`` (works with every kernel
+  that takes a mask; each row also scores the other variants' keys, which the mask then hides);
+* :class:`SharedPrefixFold`: vlmflow's own attention (:mod:`vlmflow.knockout.prefix_attention`)
+  with the compact mask ``[1, 1|H, k*S, t0 + S]``: each row scores only the prefix and its own
+  variant's keys (CPU with sdpa, where the fused kernels cannot skip masked blocks).
+
+Both receive everything a call needs as arguments; the one piece of state, which attention function
+the decoder uses, is switched for the duration of :meth:`FoldAttention.session` through the
+model's public API and restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmflow.adapters.decoder import DecoderMap
+from vlmflow.knockout.mask import to_kernel_mask
+from vlmflow.knockout.prefix_attention import FoldCall, register
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One folded layer call: its inputs, and what the strategy needs to lay out the attention.
+
+    Attributes:
+        layer: decoder layer.
+        hidden: ``[1, k*Q, d_model]`` inputs of the computed rows (``Q`` rows per variant).
+        allowed: ``[k, H|1, Q, n]`` bool, what each computed row may read (prefix columns first).
+        position_ids / rotary: of the computed rows.
+        prefix: the clean prefix keys/values ``[1, kv_heads, t0, head_dim]``.
+        own: the keys/values of every row of every variant ``[1, kv_heads, k*S, head_dim]`` when
+            they are known already (only some rows are computed), else ``None`` (the layer makes them).
+        suffix: ``S``, rows (and own keys) per variant.
+        prefix_visible: no computed row has a prefix key hidden.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    allowed: torch.Tensor
+    position_ids: torch.Tensor
+    rotary: Any
+    prefix: tuple[torch.Tensor, torch.Tensor]
+    own: tuple[torch.Tensor, torch.Tensor] | None
+    suffix: int
+    prefix_visible: bool
+
+    @property
+    def t0(self) -> int:
+        return int(self.prefix[0].shape[-2])
+
+
+class FoldAttention(ABC):
+    """A way to run a folded layer call (see the module docstring)."""
+
+    @contextmanager
+    def session(self, decoder: DecoderMap) -> Iterator[None]:
+        """Set the decoder up for this strategy for the duration of an engine call (default: nothing)."""
+        yield
+
+    @abstractmethod
+    def run(self, decoder: DecoderMap, call: LayerCall) -> torch.Tensor:
+        """Run ``call``: the layer's outputs ``[1, k*Q, d_model]`` for the computed rows."""
+
+
+class DenseFold(FoldAttention):
+    """The model's kernel, a dense block-diagonal mask over ``[prefix ; all variants' keys]``."""
+
+    def run(self, decoder: DecoderMap, call: LayerCall) -> torch.Tensor:
+        mask = to_kernel_mask(dense_mask(call.allowed, call.t0, call.suffix), decoder.attention_implementation, decoder.dtype)
+        if call.own is None:
+            cache: Any = _PrefixKV(*call.prefix)
+        else:
+            keys = torch.cat([call.prefix[0], call.own[0]], dim=-2)
+            values = torch.cat([call.prefix[1], call.own[1]], dim=-2)
+            cache = _FixedKV(keys, values)
+        return decoder.run_layer(call.layer, call.hidden, mask, call.position_ids, call.rotary, cache)
+
+
+@dataclass
+class SharedPrefixFold(FoldAttention):
+    """vlmflow's shared-prefix attention with the compact mask (each row scores ``t0 + S`` keys).
+
+    Attributes:
+        fused: use torch's fused CPU kernels inside the attention (tests compare with them off).
+    """
+
+    fused: bool = True
+
+    @contextmanager
+    def session(self, decoder: DecoderMap) -> Iterator[None]:
+        with decoder.attention_function(register()):
+            yield
+
+    def run(self, decoder: DecoderMap, call: LayerCall) -> torch.Tensor:
+        per_variant = call.allowed.shape[-2]
+        fold = FoldCall(
+            t0=call.t0,
+            suffix=call.suffix,
+            prefix=call.prefix,
+            queries=None if per_variant == call.suffix else per_variant,
+            prefix_visible=call.prefix_visible,
+            fused=self.fused,
+        )
+        cache: Any = _OwnKV() if call.own is None else _FixedKV(*call.own)
+        out = decoder.run_layer(
+            call.layer, call.hidden, compact_mask(call.allowed), call.position_ids, call.rotary, cache, vlmflow_fold=fold
+        )
+        if not fold.done:
+            raise RuntimeError(
+                f"layer {call.layer}: the attention did not go through vlmflow's shared-prefix attention; this "
+                "model's attention does not use transformers' AttentionInterface"
+            )
+        return out
+
+
+def choose_strategy(decoder: DecoderMap) -> FoldAttention:
+    """:class:`SharedPrefixFold` on CPU with sdpa, else :class:`DenseFold` (the model's kernel).
+
+    >>> type(choose_strategy(decoder)).__name__     # doctest: +SKIP
+    'SharedPrefixFold'
+    """
+    if decoder.attention_implementation == "sdpa" and decoder.device.type == "cpu":
+        return SharedPrefixFold()
+    return DenseFold()
+
+
+def compact_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """Compact allowed mask ``[1, H|1, k*Q, n]`` of ``allowed`` ``[k, H|1, Q, n]``.
+
+    Row ``v*Q + i`` holds what variant ``v``'s row ``i`` may read: columns ``< t0`` are the shared
+    prefix, columns ``>= t0`` the variant's own keys.
+
+    >>> compact_mask(torch.ones(2, 1, 3, 5, dtype=torch.bool)).shape
+    torch.Size([1, 1, 6, 5])
+    """
+    k, heads, rows, n = allowed.shape
+    return allowed.transpose(0, 1).reshape(1, heads, k * rows, n)
+
+
+def dense_mask(allowed: torch.Tensor, t0: int, suffix: int) -> torch.Tensor:
+    """Dense folded allowed mask ``[1, H|1, k*Q, t0 + k*S]`` of ``allowed`` ``[k, H|1, Q, n]``.
+
+    Columns ``< t0`` are the shared prefix; then each variant's own ``S`` suffix keys, visible only
+    to that variant's rows (block diagonal).
+
+    >>> dense_mask(torch.ones(2, 1, 1, 3, dtype=torch.bool), t0=1, suffix=2)[0, 0].int().tolist()
+    [[1, 1, 1, 0, 0], [1, 0, 0, 1, 1]]
+    """
+    k, heads, rows, _ = allowed.shape
+    out = torch.zeros(heads, k * rows, t0 + k * suffix, dtype=torch.bool, device=allowed.device)
+    out[:, :, :t0] = allowed[..., :t0].transpose(0, 1).reshape(heads, k * rows, t0)
+    for v in range(k):  # one Q x S block per variant
+        out[:, v * rows : (v + 1) * rows, t0 + v * suffix : t0 + (v + 1) * suffix] = allowed[v, :, :, t0:]
+    return out[None]
+
+
+class _PrefixKV:
+    """A read-only stand-in for a KV cache: returns ``[prefix ; new]`` keys/values for one layer.
+
+    The attention module calls ``update(k, v, layer_idx)`` after RoPE; the shared prefix tensors
+    ``[1, kv_heads, t0, head_dim]`` are concatenated with the new ones (one copy per call).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys.shape[-2])
+
+
+class _OwnKV:
+    """A stand-in KV cache that hands the attention only the new keys/values (the variants' own)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _FixedKV(_PrefixKV):
+    """A stand-in KV cache whose keys/values are all known already: ``update`` returns them as they are.
+
+    Used where only some rows are computed (each variant's last row in the top layer): they read
+    keys/values computed beforehand for all rows (the new ones handed in are among them).
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
