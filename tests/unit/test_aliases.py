@@ -55,7 +55,7 @@ def test_the_organism_alias_is_an_entry_point_loaded_only_when_asked_for():
 def test_a_missing_checkpoint_keeps_its_message(monkeypatch, tmp_path):
     from vlmflow import organism
 
-    monkeypatch.setattr(organism, "organism_path", lambda: tmp_path / "organism")
+    monkeypatch.setattr(organism, "organism_path", lambda alias="organism": tmp_path / alias)
     with pytest.raises(ConfigError) as err:
         resolve_model_name("organism")
     assert str(err.value) == (

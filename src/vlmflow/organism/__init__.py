@@ -51,7 +51,7 @@ def packaged_checkpoint(alias: str = ALIAS) -> str:
     path = organism_path(alias)
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {alias!r} names a packaged organism, but {path} holds no checkpoint; train one with '{ALIASES[alias]}'"
+            f"model {alias!r} names the packaged organism, but {path} holds no checkpoint; train one with '{ALIASES[alias]}'"
         )
     return str(path)
 
