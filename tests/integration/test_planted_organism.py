@@ -14,8 +14,8 @@ import pytest
 from vlmflow.data.sample import TaskType
 from vlmflow.errors import ConfigError
 from vlmflow.organism import PLANTED_ALIAS, organism_path
-from vlmflow.organism.routes import read_planted_routes
 from vlmflow.positions.groups import Group, PositionGroups
+from vlmflow.validation.routes import read_planted_routes
 
 PLANTED = organism_path(PLANTED_ALIAS)
 pytestmark = pytest.mark.skipif(

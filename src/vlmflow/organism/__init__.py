@@ -7,7 +7,7 @@ the alias is a model name wherever a model is named (``--model organism``):
 
 * ``"organism"``: trained for accuracy only (its routes are what training found);
 * ``"organism-planted"``: trained so that its routes follow the paper's story by construction, with
-  the planted bands in ``planted_routes.json`` (see :mod:`vlmflow.organism.routes`).
+  the planted bands in ``planted_routes.json`` (see :mod:`vlmflow.validation.routes`).
 
 The aliases are declared as entry points of the group ``vlmflow.model_aliases`` (see
 :mod:`vlmflow.aliases`), so the core finds them without importing this package.

@@ -41,10 +41,10 @@ from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
 from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import PLANTED_ALIAS
-from vlmflow.organism.routes import PlantedRoutes, band_names, routes_for_model
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
 from vlmflow.positions.groups import PAPER_FLOWS
+from vlmflow.validation.routes import PlantedRoutes, band_names, routes_for_model
 
 log = logging.getLogger(__name__)
 

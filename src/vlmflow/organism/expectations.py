@@ -16,7 +16,7 @@ from pathlib import Path
 from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
 from vlmflow.organism import ALIAS, organism_path
-from vlmflow.organism.routes import routes_for_model
+from vlmflow.validation.routes import routes_for_model
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ The recipe (:class:`PlantedRecipe`, recorded in ``organism.json`` beside the wei
    worst-task held-out accuracy (the later one on ties) is kept.
 
 The checkpoint is saved with ``save_pretrained`` (sdpa at inference, no special attention code), with
-``planted_routes.json`` (the bands per scored flow, :mod:`vlmflow.organism.routes`) and
+``planted_routes.json`` (the bands per scored flow, :mod:`vlmflow.validation.routes`) and
 ``organism.json``. Every random draw derives from ``PlantedRecipe.seed``.
 """
 
@@ -76,10 +76,10 @@ from vlmflow.organism.planted_masks import (
     patched_layer_input,
     spread_loss,
 )
-from vlmflow.organism.routes import PlantedRoutes, Route
 from vlmflow.organism.train import lr_at, save_checkpoint, task_weights, training_questions, write_recipe
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 from vlmflow.prompts import get_template
+from vlmflow.validation.routes import PlantedRoutes, Route
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The planted-route benchmark (``vlmflow validate``): does vlmflow find routes that are really there?
 
 On a model whose checkpoint declares its planted bands (``planted_routes.json``,
-:mod:`vlmflow.organism.routes`), :func:`run_validation` writes held-out scene questions, runs the
+:mod:`vlmflow.validation.routes`), :func:`run_validation` writes held-out scene questions, runs the
 paper's six flows for every window size and the logit lens with the attention-weight summary,
 through the public API (:func:`vlmflow.api.run_flows`, :func:`vlmflow.api.run_lens`), and scores
 them against the bands (:mod:`vlmflow.validation.scores`): knockouts per window size, attention
@@ -34,8 +34,8 @@ from vlmflow.data.sample import TaskType
 from vlmflow.data.scene_sets import write_scene_set
 from vlmflow.errors import ConfigError
 from vlmflow.loading import LoadedModel, load_model
-from vlmflow.organism.routes import ROUTES_FILE, PlantedRoutes, routes_for_model
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
+from vlmflow.validation.routes import ROUTES_FILE, PlantedRoutes, routes_for_model
 from vlmflow.validation.scores import ScoreTable, lens_score, score_curves
 
 log = logging.getLogger(__name__)

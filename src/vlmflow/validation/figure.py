@@ -16,9 +16,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vlmflow.organism.routes import PlantedRoutes
 from vlmflow.plots.flows import flow_colors, flow_panels
 from vlmflow.positions.groups import Flow
+from vlmflow.validation.routes import PlantedRoutes
 
 BAND_ALPHA = 0.15
 _WINDOW_STYLES = ("-", "--", ":", "-.")

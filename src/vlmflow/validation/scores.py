@@ -3,7 +3,7 @@
 A *curve* is one number per layer (a flow's mean % change of the answer probability at each window
 centre, or its mean attention mass per layer). Against a flow's band, for window size ``k``, a layer
 is *planted* when the window centred on it blocks a layer of the band
-(:func:`~vlmflow.organism.routes.touches`; with ``k = 1``, the band itself):
+(:func:`~vlmflow.validation.routes.touches`; with ``k = 1``, the band itself):
 
 * ``precision``: the share of the curve's total ``|value|`` that lies in planted layers (``None``
   for an empty band: then ``max_abs`` is the score, which should be about 0);
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmflow.organism.routes import touches
+from vlmflow.validation.routes import touches
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:

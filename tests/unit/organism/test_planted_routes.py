@@ -8,7 +8,8 @@ import pytest
 
 from vlmflow.errors import ConfigError
 from vlmflow.organism.planted import PlantedRecipe, planted_routes
-from vlmflow.organism.routes import (
+from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
+from vlmflow.validation.routes import (
     ROUTES_FILE,
     PlantedRoutes,
     Route,
@@ -16,7 +17,6 @@ from vlmflow.organism.routes import (
     read_planted_routes,
     touches,
 )
-from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 from vlmflow.validation.scores import auroc, flow_score, lens_score, score_curves
 
 

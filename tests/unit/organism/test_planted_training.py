@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vlmflow.data.sample import TaskType
 from vlmflow.organism import organism_path
 from vlmflow.organism.planted import PlantedRecipe, train_planted
-from vlmflow.organism.routes import ROUTES_FILE, read_planted_routes
+from vlmflow.validation.routes import ROUTES_FILE, read_planted_routes
 
 pytestmark = pytest.mark.skipif(
     not (organism_path() / "config.json").is_file(), reason="the planted organism starts from the shipped organism"
