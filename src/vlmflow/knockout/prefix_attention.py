@@ -19,10 +19,12 @@ lists what variant ``v``'s ``i``-th computed row may read, prefix columns first,
 suffix columns. ``Q`` is ``S``, or fewer (:attr:`FoldPart.queries`, e.g. only each variant's last
 row in the top layer, whose own keys are then given, :attr:`FoldPart.own`).
 
-Two kernels compute a part: torch's fused CPU flash kernel (which returns the log-sum-exp; the CPU
-default), or explicit products on any device (:func:`~vlmflow.knockout.precision.float32_bmm`:
-float32 scores and softmax from half-precision keys without float32 copies; the accelerator path,
-which also reads nothing back to the host).
+Each part is computed by a fused kernel that returns the log-sum-exp
+(:mod:`vlmflow.knockout.fused_kernels`: torch's flash kernel on CPU, its memory-efficient kernel on
+CUDA once checked on the device) or by explicit products on any device
+(:func:`~vlmflow.knockout.precision.float32_bmm`: float32 scores and softmax from half-precision
+keys without float32 copies). Nothing here reads a value back to the host unless asked to check a
+promise (:attr:`FoldCall.check_promise`).
 
 Routing: :func:`register` registers :func:`shared_prefix_attention_forward` with transformers'
 ``AttentionInterface`` (its public ``register``); a fold strategy
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmflow.knockout.fused_kernels import fused_kernel
 from vlmflow.knockout.mask import any_last
 from vlmflow.knockout.precision import float32_bmm
 
@@ -96,7 +99,8 @@ class FoldCall:
 
     Attributes:
         parts: the folds whose query rows follow one another in the call.
-        fused: use torch's fused CPU flash kernel where it exists (else explicit products).
+        fused: fused kernels (:func:`~vlmflow.knockout.fused_kernels.fused_kernel`): ``True`` the
+            device's (CPU flash on CPU), ``None`` only on CUDA once checked, ``False`` explicit products.
         check_promise: check a cheap sample of each ``prefix_visible`` part's mask (reads it back to
             the host: the CPU path; the engine also checks every mask on the device, see
             :func:`~vlmflow.knockout.executor.run_folds`).
@@ -104,7 +108,7 @@ class FoldCall:
     """
 
     parts: tuple[FoldPart, ...]
-    fused: bool = True
+    fused: bool | None = True
     check_promise: bool = True
     done: bool = False
 
@@ -226,7 +230,7 @@ def _attend(
     scale: float,
     *,
     prefix_visible: bool = False,
-    fused: bool = True,
+    fused: bool | None = True,
     check_promise: bool = True,
 ) -> torch.Tensor:
     """Softmax attention of ``q [h, g, k*Q, D]`` (unscaled) over the prefix and own keys.
@@ -258,14 +262,8 @@ def _looks_all_visible(mask: torch.Tensor) -> bool:
     return bool(mask[..., 0].all()) and bool(mask[..., -1].all()) and bool(mask[..., 0, :].all())
 
 
-def _cpu_kernel(q: torch.Tensor, fused: bool) -> Any:
-    """torch's fused CPU flash kernel (it returns the log-sum-exp), when asked for and available."""
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return kernel if fused and q.device.type == "cpu" else None
-
-
 def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive float bias (0 / -inf) of a bool mask, for the fused kernel."""
+    """Additive float bias (0 / -inf) of a bool mask, for the fused kernels."""
     return torch.where(mask, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
 
 
@@ -279,61 +277,71 @@ def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor | None) -> tuple[t
     return probs, lse
 
 
+def _empty_rows_out(out: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output 0 and log-sum-exp -inf for rows that may see no key (a fused kernel may report anything there)."""
+    if visible is None:
+        return out, lse
+    return out.masked_fill(~visible[..., None], 0.0), lse.masked_fill(~visible, float("-inf"))
+
+
 def _prefix_part(
-    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float, fused: bool = True
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float, fused: bool | None = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query row over the shared prefix: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
-    ``q [h, g, rows, D]``, ``key/value [h, t0, D]``. The fused CPU kernel when present; otherwise
-    explicit products with float32 scores and softmax. Rows that may see no prefix key get
-    ``lse = -inf`` and a zero output. ``mask`` ``None``: every row sees every prefix key (no mask is
-    built or applied).
+    ``q [h, g, rows, D]``, ``key/value [h, t0, D]``. A fused kernel (:func:`~vlmflow.knockout.fused_kernels.fused_kernel`:
+    the query groups of a key/value head folded into its rows) or explicit products with float32
+    scores and softmax. Rows that may see no prefix key get ``lse = -inf`` and a zero output.
+    ``mask`` ``None``: every row sees every prefix key (no mask is built or applied).
     """
     h, g, rows, dim = q.shape
     t0 = key.shape[-2]
-    kernel = _cpu_kernel(q, fused)
+    visible = any_last(mask).expand(h, g, rows) if mask is not None else None
+    kernel = fused_kernel(q, fused)
     if kernel is not None:
         bias = None
         if mask is not None:
             bias = _bias(mask, q.dtype)
             bias = bias.expand(bias.shape[0], g, rows, t0).reshape(1, bias.shape[0], g * rows, t0)
-        out, lse = kernel(q.reshape(1, h, g * rows, dim), key[None], value[None], 0.0, False, attn_mask=bias, scale=scale)
-        out, lse = out.view(h, g, rows, dim).float(), lse.view(h, g, rows).float()
-    else:
-        scores = float32_bmm(q.reshape(h, g * rows, dim), key.transpose(-1, -2)).view(h, g, rows, t0).mul_(scale)
-        if mask is not None:
-            scores.masked_fill_(~mask, float("-inf"))
-        probs, lse = _softmax_rows(scores, any_last(mask) if mask is not None else None)
-        out = float32_bmm(probs.to(value.dtype).view(h, g * rows, t0), value).view(h, g, rows, dim)
-    if mask is None:
-        return out, lse
-    # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
-    return out, lse.masked_fill(~any_last(mask), float("-inf"))
+        out, lse = kernel(q.reshape(1, h, g * rows, dim), key[None], value[None], bias, scale)
+        return _empty_rows_out(out.view(h, g, rows, dim).float(), lse.view(h, g, rows).float(), visible)
+    scores = float32_bmm(q.reshape(h, g * rows, dim), key.transpose(-1, -2)).view(h, g, rows, t0).mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs, lse = _softmax_rows(scores, visible)
+    out = float32_bmm(probs.to(value.dtype).view(h, g * rows, t0), value).view(h, g, rows, dim)
+    return out, lse
 
 
 def _own_part(
-    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, suffix: int, k: int, scale: float, fused: bool = True
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    suffix: int,
+    k: int,
+    scale: float,
+    fused: bool | None = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of variant ``v``'s rows over its own ``S`` keys: ``(out [h, g, rows, D] float32, lse [h, g, rows])``.
 
     ``q [h, g, k*Q, D]`` (``Q`` rows per variant); ``key/value [h, k*S, D]``; ``mask [h|1, g|1, k*Q, S]``.
-    The fused CPU kernel with the variants as its batch (the query groups of a key/value head
-    folded into its rows, as in :func:`_prefix_part`); otherwise products batched over heads and
-    variants with float32 scores and softmax. Rows that may see no own key get ``lse = -inf`` and
-    output 0.
+    A fused kernel with the variants as its batch (the query groups of a key/value head folded into
+    its rows, as in :func:`_prefix_part`), or products batched over heads and variants with float32
+    scores and softmax. Rows that may see no own key get ``lse = -inf`` and output 0.
     """
     h, g, rows, dim = q.shape
     per_variant = rows // k
     m = mask.reshape(*mask.shape[:2], k, per_variant, suffix)  # [h|1, g|1, k, Q, S]
-    visible = any_last(m)  # [h|1, g|1, k, Q]
+    visible = any_last(m).expand(h, g, k, per_variant)  # [h, g, k, Q]
     qb = q.view(h, g, k, per_variant, dim).permute(2, 0, 1, 3, 4)  # [k, h, g, Q, D]
     kb = key.view(h, k, suffix, dim).transpose(0, 1)  # [k, h, S, D]
     vb = value.view(h, k, suffix, dim).transpose(0, 1)
-    kernel = _cpu_kernel(q, fused)
+    kernel = fused_kernel(q, fused)
     if kernel is not None:
         bias = _bias(m, q.dtype).permute(2, 0, 1, 3, 4).expand(k, m.shape[0], g, per_variant, suffix)
         bias = bias.reshape(k, bias.shape[1], g * per_variant, suffix)  # [k, h|1, g*Q, S]
-        out, lse = kernel(qb.reshape(k, h, g * per_variant, dim), kb, vb, 0.0, False, attn_mask=bias, scale=scale)[:2]
+        out, lse = kernel(qb.reshape(k, h, g * per_variant, dim), kb, vb, bias, scale)
         out, lse = out.float(), lse.float()  # [k, h, g*Q, D], [k, h, g*Q]
     else:
         qf = qb.reshape(k * h, g * per_variant, dim)
@@ -343,8 +351,7 @@ def _own_part(
         out = float32_bmm(probs.to(value.dtype).view(k * h, g * per_variant, suffix), vb.reshape(k * h, suffix, dim))
     out = out.view(k, h, g, per_variant, dim).permute(1, 2, 0, 3, 4).reshape(h, g, rows, dim)
     lse = lse.reshape(k, h, g, per_variant).permute(1, 2, 0, 3).reshape(h, g, rows)
-    # The fused kernel reports lse 0 (not -inf) and output 0 for a row with no visible key.
-    return out, lse.masked_fill(~visible.expand(h, g, k, per_variant).reshape(h, g, rows), float("-inf"))
+    return _empty_rows_out(out, lse, visible.reshape(h, g, rows))
 
 
 def compact_to_dense(compact: torch.Tensor, t0: int, suffix: int, queries: int | None = None) -> torch.Tensor:

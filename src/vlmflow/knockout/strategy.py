@@ -13,10 +13,10 @@ once per engine call by :func:`choose_strategy`:
 * :class:`SharedPrefixFold`: vlmflow's own attention (:mod:`vlmflow.knockout.prefix_attention`)
   with the compact mask ``[1, 1|H, k*S, t0 + S]``: each row scores only the prefix and its own
   variant's keys, through torch's fused CPU kernels (CPU with sdpa).
-* :class:`AcceleratorFold`: the same attention through explicit products on any device: each
-  sample's prefix read once per layer call by all its variants' rows, the own keys per variant,
-  float32 scores, softmax and merge from half-precision keys; nothing is read back to the host
-  inside the layer loop (accelerators with sdpa).
+* :class:`AcceleratorFold`: the same attention on an accelerator: each sample's prefix read once
+  per layer call by all its variants' rows, the own keys per variant, the parts merged in float32
+  (CUDA's memory-efficient kernel once checked on the device, else explicit products with float32
+  scores and softmax); nothing is read back to the host inside the layer loop (accelerators with sdpa).
 
 All receive everything a call needs as arguments; the one piece of state, which attention function
 the decoder uses, is switched for the duration of :meth:`FoldAttention.session` through the
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from vlmflow.adapters.decoder import DecoderMap
+from vlmflow.knockout.fused_kernels import efficient_attention_works
 from vlmflow.knockout.mask import to_kernel_mask
 from vlmflow.knockout.prefix_attention import FoldCall, FoldPart, register
 
@@ -129,7 +130,7 @@ class SharedPrefixFold(FoldAttention):
         fused: use torch's fused CPU kernels inside the attention (tests compare with them off).
     """
 
-    fused: bool = True
+    fused: bool | None = True
     #: Check a sample of each "prefix visible" promise where it is used (reads masks back to the host).
     check_promise: bool = True
 
@@ -166,16 +167,27 @@ class SharedPrefixFold(FoldAttention):
 
 @dataclass
 class AcceleratorFold(SharedPrefixFold):
-    """The shared-prefix attention through explicit products on any device, with no read back to the host.
+    """The shared-prefix attention for accelerators, with no read back to the host in the layer loop.
 
-    Per segment the prefix is read once by all its rows (one product per key/value head chunk), the
-    own keys by their variant's rows (one batched product), scores, softmax and the log-sum-exp
-    merge in float32 (:mod:`vlmflow.knockout.precision`). The "prefix visible" promises are checked
-    on the device by the engine (:func:`~vlmflow.knockout.executor.run_folds`), not here.
+    Per segment the prefix is read once by all its rows, the own keys by their variant's rows, and
+    the two parts merged by log-sum-exp in float32. On CUDA each part goes through torch's
+    memory-efficient kernel (which returns the log-sum-exp and never materialises the scores) once
+    :func:`~vlmflow.knockout.fused_kernels.efficient_attention_works` has checked it on the device
+    (at the start of the session); elsewhere, or where that check fails, through explicit products
+    with float32 scores and softmax (:mod:`vlmflow.knockout.precision`). The "prefix visible"
+    promises are checked on the device by the engine (:func:`~vlmflow.knockout.executor.run_folds`).
     """
 
-    fused: bool = False
+    fused: bool | None = None
     check_promise: bool = False
+
+    @contextmanager
+    def session(self, decoder: DecoderMap) -> Iterator[None]:
+        if self.fused is not False and decoder.device.type == "cuda":
+            head_dim = int(getattr(decoder.attention(0), "head_dim", decoder.hidden_size // decoder.n_heads))
+            efficient_attention_works(str(decoder.device), decoder.dtype, head_dim)  # checked here, not in the loop
+        with super().session(decoder):
+            yield
 
 
 def choose_strategy(decoder: DecoderMap) -> FoldAttention:

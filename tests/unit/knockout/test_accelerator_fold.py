@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vlmflow.adapters.pattern import BlockPattern, CausalPattern
+from vlmflow.knockout import fused_kernels as fk
 from vlmflow.knockout import prefix_attention as pa
 from vlmflow.knockout.plan import FoldMasks, plan_fold
 from vlmflow.knockout.spec import Knockout
@@ -112,10 +113,39 @@ def test_half_precision_keys_get_float32_scores_and_softmax():
     assert (rounded_scores - exact_scores).abs().max() > 0.02  # what a bfloat16 product would have cost
 
 
-def test_the_accelerator_strategy_is_the_shared_prefix_attention_with_explicit_products():
+def test_the_accelerator_strategy_is_the_shared_prefix_attention_without_host_checks():
     strategy = AcceleratorFold()
     assert isinstance(strategy, SharedPrefixFold) and strategy.packs
-    assert strategy.fused is False and strategy.check_promise is False
+    assert strategy.fused is None and strategy.check_promise is False  # fused kernels on CUDA only, once checked
+    assert fk.fused_kernel(torch.zeros(1, 1, 3, DIM), None) is None  # explicit products on CPU
+    assert not fk.efficient_attention_works("cpu", torch.float32, DIM)
+
+
+def _fake_efficient_op(q, k, v, bias, compute_lse, dropout, causal, scale):
+    """Stands in for CUDA's memory-efficient kernel on CPU, with its contract: contiguous inputs, a bias
+    whose rows are aligned to 16 elements, the log-sum-exp's rows padded to a multiple of 32 (garbage there)."""
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and compute_lse and not causal
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        assert bias.stride(-2) % fk.BIAS_ALIGNMENT == 0, "bias rows not aligned"
+        scores = scores + bias.double()
+    lse = torch.logsumexp(scores, -1)
+    padded = torch.full((*lse.shape[:-1], -(-lse.shape[-1] // 32) * 32), 123.0, dtype=torch.float32)
+    padded[..., : lse.shape[-1]] = lse
+    return (torch.softmax(scores, -1) @ v.double()).to(q.dtype), padded, None, None
+
+
+def test_the_cuda_kernel_glue_aligns_the_bias_and_trims_the_log_sum_exp(monkeypatch):
+    monkeypatch.setattr(fk, "_efficient_op", lambda: _fake_efficient_op)
+    monkeypatch.setattr(pa, "fused_kernel", lambda q, fused: fk.cuda_efficient)
+    gen = torch.Generator().manual_seed(3)
+    folds = [_fold(gen, 4, 2, t0=13, suffix=3, k=4, per_head=False), _fold(gen, 4, 2, t0=7, suffix=5, k=2, per_head=True)]
+    out = _call(folds, fused=True)
+    offset = 0
+    for f in folds:
+        rows = f["query"].shape[1]
+        torch.testing.assert_close(out[offset : offset + rows].double(), _plain(f, 0.35), atol=1e-5, rtol=1e-5)
+        offset += rows
 
 
 @pytest.mark.parametrize("pattern", [CausalPattern(), BlockPattern(torch.tensor([-1, 0, 0, 0, -1, -1, 1, 1, -1, -1]), (None, 3, None, 3))])
