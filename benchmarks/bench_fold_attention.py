@@ -147,9 +147,9 @@ def main() -> None:
                 error = (function().float() - reference).abs().max().item()
                 ms = timed(function, args.device, args.reps)
             except Exception as exc:  # noqa: BLE001
-                print(f"  {name:<10} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                print(f"  {name:<13}failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 continue
-            print(f"  {name:<10} {ms:9.2f} ms   max |difference| from float32 dense {error:.1e}")
+            print(f"  {name:<13}{ms:9.2f} ms   max |difference| from float32 dense {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -150,33 +150,32 @@ def batched_tables(
 
 
 def _analyse(loaded: LoadedModel, experiment: Any, batch: list[PreparedSample], size: int) -> tuple[list[Tables], int]:
-    """Tables per sample of ``batch``, and the batch size to go on with (halved after running out of memory)."""
-    if not batch:
-        return [], size
-    failure: BaseException | None = None
-    try:
-        outcomes = experiment.analyse_batch(loaded, batch)
-    except (torch.OutOfMemoryError, SampleError) as exc:
-        failure = exc
-    if failure is None:
-        return [
-            error_tables(p.sample.sample_id, o) if isinstance(o, SampleError) else o
-            for p, o in zip(batch, outcomes, strict=True)
-        ], size
-    # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
-    out_of_memory = isinstance(failure, torch.OutOfMemoryError)
-    if out_of_memory:
-        free_memory()
-    if len(batch) == 1:
-        sample_id = batch[0].sample.sample_id
+    """Tables per sample of ``batch`` (computed at most ``size`` at a time), and the batch size to go
+    on with (halved after running out of memory)."""
+    out: list[Tables] = []
+    while batch:
+        chunk, batch = batch[:size], batch[size:]
+        failure: BaseException | None = None
+        try:
+            outcomes = experiment.analyse_batch(loaded, chunk)
+        except (torch.OutOfMemoryError, SampleError) as exc:
+            failure = exc
+        if failure is None:
+            out += [error_tables(p.sample.sample_id, o) if isinstance(o, SampleError) else o for p, o in zip(chunk, outcomes, strict=True)]
+            continue
+        # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+        out_of_memory = isinstance(failure, torch.OutOfMemoryError)
         if out_of_memory:
-            return [memory_error_tables(sample_id, failure)], size
-        assert isinstance(failure, SampleError)
-        return [error_tables(sample_id, failure)], size
-    half = (len(batch) + 1) // 2
-    if out_of_memory:
-        size = max(1, min(size, half))
-    log.warning("a batch of %d samples failed (%s); computing it again in halves", len(batch), type(failure).__name__)
-    first, size = _analyse(loaded, experiment, batch[:half], size)
-    second, size = _analyse(loaded, experiment, batch[half:], size)
-    return first + second, size
+            free_memory()
+        if len(chunk) == 1:
+            sample_id = chunk[0].sample.sample_id
+            out.append(memory_error_tables(sample_id, failure) if out_of_memory else error_tables(sample_id, failure))  # type: ignore[arg-type]
+            continue
+        half = (len(chunk) + 1) // 2
+        if out_of_memory:
+            size = min(size, half)
+        log.warning("a batch of %d samples failed (%s); computing it again in halves", len(chunk), type(failure).__name__)
+        first, size = _analyse(loaded, experiment, chunk[:half], size)
+        second, size = _analyse(loaded, experiment, chunk[half:], size)
+        out += first + second
+    return out, size
