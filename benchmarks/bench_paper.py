@@ -13,8 +13,8 @@ The baseline is also the correctness oracle: every probability it computes must 
 ``vlmflow``'s (``max |log p| difference``, asserted), and the knockouts must move the output
 (``effect``) by much more than that difference.
 
-Each window call of the baseline runs the same full prefill (only mask values differ), so on CPU
-a subset of window centres is timed per repetition (``--baseline-windows``, a different subset
+Each window call of the baseline runs the same full prefill (only mask values differ), so a
+subset of window centres is timed per repetition (``--baseline-windows``, a different subset
 each repetition) and the flow's time is the baseline ``generate`` plus ``L x`` their mean; with
 ``--baseline-windows all`` every window runs.
 
@@ -22,9 +22,16 @@ The analytic limit (:mod:`analytic`) is the ratio of token-layer work between th
 procedure and the least any exact method must recompute; ``of limit`` is the measured speed-up as
 a fraction of it.
 
+With ``--batch-size N`` vlmflow's six-flow suite is also measured on ``N`` samples computed together
+(:func:`vlmflow.experiments.batched_flows.analyse_samples`: one clean pass and one fold run for all
+of them; the benchmark's sample first, then others of the same task and about the same length), its
+time per sample set against the same baseline; the batch's rows of the benchmark's sample are
+checked against the baseline too, and against its batch-1 rows.
+
     python benchmarks/bench_paper.py --quick                      # CPU smoke test (< 3 min): six-flow ratio
+    python benchmarks/bench_paper.py --quick --batch-size 4       # the same, batch 1 and batch 4 side by side
     python benchmarks/bench_paper.py                              # CPU, widths / 8, the three workloads
-    python benchmarks/bench_paper.py --device cuda                # GPU: full 7B / 8B / 13B shapes, bfloat16
+    python benchmarks/bench_paper.py --device cuda --batch-size auto   # GPU: full 7B / 8B / 13B shapes, bfloat16
 """
 
 from __future__ import annotations
@@ -40,11 +47,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import grid  # noqa: E402
 from analytic import DecoderDims, FlowPlan, work  # noqa: E402
 from measure import Measurement, MiB, cost, environment, measured  # noqa: E402
 from paper_baseline import paper_flow  # noqa: E402
 from workloads import CPU_DIVISOR, FULL_SHAPES, Shape, build_model, prepare  # noqa: E402
 
+from vlmflow.errors import SampleError  # noqa: E402
+from vlmflow.experiments.batched_flows import analyse_samples  # noqa: E402
+from vlmflow.experiments.batching import auto_batch_size  # noqa: E402
 from vlmflow.experiments.flows import FlowSettings, analyse_sample  # noqa: E402
 from vlmflow.experiments.windows import default_window, sweep  # noqa: E402
 from vlmflow.positions.groups import PAPER_FLOWS, Flow  # noqa: E402
@@ -85,8 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--divisor", type=int, default=None, help=f"width divisor (default: {CPU_DIVISOR} on CPU, 1 on CUDA)")
     parser.add_argument("--reps", type=int, default=None, help="paired repetitions per flow (default: 3, 2 with --quick)")
-    parser.add_argument("--baseline-windows", default=None, help="window centres timed per flow and repetition, or 'all' (default: 8 on CPU, all on CUDA)")
+    parser.add_argument("--baseline-windows", default=None, help="window centres timed per flow and repetition, or 'all' (default: 8)")
     parser.add_argument("--new-tokens", type=int, default=3, help="greedy answer tokens (a one-word answer + end of sequence)")
+    parser.add_argument(
+        "--batch-size", default=None,
+        help="also measure vlmflow on N samples computed together (an integer, or 'auto': what the free GPU memory holds)",
+    )
     parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: 1 on CPU, where ratios come from process CPU time and waiting threads "
@@ -98,9 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     on_gpu = args.device.type == "cuda"
     args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
     args.divisor = args.divisor or (1 if on_gpu else CPU_DIVISOR)
-    windows = args.baseline_windows or ("all" if on_gpu else "8")
+    windows = args.baseline_windows or "8"
     args.baseline_windows = None if windows == "all" else int(windows)
     args.threads = args.threads or (None if on_gpu else 1)
+    if args.batch_size not in (None, "auto"):
+        args.batch_size = int(args.batch_size)
+        if args.batch_size < 2:
+            parser.error(f"--batch-size must be 2 or more (batch 1 is always measured) or 'auto', got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
@@ -162,16 +181,25 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
         f"{n} positions ({len(groups['image'])} image), window {k}, {args.dtype}, {args.device} ==",
         flush=True,
     )
+    batch_size = auto_batch_size(loaded, n) if args.batch_size == "auto" else args.batch_size
+    batch = prepare(loaded, batch_size) if batch_size else None
+    if batch:
+        print(f"batch: {batch_size} samples of {', '.join(str(p.encoded.seq_len) for p in batch)} positions", flush=True)
     # Warm-up (allocator, kernels), not timed.
     analyse_sample(loaded, prepared, settings(PAPER_FLOWS))
+    if batch:
+        analyse_samples(loaded, batch, settings(PAPER_FLOWS))
     paper_flow(loaded, prepared, PAPER_FLOWS[0], k, max_new_tokens=args.new_tokens, centres=[n_layers // 2])
 
     times = {f: FlowTimes() for f in PAPER_FLOWS}
     suite = FlowTimes()
+    batched = FlowTimes()
     agree = Agreement()
+    batch_vs_single = 0.0  # max |log p| difference between the benchmark sample's rows in the batch and alone
     for rep in range(args.reps):
         centres = sampled_centres(n_layers, args.baseline_windows, rep)
         suite_baseline = 0.0
+        baselines = {}
         order = PAPER_FLOWS[rep % 6 :] + PAPER_FLOWS[: rep % 6]
         for i, flow in enumerate(order):
             vlm, base = Measurement(), Measurement()
@@ -183,6 +211,7 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
                     with measured(args.device) as base:
                         res = paper_flow(loaded, prepared, flow, k, max_new_tokens=args.new_tokens, centres=centres)
             check_agreement(agree, flow, res, result.rows)
+            baselines[flow] = res
             estimate = cost(
                 args.device,
                 res.t_generate + n_layers * statistics.fmean(res.t_windows),
@@ -203,7 +232,27 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
         suite.ratio.append(suite_baseline / suite.vlmflow[-1])
         suite.wall.append(whole.seconds)
         suite.vlmflow_peak, suite.vlmflow_extra = max(suite.vlmflow_peak, whole.peak), max(suite.vlmflow_extra, whole.extra)
-        print(f"  repetition {rep + 1}/{args.reps}: six-flow ratio {suite.ratio[-1]:.1f}x", flush=True)
+        line = f"  repetition {rep + 1}/{args.reps}: six-flow ratio {suite.ratio[-1]:.1f}x"
+        if batch:
+            with measured(args.device) as many:
+                results = analyse_samples(loaded, batch, settings(PAPER_FLOWS))
+            failed = [r for r in results if isinstance(r, SampleError)]
+            if failed:
+                raise SystemExit(f"a sample of the batch failed: {failed[0]}")
+            for flow in PAPER_FLOWS:
+                check_agreement(agree, flow, baselines[flow], results[0].rows)
+            single = {(r.flow, r.layer): r.p_blocked for r in result.rows}
+            batch_vs_single = max(
+                batch_vs_single, *(abs(math.log(r.p_blocked) - math.log(single[(r.flow, r.layer)])) for r in results[0].rows)
+            )
+            per_sample = many.cost(args.device) / len(batch)
+            batched.baseline.append(suite_baseline)
+            batched.vlmflow.append(per_sample)
+            batched.ratio.append(suite_baseline / per_sample)
+            batched.wall.append(many.seconds / len(batch))
+            batched.vlmflow_peak, batched.vlmflow_extra = max(batched.vlmflow_peak, many.peak), max(batched.vlmflow_extra, many.extra)
+            line += f"; batch of {len(batch)}: {batched.ratio[-1]:.1f}x"
+        print(line, flush=True)
     tolerance = TOLERANCE[args.dtype]
     if not agree.max_diff <= tolerance or not agree.max_diff < agree.min_effect / 10:
         raise SystemExit(
@@ -213,7 +262,10 @@ def run_workload(shape: Shape, args: argparse.Namespace) -> dict:
     bytes_per = torch.finfo(args.dtype).bits // 8
     kv_row = 2 * n_layers * shape.kv_heads * (shape.hidden // shape.heads) * bytes_per  # K and V, all layers
     per_window_copy = sum(min(plans[f].targets) for f in PAPER_FLOWS) * len(windows) * kv_row
+    if batch and not batch_vs_single <= tolerance:
+        raise SystemExit(f"the benchmark sample's rows differ between batch {len(batch)} and batch 1 by {batch_vs_single:.2e} in |log p|")
     return {
+        "batch": batched if batch else None, "batch_size": len(batch) if batch else None, "batch_vs_single": batch_vs_single,
         "shape": shape, "n": n, "dims": dims, "times": times, "suite": suite, "agree": agree,
         "suite_work": suite_work, "flow_work": flow_work, "tolerance": tolerance,
         "clean_kv": n * kv_row, "per_window_copy": per_window_copy, "centres": args.baseline_windows,
@@ -246,6 +298,21 @@ def report(result: dict, args: argparse.Namespace) -> None:
         )
     w = result["suite_work"]
     agree = result["agree"]
+    many = result["batch"]
+    if many is not None:
+        ratio = _median(many.ratio)
+        name = f"six-flow, batch of {result['batch_size']}"
+        print(
+            f"{name:<24}{_median(many.baseline):>11.2f}{_median(many.vlmflow):>11.3f}{ratio:>7.1f}x"
+            f"{f'{min(many.ratio):.1f}-{max(many.ratio):.1f}':>14}{w.limit:>7.1f}x{ratio / w.limit:>9.0%}"
+            f"{suite.baseline_peak / MiB:>10.0f}{many.vlmflow_peak / MiB:>9.0f}"
+        )
+        print(
+            f"six-flow ratio side by side: batch 1 {_median(suite.ratio):.1f}x ({_median(suite.ratio) / w.limit:.0%} of the limit) | "
+            f"batch {result['batch_size']} {ratio:.1f}x ({ratio / w.limit:.0%}); vlmflow {1 / _median(suite.vlmflow):.3f} -> "
+            f"{1 / _median(many.vlmflow):.3f} samples/s; the benchmark sample's rows in the batch agree with batch 1 within "
+            f"{result['batch_vs_single']:.1e} (|log p|)"
+        )
     print(
         f"six-flow sweep: baseline {1 / _median(suite.baseline):.4f} samples/s, vlmflow {1 / _median(suite.vlmflow):.3f} samples/s "
         f"(from {clock}; vlmflow wall {_median(suite.wall):.2f} s per sample); "
@@ -283,9 +350,19 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes(args):
         results.append(run_workload(shape, args))
         report(results[-1], args)
-    print("\nsummary: " + "; ".join(f"{r['shape'].name} six-flow {_median(r['suite'].ratio):.1f}x "
-                                     f"({_median(r['suite'].ratio) / r['suite_work'].limit:.0%} of the {r['suite_work'].limit:.1f}x limit)"
-                                     for r in results))
+    def summary(r: dict) -> str:
+        limit = r["suite_work"].limit
+        text = f"{r['shape'].name} six-flow {_median(r['suite'].ratio):.1f}x ({_median(r['suite'].ratio) / limit:.0%} of the {limit:.1f}x limit)"
+        if r["batch"] is not None:
+            text += f", batch {r['batch_size']} {_median(r['batch'].ratio):.1f}x ({_median(r['batch'].ratio) / limit:.0%})"
+        return text
+
+    print("\nsummary: " + "; ".join(summary(r) for r in results))
+    if args.device.type == "cuda" and not args.quick:
+        per_sample = {
+            r["shape"].name: (_median((r["batch"] or r["suite"]).vlmflow), _median(r["suite"].baseline)) for r in results
+        }
+        grid.report(grid.project(per_sample), "GPU")
     print("load average at the end: " + " ".join(f"{x:.1f}" for x in __import__("os").getloadavg()))
 
 

@@ -119,9 +119,13 @@ def build_model(
 
     The tokenizer and processor are the offline tiny ones (SentencePiece-style); the vocabulary is
     padded to the real model's size so the embedding and unembedding cost and weigh what they do.
-    Weights are drawn with standard deviation ``1/sqrt(fan_in)`` (not HF's 0.02) so that knockouts
-    visibly move the output, which the correctness check needs.
+    Weights are drawn once, on the device, with standard deviation ``1/sqrt(fan_in)`` (not HF's
+    0.02) so that knockouts visibly move the output, which the correctness check needs; the model is
+    built without transformers' own initialisation (a 13B shape would otherwise be drawn twice).
+    Norm weights are 1, biases 0.
     """
+    from transformers.initialization import no_init_weights
+
     tiny = TinyLlavaConfig(
         layers=1, hidden=32, heads=2, kv_heads=1, intermediate=32, image_size=shape.view,
         patch_size=shape.patch, vision_layers=1, vision_hidden=32, attn_implementation=attn,
@@ -142,19 +146,51 @@ def build_model(
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device):
+            with torch.device(device), no_init_weights():
                 model = LlavaForConditionalGeneration(config)
         finally:
             torch.set_default_dtype(default)
+        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() == 2:
-                    param.normal_(0.0, param.shape[1] ** -0.5)
+            for name, param in model.named_parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+                elif name.endswith("bias"):
+                    param.zero_()
+                elif "norm" in name:
+                    param.fill_(1.0)
+                else:  # e.g. the vision tower's class embedding
+                    param.normal_(0.0, param.numel() ** -0.5, generator=generator)
     model.eval()
     model.config._attn_implementation = attn  # noqa: SLF001
     return loaded_from_objects(model, processor)
 
 
-def prepare(loaded: LoadedModel) -> PreparedSample:
-    """Encode the benchmark sample for ``loaded`` and resolve its position groups."""
-    return prepare_sample(loaded, bench_sample(), bench_image())
+#: Other median-length questions of the same task for batches of samples (their answers differ, and
+#: their lengths by a token or two with the offline tokenizer).
+BATCH_QUESTIONS = (
+    ("Which color is the jacket, white or blue?", "white", "blue"),
+    ("Which color is the car, red or silver?", "red", "silver"),
+    ("Which color is the table, brown or black?", "brown", "black"),
+    ("Which color is the bag, blue or yellow?", "blue", "yellow"),
+    ("Which color is the sign, green or white?", "green", "white"),
+    ("Which color is the shirt, gray or orange?", "gray", "orange"),
+    ("Which color is the door, red or brown?", "red", "brown"),
+)
+
+
+def bench_samples(count: int) -> list[Sample]:
+    """``count`` samples: the benchmark's sample first, then others of the same task and length."""
+    base = bench_sample()
+    out = [base]
+    for i in range(count - 1):
+        question, answer, other = BATCH_QUESTIONS[i % len(BATCH_QUESTIONS)]
+        out.append(replace(base, sample_id=f"bench-{i + 2}", question=question, answer=answer, true_option=answer, false_option=other))
+    return out
+
+
+def prepare(loaded: LoadedModel, count: int | None = None) -> PreparedSample | list[PreparedSample]:
+    """Encode the benchmark sample (or ``count`` benchmark samples) for ``loaded`` and resolve the position groups."""
+    if count is None:
+        return prepare_sample(loaded, bench_sample(), bench_image())
+    return [prepare_sample(loaded, sample, bench_image()) for sample in bench_samples(count)]

@@ -67,7 +67,7 @@ class Sabotaged:
             elif sample_id == "nan-knockout":
                 stack.enter_context(mock.patch.object(engines_module, "fast_logits", _nan_logits))
             elif sample_id == "oom":
-                stack.enter_context(mock.patch.object(fast_module, "run_fold", _oom))
+                stack.enter_context(mock.patch.object(fast_module, "run_folds", _oom))
             return self.inner.analyse(loaded, prepared)
 
 
@@ -186,20 +186,20 @@ def test_oom_shrinks_the_fold_and_gives_the_same_logits(tiny_prepared, monkeypat
     ]
     clean = fast_module.clean_run(loaded.decoder, prepared.encoded, capture_from=g[Group.IMAGE][0])
     expected = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
-    original = fast_module.run_fold
+    original = fast_module.run_folds
     sizes: list[int] = []
 
-    def tight_memory(plan, *args):
-        sizes.append(len(plan.variants))
-        if len(plan.variants) > 2:
+    def tight_memory(jobs, *args):
+        sizes.extend(len(job.plan.variants) for job in jobs)
+        if any(len(job.plan.variants) > 2 for job in jobs):
             raise torch.OutOfMemoryError("simulated: more than two variants do not fit")
-        return original(plan, *args)
+        return original(jobs, *args)
 
-    monkeypatch.setattr(fast_module, "run_fold", tight_memory)
+    monkeypatch.setattr(fast_module, "run_folds", tight_memory)
     got = fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert max(sizes) > 2 and sum(s for s in sizes if s <= 2) == len(knockouts)
-    monkeypatch.setattr(fast_module, "run_fold", _oom)
+    monkeypatch.setattr(fast_module, "run_folds", _oom)
     with pytest.raises(torch.OutOfMemoryError):
         fast_module.fast_logits(loaded.decoder, prepared.encoded, clean, knockouts[:3])
 

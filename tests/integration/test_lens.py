@@ -113,7 +113,7 @@ def test_lens_costs_one_forward(tiny_prepared):
     calls = {"prefill": 0, "vision": 0}
     layer0 = loaded.decoder.layers[0]
 
-    def count_layer(module, args, kwargs):
+    def count_layer(module, args, kwargs, output):  # a layer-0 call over the whole prompt that ran to its end
         hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[-2] == n:
             calls["prefill"] += 1
@@ -122,7 +122,7 @@ def test_lens_costs_one_forward(tiny_prepared):
         calls["vision"] += 1
 
     handles = [
-        layer0.register_forward_pre_hook(count_layer, with_kwargs=True),
+        layer0.register_forward_hook(count_layer, with_kwargs=True),
         loaded.model.model.vision_tower.register_forward_pre_hook(count_vision, with_kwargs=True),
     ]
     try:

@@ -52,7 +52,7 @@ def spy(monkeypatch):  # the (t0, suffix) of every fold that entered the path
     original = SharedPrefixFold.run
 
     def recording(self, decoder, call):
-        entered.append((call.t0, call.suffix))
+        entered.extend((s.t0, s.suffix) for s in call.segments)
         return original(self, decoder, call)
 
     monkeypatch.setattr(SharedPrefixFold, "run", recording)

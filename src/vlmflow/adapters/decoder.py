@@ -123,6 +123,18 @@ class DecoderMap:
         """Position ids of the full prompt, ``[1, seq]`` (families with M-RoPE return more axes)."""
         return torch.arange(encoded.seq_len, device=encoded.device)[None]
 
+    def next_positions(self, position_ids: torch.Tensor, count: int) -> torch.Tensor:
+        """Position ids of ``count`` tokens generated after a prompt with ``position_ids`` ``[..., 1, n]``.
+
+        Each continues one past the prompt's largest id on every axis (M-RoPE families advance all
+        three axes together after the prompt, as transformers' rope deltas do).
+
+        >>> DecoderMap(None).next_positions(torch.arange(4)[None] + 1, 2).tolist()
+        [[5, 6]]
+        """
+        steps = torch.arange(1, count + 1, device=position_ids.device, dtype=position_ids.dtype)
+        return (position_ids.amax() + steps).expand(*position_ids.shape[:-1], count)
+
     def select_positions(self, position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Position ids of the sequence positions ``index`` (``[n]``), laid out as one batch row."""
         return position_ids[..., index]
@@ -134,6 +146,39 @@ class DecoderMap:
     def attention_pattern(self, encoded: Encoded) -> AttentionPattern:
         """Which keys each position may read in the clean model, for this sample (default: causal)."""
         return CausalPattern()
+
+    # ---- inputs and outputs of the layer stack -------------------------------------------------
+    def input_embeddings(self, encoded: Encoded) -> torch.Tensor:
+        """The hidden states ``[1, n, d_model]`` entering layer 0 for the whole prompt.
+
+        Default: the model's own forward (vision tower, projector, merge of the image features into
+        the text embeddings, any embedding scale), stopped where it enters layer 0, so every family
+        gets its own input side without vlmflow repeating it.
+
+        >>> decoder.input_embeddings(encoded).shape       # doctest: +SKIP
+        torch.Size([1, 634, 4096])
+        """
+        captured: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _InputsCaptured
+
+        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(**encoded.inputs, use_cache=False)
+        except _InputsCaptured:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"{type(self.model).__name__}'s forward did not reach decoder layer 0")
+        return captured[0]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[batch, tokens, d_model]`` of text token ids ``[batch, tokens]`` (with any scale
+        the family's embedding applies; image tokens never come through here)."""
+        return self.model.get_input_embeddings()(ids)
 
     # ---- running layers ------------------------------------------------------------------------
     def run_layer(
@@ -183,6 +228,10 @@ class DecoderMap:
         except _KeyValuesCaptured:
             return capture.keys, capture.values  # type: ignore[return-value]
         raise RuntimeError(f"decoder layer {layer} did not hand its keys/values to the cache; override layer_key_values")
+
+
+class _InputsCaptured(Exception):
+    """Raised by :meth:`DecoderMap.input_embeddings` to stop the forward where it enters layer 0."""
 
 
 class _KeyValuesCaptured(Exception):

@@ -29,6 +29,14 @@ class AttentionPattern(ABC):
     def allowed(self, layer: int, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         """``[len(rows), n_keys]`` bool: which keys query positions ``rows`` may read in ``layer``."""
 
+    def extended(self, length: int) -> AttentionPattern:
+        """The pattern of the same prompt followed by text positions up to ``length`` (generated
+        tokens, which attend causally within the layer's window). Patterns with per-position data
+        override this; a causal pattern is its own extension."""
+        if self.is_causal:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} does not say how generated tokens attend (extended)")
+
 
 @dataclass(frozen=True)
 class CausalPattern(AttentionPattern):
@@ -70,6 +78,15 @@ class BlockPattern(AttentionPattern):
             allowed &= keys[None, :] > rows[:, None] - window
         return allowed
 
+    def extended(self, length: int) -> BlockPattern:
+        """Generated positions are text (block ``-1``).
+
+        >>> BlockPattern(torch.tensor([0, 0]), (None,)).extended(3).blocks.tolist()
+        [0, 0, -1]
+        """
+        extra = length - len(self.blocks)
+        return BlockPattern(torch.cat([self.blocks, self.blocks.new_full((max(0, extra),), -1)]), self.windows)
+
 
 @dataclass(frozen=True)
 class PrefixLMPattern(AttentionPattern):
@@ -94,6 +111,15 @@ class PrefixLMPattern(AttentionPattern):
         if window is not None:
             causal &= keys[None, :] > rows[:, None] - window
         return causal | (prefix[rows][:, None] & prefix[None, :n_keys])
+
+    def extended(self, length: int) -> PrefixLMPattern:
+        """Generated positions are outside the bidirectional prefix.
+
+        >>> PrefixLMPattern(torch.tensor([True]), (None,)).extended(2).prefix.tolist()
+        [True, False]
+        """
+        extra = length - len(self.prefix)
+        return PrefixLMPattern(torch.cat([self.prefix, self.prefix.new_zeros(max(0, extra))]), self.windows)
 
 
 def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -17,16 +17,20 @@ from __future__ import annotations
 from vlmflow.experiments.flows import baseline, clean_capture_start, knockout_plan, knockout_rows
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.settings import ControlSettings
+from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
+from vlmflow.positions.groups import Flow
 from vlmflow.results.tables import ControlRow, Row
 
 
-def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: ControlSettings) -> dict[str, list[Row]]:
-    """Tables for one sample (:meth:`ControlSettings.analyse`): its ``samples`` row and, when kept,
-    ``controls`` rows for every draw."""
-    settings = control.flow_settings
-    k = settings.window_for(loaded.n_layers)
+def control_plan(loaded: LoadedModel, prepared: PreparedSample, control: ControlSettings) -> tuple[list[tuple[Flow, int, Knockout]], list[int]]:
+    """Every draw's ``(flow, centre, knockout)``, and the draw index of each.
+
+    Raises:
+        SampleError: a control flow's group is missing for this sample (or blocks nothing).
+    """
+    k = control.flow_settings.window_for(loaded.n_layers)
     layout = loaded.inputs.image_layout(prepared.encoded)
     image_token_id = loaded.inputs.image_token_id
     plan, draw_of = [], []
@@ -37,6 +41,14 @@ def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: Contr
         part = knockout_plan(loaded, prepared, groups, control.flows, k)
         plan.extend(part)
         draw_of.extend([draw] * len(part))
+    return plan, draw_of
+
+
+def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: ControlSettings) -> dict[str, list[Row]]:
+    """Tables for one sample (:meth:`ControlSettings.analyse`): its ``samples`` row and, when kept,
+    ``controls`` rows for every draw."""
+    settings = control.flow_settings
+    plan, draw_of = control_plan(loaded, prepared, control)
     capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
     clean, row = baseline(loaded, prepared, settings, capture_from)
     tables: dict[str, list[Row]] = {"samples": [row]}

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from vlmflow.errors import SampleError
 from vlmflow.experiments.settings import Engine
 from vlmflow.knockout.clean import CleanRun, clean_run
-from vlmflow.knockout.fast import affected_starts, fast_logits
+from vlmflow.knockout.fast import FoldRequest, affected_starts, fast_logits, fast_logits_batch
 from vlmflow.knockout.reference import clean_logits, reference_logits
 from vlmflow.knockout.spec import Knockout
 
@@ -38,6 +39,13 @@ class KnockoutEngine(Protocol):
         """
         ...
 
+    def knockout_logits_batch(
+        self, loaded: LoadedModel, requests: Sequence[FoldRequest], max_fold_queries: int | None
+    ) -> list[torch.Tensor | SampleError]:
+        """:meth:`knockout_logits` for several samples: per request its logits, or the
+        :class:`SampleError` its knockouts raise (the others' results are kept)."""
+        ...
+
     def self_test_logits(
         self, loaded: LoadedModel, encoded: Encoded, knockouts: Sequence[Knockout]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +62,12 @@ class _Fast:
     ) -> torch.Tensor:
         bound = {} if max_fold_queries is None else {"max_fold_queries": max_fold_queries}
         return fast_logits(loaded.decoder, encoded, clean, knockouts, **bound)
+
+    def knockout_logits_batch(
+        self, loaded: LoadedModel, requests: Sequence[FoldRequest], max_fold_queries: int | None
+    ) -> list[torch.Tensor | SampleError]:
+        bound = {} if max_fold_queries is None else {"max_fold_queries": max_fold_queries}
+        return fast_logits_batch(loaded.decoder, requests, **bound)
 
     @torch.no_grad()
     def self_test_logits(
@@ -73,6 +87,17 @@ class _Reference:
         self, loaded: LoadedModel, encoded: Encoded, clean: CleanRun, knockouts: Sequence[Knockout], max_fold_queries: int | None
     ) -> torch.Tensor:
         return reference_logits(loaded.decoder, encoded, knockouts)
+
+    def knockout_logits_batch(
+        self, loaded: LoadedModel, requests: Sequence[FoldRequest], max_fold_queries: int | None
+    ) -> list[torch.Tensor | SampleError]:
+        out: list[torch.Tensor | SampleError] = []
+        for r in requests:  # one full forward per knockout: nothing to share between samples
+            try:
+                out.append(reference_logits(loaded.decoder, r.encoded, r.knockouts))
+            except SampleError as exc:
+                out.append(exc)
+        return out
 
     @torch.no_grad()
     def self_test_logits(

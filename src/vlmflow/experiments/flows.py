@@ -56,15 +56,23 @@ def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None
 
 def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, SampleRow]:
     """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
-    tokenizer = loaded.tokenizer
     clean = clean_run(
         loaded.decoder,
         prepared.encoded,
         capture_from=capture_from,
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=loaded.tokenizer.eos_token_id,
     )
+    return clean, sample_row(loaded, prepared, settings, clean)
+
+
+def sample_row(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, clean: CleanRun) -> SampleRow:
+    """The ``samples`` row of a sample's clean run (prediction, correctness, p_base).
+
+    Raises:
+        SampleError: the clean forward produced non-finite logits.
+    """
+    tokenizer = loaded.tokenizer
     if not bool(torch.isfinite(clean.logits).all()):
         raise SampleError(f"the clean forward produced non-finite logits ({_non_finite(clean.logits)})", stage="forward")
     log_probs = torch.log_softmax(clean.logits, dim=-1)
@@ -73,7 +81,7 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
     prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
     sample = prepared.sample
     correct = prediction.lower() == sample.answer.strip().lower()
-    row = SampleRow(
+    return SampleRow(
         sample_id=sample.sample_id,
         task=sample.task.value if sample.task else "",
         image_id=sample.image_id,
@@ -89,7 +97,6 @@ def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettin
         n_image_tokens=len(prepared.groups[Group.IMAGE]),
         group_sizes=json.dumps(prepared.groups.sizes(), sort_keys=True),
     )
-    return clean, row
 
 
 def analyse_sample(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> SampleResult:
@@ -150,9 +157,26 @@ def knockout_rows(
 
     >>> rows = knockout_rows(loaded, prepared, clean, row, plan, FlowSettings())   # doctest: +SKIP
     """
-    k = settings.window_for(loaded.n_layers)
     knockouts = [knockout for _, _, knockout in plan]
     logits = ENGINES[settings.engine].knockout_logits(loaded, prepared.encoded, clean, knockouts, settings.max_fold_queries)
+    return rows_of_logits(loaded, prepared, clean, sample_row, plan, settings, logits)
+
+
+def rows_of_logits(
+    loaded: LoadedModel,
+    prepared: PreparedSample,
+    clean: CleanRun,
+    sample_row: SampleRow,
+    plan: Sequence[tuple[Flow, int, Knockout]],
+    settings: FlowSettings,
+    logits: torch.Tensor,
+) -> list[FlowRow]:
+    """The ``flows`` rows of ``plan`` from the knockouts' last-position ``logits [len(plan), vocab]``.
+
+    Raises:
+        SampleError: a knockout's logits are not finite.
+    """
+    k = settings.window_for(loaded.n_layers)
     if not bool(torch.isfinite(logits).all()):
         bad = int(torch.nonzero(~torch.isfinite(logits).all(dim=-1))[0])
         flow, center, _ = plan[bad]

@@ -8,7 +8,6 @@ an interrupted run resumes where it stopped; rerunning the same spec skips finis
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -26,9 +25,9 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
 from vlmflow.errors import ConfigError, SampleError
+from vlmflow.experiments.batching import batched_tables, error_tables, free_memory, memory_error_tables
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings
-from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
 from vlmflow.results.tables import ErrorRow, Row
@@ -213,33 +212,35 @@ def iter_samples(
     images: Path,
     experiment: Experiment,
 ) -> Iterator[dict[str, list[Row]]]:
-    """Yield, per sample, the tables to commit (the experiment's tables, or an ``errors`` row)."""
+    """Yield, per sample and in data order, the tables to commit (the experiment's tables, or an ``errors`` row).
+
+    An experiment with ``analyse_batch`` computes its samples ``batch_size`` at a time
+    (:mod:`vlmflow.experiments.batching`; ``None``: chosen from the free accelerator memory, 1 on
+    CPU); the tables still come one sample at a time.
+    """
+
+    def prepare(sample: Sample) -> PreparedSample:
+        return prepare_sample(loaded, sample, open_image(sample, images))
+
+    size = getattr(experiment, "batch_size", 1)
+    if hasattr(experiment, "analyse_batch") and (size is None or size > 1):
+        yield from batched_tables(loaded, samples, prepare, experiment, size)
+        return
     for sample in samples:
-        out_of_memory: str | None = None
+        out_of_memory: BaseException | None = None
         try:
-            image = open_image(sample, images)
-            prepared = prepare_sample(loaded, sample, image)
-            tables = experiment.analyse(loaded, prepared)
+            tables = experiment.analyse(loaded, prepare(sample))
         except SampleError as exc:
-            log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
-            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage=exc.stage, reason=exc.reason)]}
+            yield error_tables(sample.sample_id, exc)
             continue
         except torch.OutOfMemoryError as exc:  # the engine already retried with smaller folds
-            out_of_memory = str(exc).strip().splitlines()[0] if str(exc).strip() else "no details"
+            out_of_memory = exc
         if out_of_memory is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
             free_memory()
-            reason = f"out of memory even at the smallest fold size: {out_of_memory}"
-            log.warning("sample %s skipped: %s", sample.sample_id, reason)
-            yield {"errors": [ErrorRow(sample_id=sample.sample_id, stage="memory", reason=reason)]}
+            yield memory_error_tables(sample.sample_id, out_of_memory)
             continue
         yield tables
-
-
-def free_memory() -> None:
-    """Release cached accelerator memory after an out-of-memory error (CPU: collect garbage only)."""
-    gc.collect()
-    release_cached_memory()
 
 
 def run_to_store(

@@ -31,6 +31,9 @@ from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 from vlmflow.settings import Settings, setting
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vlmflow.errors import SampleError
     from vlmflow.experiments.prepare import PreparedSample
     from vlmflow.loading import LoadedModel
     from vlmflow.results.tables import Row
@@ -132,6 +135,13 @@ class FlowSettings(Settings):
         minimum=1,
         help="Query rows per folded layer call of the fast engine (memory/speed trade-off); default: the engine's.",
     )
+    batch_size: int | None = setting(
+        None,
+        minimum=1,
+        identity=False,  # how the work is cut, not what is computed: every sample's rows are its batch-1 rows
+        help="Samples computed together (their clean passes and folded knockouts share each layer call). "
+        "Default: 1 on CPU; on CUDA as many as fit the free memory.",
+    )
 
     name = "flows"
 
@@ -150,6 +160,12 @@ class FlowSettings(Settings):
         from vlmflow.experiments.flows import flow_tables
 
         return flow_tables(loaded, prepared, self)
+
+    def analyse_batch(self, loaded: LoadedModel, prepared: Sequence[PreparedSample]) -> list[Tables | SampleError]:
+        """Per sample, what :meth:`analyse` gives (or its :class:`SampleError`), computed together."""
+        from vlmflow.experiments.batched_flows import flow_tables_batch
+
+        return flow_tables_batch(loaded, prepared, self)
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,17 @@ class ControlSettings(Settings):
     @property
     def engine(self) -> Engine:
         return self.flow_settings.engine
+
+    @property
+    def batch_size(self) -> int | None:
+        """Samples computed together (the flow settings' :attr:`FlowSettings.batch_size`)."""
+        return self.flow_settings.batch_size
+
+    def analyse_batch(self, loaded: LoadedModel, prepared: Sequence[PreparedSample]) -> list[Tables | SampleError]:
+        """Per sample, what :meth:`analyse` gives (or its :class:`SampleError`), computed together."""
+        from vlmflow.experiments.batched_flows import control_tables_batch
+
+        return control_tables_batch(loaded, prepared, self)
 
     def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
         """Tables for one sample: its ``samples`` row and, when kept, ``controls`` rows for every draw."""

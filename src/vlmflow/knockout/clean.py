@@ -1,20 +1,32 @@
-"""The clean run: one unmodified forward (and greedy answer) that keeps what the fast engine needs.
+"""The clean run: one unmodified pass (and greedy answer) that keeps what the fast engine needs.
 
 Per layer it keeps the hidden states entering the layer at the positions a knockout may change
 (from ``capture_from`` on) and the keys/values of every position; the lens reads the same hidden
 states. The vision tower runs once, here.
+
+Several samples run together (:func:`clean_runs`): their prompts are right-padded into one batch
+(:mod:`vlmflow.knockout.padded`: no real query reads a padding key), so every decoder layer is one
+call for all of them. The layers are run by vlmflow (:meth:`DecoderMap.run_layer
+<vlmflow.adapters.decoder.DecoderMap.run_layer>`, the same calls the fast engine's folds make),
+and the answer is decoded greedily over the cache without ``generate``: each step feeds every
+sample's last token, until each has produced a stop token or ``max_new_tokens`` tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
 from vlmflow.adapters.decoder import DecoderMap
+from vlmflow.adapters.pattern import AttentionPattern
 from vlmflow.inputs import Encoded
+from vlmflow.knockout.mask import to_kernel_mask
+from vlmflow.knockout.padded import PaddedKV, decode_mask, pad_positions, pad_rows, prompt_mask
+from vlmflow.knockout.precision import final_logits
+
+__all__ = ["CleanRun", "clean_run", "clean_runs", "stop_ids_of"]
 
 
 @dataclass
@@ -28,7 +40,8 @@ class CleanRun:
             ``[n - start, d_model]``; ``hidden[L]`` is the last layer's output (before the final norm).
         keys / values: per layer, the clean post-RoPE keys/values of positions ``0..n-1``:
             ``[1, kv_heads, n, head_dim]``.
-        generated: greedy answer token ids (``[new_tokens]``), when generation was asked for.
+        generated: greedy answer token ids (``[new_tokens]``, the stop token included when one was
+            produced), when generation was asked for.
     """
 
     logits: torch.Tensor
@@ -39,6 +52,19 @@ class CleanRun:
     generated: torch.Tensor | None = None
 
 
+def stop_ids_of(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """The stop token ids of an ``eos_token_id`` setting (one id, several, or none).
+
+    >>> sorted(stop_ids_of([2, 32000])), stop_ids_of(None)
+    ([2, 32000], frozenset())
+    """
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset({eos_token_id})
+    return frozenset(int(i) for i in eos_token_id)
+
+
 @torch.no_grad()
 def clean_run(
     decoder: DecoderMap,
@@ -46,73 +72,123 @@ def clean_run(
     *,
     capture_from: int,
     max_new_tokens: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> CleanRun:
-    """One clean prefill (plus greedy decoding when ``max_new_tokens > 0``) that keeps, per layer,
-    the hidden states at positions ``>= capture_from`` and the keys/values of all positions.
-
-    Forward pre-hooks on the decoder layers read the layer inputs during the prefill only; they are
-    removed in ``finally``.
+    """One clean prefill (plus greedy decoding when ``max_new_tokens > 0``, stopping at ``eos_token_id``)
+    that keeps, per layer, the hidden states at positions ``>= capture_from`` and the keys/values of
+    all positions: :func:`clean_runs` for one sample.
 
     >>> clean = clean_run(decoder, encoded, capture_from=40, max_new_tokens=12)   # doctest: +SKIP
     >>> clean.hidden[0].shape                                                     # doctest: +SKIP
     torch.Size([22, 4096])
     """
-    from transformers import DynamicCache
+    return clean_runs(
+        decoder, [encoded], capture_from=[capture_from], max_new_tokens=max_new_tokens, stop_ids=stop_ids_of(eos_token_id)
+    )[0]
 
-    model = decoder.model
-    n = encoded.seq_len
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    # Layer inputs 0..L-1 come from the decoder layers; the final norm's input is layer L's output.
-    hooked = [*decoder.layers, decoder.final_norm]
 
-    def make_hook(index: int) -> Any:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if index not in captured and hidden.shape[-2] == n:
-                captured[index] = hidden[0, capture_from:].detach().clone()  # [n - start, d_model]
+@torch.no_grad()
+def clean_runs(
+    decoder: DecoderMap,
+    encodeds: Sequence[Encoded],
+    *,
+    capture_from: Sequence[int],
+    max_new_tokens: int = 0,
+    stop_ids: Collection[int] = (),
+) -> list[CleanRun]:
+    """The clean runs of several samples, computed together: one call per decoder layer for all of them.
 
-        return hook
+    Each sample's result is the one it gets alone (its prompt's queries never read another's keys
+    or a padding key); ``capture_from[b]`` is sample ``b``'s first kept position. With
+    ``max_new_tokens > 0`` each sample's answer is decoded greedily until it produces a token in
+    ``stop_ids`` or reaches ``max_new_tokens`` tokens.
 
-    # A plain cache keeps every position's keys/values in every layer (a config-built one would keep
-    # only the last window of a sliding-window layer); windows are applied by the attention mask.
-    cache = DynamicCache()
-    try:
-        for index, module in enumerate(hooked):
-            handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
-        if max_new_tokens > 0:
-            out = model.generate(
-                **encoded.inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
-                cache=cache,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            logits = out.logits[0][0].float()
-            generated = out.sequences[0, n:].cpu()
-        else:
-            out = model(**encoded.inputs, cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-            generated = None
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(captured) != len(hooked):
-        raise RuntimeError(f"captured hidden states at {len(captured)} of {len(hooked)} layer boundaries during the prefill")
-    n_layers = decoder.n_layers
-    keys = [cache.layers[i].keys[..., :n, :] for i in range(n_layers)]
-    values = [cache.layers[i].values[..., :n, :] for i in range(n_layers)]
-    return CleanRun(
-        logits=logits,
-        start=capture_from,
-        hidden=[captured[i] for i in range(len(hooked))],
-        keys=keys,
-        values=values,
-        generated=generated,
-    )
+    >>> runs = clean_runs(decoder, [a, b], capture_from=[600, 590], max_new_tokens=3)   # doctest: +SKIP
+    >>> [run.generated.tolist() for run in runs]                                       # doctest: +SKIP
+    [[3308, 2], [7933, 2]]
+    """
+    if len(encodeds) != len(capture_from) or not encodeds:
+        raise ValueError(f"clean_runs needs one capture_from per sample, got {len(capture_from)} for {len(encodeds)} samples")
+    lengths = [e.seq_len for e in encodeds]
+    for start, n in zip(capture_from, lengths, strict=True):
+        if not 0 <= start < n:
+            raise ValueError(f"capture_from {start} is outside the prompt's {n} positions")
+    n_max, extra = max(lengths), max(0, max_new_tokens - 1)
+    device, impl, dtype = decoder.device, decoder.attention_implementation, decoder.dtype
+    positions = [decoder.position_ids(e) for e in encodeds]  # [..., 1, n_b]
+    patterns = [decoder.attention_pattern(e) for e in encodeds]
+    hidden = pad_rows([decoder.input_embeddings(e)[0] for e in encodeds], n_max)  # [B, n_max, d]
+    pos = pad_positions(positions, n_max)  # [..., B, n_max]
+    rotary = decoder.rotary(hidden, pos)
+    cache = PaddedKV(n_max + extra)
+    kept: list[list[torch.Tensor]] = [[] for _ in encodeds]
+    # Plain causal patterns are the same in every layer: one mask serves them all.
+    same_everywhere = all(p.is_causal for p in patterns)
+    mask = None
+    for layer in range(decoder.n_layers):
+        for b, (start, n) in enumerate(zip(capture_from, lengths, strict=True)):
+            kept[b].append(hidden[b, start:n].clone())  # [n_b - start, d]
+        if mask is None or not same_everywhere:
+            mask = to_kernel_mask(prompt_mask(patterns, layer, lengths, n_max, device), impl, dtype)
+        hidden = decoder.run_layer(layer, hidden, mask, pos, rotary, cache)
+    for b, (start, n) in enumerate(zip(capture_from, lengths, strict=True)):
+        kept[b].append(hidden[b, start:n].clone())
+    last = torch.stack([hidden[b, n - 1] for b, n in enumerate(lengths)])  # [B, d]
+    logits = final_logits(decoder, last)  # [B, vocab]
+    generated = _greedy(decoder, logits, cache, positions, patterns, lengths, max_new_tokens, frozenset(stop_ids))
+    return [
+        CleanRun(
+            logits=logits[b],
+            start=capture_from[b],
+            hidden=kept[b],
+            keys=[cache.keys[layer][b : b + 1, :, :n] for layer in range(decoder.n_layers)],
+            values=[cache.values[layer][b : b + 1, :, :n] for layer in range(decoder.n_layers)],
+            generated=generated[b],
+        )
+        for b, n in enumerate(lengths)
+    ]
+
+
+def _greedy(
+    decoder: DecoderMap,
+    logits: torch.Tensor,
+    cache: PaddedKV,
+    positions: Sequence[torch.Tensor],
+    patterns: Sequence[AttentionPattern],
+    lengths: Sequence[int],
+    max_new_tokens: int,
+    stop_ids: frozenset[int],
+) -> list[torch.Tensor | None]:
+    """Greedy answers ``[tokens]`` per sample from the prefill's last-position ``logits [B, vocab]``.
+
+    Generated token ``g`` of every sample goes to cache column ``n_max + g`` with position id
+    :meth:`~vlmflow.adapters.decoder.DecoderMap.next_positions` ``[g]`` of its sample. A sample that
+    has stopped keeps being fed (the batch keeps its shape) but its tokens are no longer recorded.
+    """
+    if max_new_tokens <= 0:
+        return [None] * len(lengths)
+    n_max, extra = max(lengths), max_new_tokens - 1
+    device, impl, dtype = decoder.device, decoder.attention_implementation, decoder.dtype
+    token = logits.argmax(-1)  # [B]
+    answers = [[t] for t in token.tolist()]
+    done = [a[0] in stop_ids for a in answers]
+    following = [decoder.next_positions(p, extra) for p in positions]  # [..., 1, extra] each
+    extended = [p.extended(n + extra) for p, n in zip(patterns, lengths, strict=True)]
+    same_everywhere = all(p.is_causal for p in patterns)
+    for g in range(extra):
+        if all(done):
+            break
+        x = decoder.embed_tokens(token[:, None].to(device))  # [B, 1, d]
+        pos = torch.cat([f[..., g : g + 1] for f in following], dim=-2)  # [..., B, 1]
+        rotary = decoder.rotary(x, pos)
+        mask = None
+        for layer in range(decoder.n_layers):
+            if mask is None or not same_everywhere:
+                mask = to_kernel_mask(decode_mask(extended, layer, lengths, n_max, g, device), impl, dtype)
+            x = decoder.run_layer(layer, x, mask, pos, rotary, cache)
+        token = final_logits(decoder, x[:, -1]).argmax(-1)
+        for b, t in enumerate(token.tolist()):
+            if not done[b]:
+                answers[b].append(t)
+                done[b] = t in stop_ids
+    return [torch.tensor(a) for a in answers]

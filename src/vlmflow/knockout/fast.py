@@ -17,7 +17,8 @@ so the same engine stays exact for every family. One clean forward (:mod:`vlmflo
 vision tower once, baseline logits, greedy answer) provides both.
 
 Many knockouts (all windows of all flows with the same ``t``) run together "folded" into the query
-axis of one batch row. How is planned as a pure value (:mod:`vlmflow.knockout.plan`: order, start
+axis of one batch row, and the folds of several samples share each layer call
+(:func:`fast_logits_batch`). How is planned as a pure value (:mod:`vlmflow.knockout.plan`: order, start
 layers, branches, per-layer masks, which rows each layer computes); a short executor
 (:mod:`vlmflow.knockout.executor`) runs the plan through the attention strategy chosen once per
 call (:mod:`vlmflow.knockout.strategy`).
@@ -33,25 +34,47 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.pattern import AttentionPattern
+from vlmflow.errors import SampleError
 from vlmflow.inputs import Encoded
 from vlmflow.knockout.ablation import Ablation, AblationValues, check_ablations, replacement_values
-from vlmflow.knockout.clean import CleanRun, clean_run
-from vlmflow.knockout.executor import run_fold
+from vlmflow.knockout.clean import CleanRun, clean_run, clean_runs
+from vlmflow.knockout.executor import FoldJob, run_folds
 from vlmflow.knockout.plan import Intervention, plan_fold
+from vlmflow.knockout.precision import final_logits
 from vlmflow.knockout.spec import Knockout, check_layers
 from vlmflow.knockout.strategy import FoldAttention, choose_strategy
 
-__all__ = ["DEFAULT_FOLD_QUERIES", "CleanRun", "affected_starts", "clean_run", "fast_logits", "release_cached_memory"]
+__all__ = [
+    "DEFAULT_FOLD_QUERIES",
+    "CleanRun",
+    "FoldRequest",
+    "affected_starts",
+    "clean_run",
+    "clean_runs",
+    "fast_logits",
+    "fast_logits_batch",
+    "release_cached_memory",
+]
 
 log = logging.getLogger(__name__)
 
-#: Default bound on query rows per folded layer call (keeps [query, key] score matrices small).
+#: Default bound on query rows per fold of one sample in a layer call (keeps [query, key] score matrices small).
 DEFAULT_FOLD_QUERIES = 1024
+
+
+@dataclass(frozen=True)
+class FoldRequest:
+    """One sample's knockouts for :func:`fast_logits_batch`: its encoded prompt, clean run and interventions."""
+
+    encoded: Encoded
+    clean: CleanRun
+    knockouts: Sequence[Intervention]
 
 
 @torch.no_grad()
@@ -67,92 +90,172 @@ def fast_logits(
     """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
 
     Knockouts (and ablations) with the same first affected position (:func:`affected_starts`) run
-    folded together; ``max_fold_queries`` bounds the query rows of one layer call (more variants
-    are split into chunks of similar start layer). Mean ablations cost one extra clean forward for
-    their replacement values. On ``torch.OutOfMemoryError`` the chunk size is halved and the chunk
-    retried, down to one variant per call; an OOM with a single variant is raised. ``strategy``:
-    the fold's attention (default: :func:`~vlmflow.knockout.strategy.choose_strategy`).
+    folded together; ``max_fold_queries`` bounds the query rows of one fold (more variants are split
+    into chunks of similar start layer). Mean ablations cost one extra clean forward for their
+    replacement values. On ``torch.OutOfMemoryError`` a chunk is halved and retried, down to one
+    variant per call; an OOM with a single variant is raised. ``strategy``: the fold's attention
+    (default: :func:`~vlmflow.knockout.strategy.choose_strategy`).
+
+    Raises:
+        SampleError: a knockout leaves a query row with no key to attend to.
 
     >>> logits = fast_logits(decoder, encoded, clean, knockouts)   # doctest: +SKIP
     >>> logits.shape                                               # doctest: +SKIP
     torch.Size([192, 32064])
     """
-    decoder.check_attention_backend()
-    n_layers = decoder.n_layers
-    check_layers([k for k in knockouts if isinstance(k, Knockout)], n_layers, decoder.n_heads)
-    ablation_index = [i for i, k in enumerate(knockouts) if isinstance(k, Ablation)]
-    check_ablations([knockouts[i] for i in ablation_index], n_layers, encoded.seq_len)
-    values = dict(
-        zip(ablation_index, replacement_values(decoder, encoded, [knockouts[i] for i in ablation_index]), strict=True)
+    (out,) = fast_logits_batch(
+        decoder, [FoldRequest(encoded, clean, knockouts)], max_fold_queries=max_fold_queries, strategy=strategy
     )
-    pattern = decoder.attention_pattern(encoded)
-    strategy = strategy or choose_strategy(decoder)
-    vocab = clean.logits.shape[-1]
-    result = torch.empty(len(knockouts), vocab, dtype=torch.float32)
-    starts = affected_starts(pattern, n_layers, encoded.seq_len, knockouts)
-    by_start: dict[int, list[int]] = defaultdict(list)
-    for index, knockout in enumerate(knockouts):
-        if knockout.is_empty:
-            result[index] = clean.logits.cpu()
-        else:
-            by_start[starts[index]].append(index)
-    with strategy.session(decoder):
-        for t0, indices in by_start.items():
-            if t0 < clean.start:
-                raise ValueError(
-                    f"clean run kept hidden states from position {clean.start}, but a knockout can change position "
-                    f"{t0} (use affected_starts() to choose capture_from)"
-                )
-            _run_start(decoder, encoded, clean, knockouts, indices, t0, values, pattern, strategy, max_fold_queries, result)
-    return result
+    if isinstance(out, SampleError):
+        raise out
+    return out
 
 
-def _run_start(
+@torch.no_grad()
+def fast_logits_batch(
     decoder: DecoderMap,
-    encoded: Encoded,
-    clean: CleanRun,
-    knockouts: Sequence[Intervention],
-    indices: list[int],
-    t0: int,
-    values: dict[int, AblationValues],
-    pattern: AttentionPattern,
-    strategy: FoldAttention,
-    max_fold_queries: int,
-    result: torch.Tensor,
-) -> None:
-    """Fill ``result[indices]``: the knockouts starting at ``t0``, folded in chunks of at most
-    ``max_fold_queries`` query rows, halving a chunk after an out-of-memory error."""
-    n = encoded.seq_len
-    per_call = max(1, max_fold_queries // (n - t0))
-    ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
-    lo = 0
-    while lo < len(ordered):
-        chunk = ordered[lo : lo + per_call]
-        plan = plan_fold(
-            [knockouts[i] for i in chunk],
-            pattern,
-            t0=t0,
-            n=n,
-            n_layers=decoder.n_layers,
-            n_heads=decoder.n_heads,
-            device=clean.hidden[0].device,
-        )
-        # Replacement values by folded index (the plan reorders the chunk).
-        folded_values = {j: values[chunk[i]] for j, i in enumerate(plan.order) if chunk[i] in values}
+    requests: Sequence[FoldRequest],
+    *,
+    max_fold_queries: int = DEFAULT_FOLD_QUERIES,
+    strategy: FoldAttention | None = None,
+) -> list[torch.Tensor | SampleError]:
+    """:func:`fast_logits` for several samples at once: per request its logits, or the
+    :class:`SampleError` its knockouts raise (the other requests' results are kept).
+
+    The folds of different samples share each layer call (the ``i``-th fold of every sample in one
+    call, when the strategy packs, :attr:`FoldAttention.packs`); each keeps its own prefix, masks
+    and rows, so every result is the one the sample gets alone. On ``torch.OutOfMemoryError`` a
+    call is split in halves (fewer samples, then fewer variants) and retried.
+
+    >>> results = fast_logits_batch(decoder, [FoldRequest(e, c, k) for e, c, k in samples])   # doctest: +SKIP
+    """
+    decoder.check_attention_backend()
+    strategy = strategy or choose_strategy(decoder)
+    batch = _Batch(decoder, requests, strategy)
+    with strategy.session(decoder):
+        for call in batch.calls(max_fold_queries):
+            batch.run(call)
+    return [batch.errors.get(r, batch.results[r]) for r in range(len(requests))]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Variants ``indices`` of request ``request`` (all with first affected position ``t0``), folded together."""
+
+    request: int
+    t0: int
+    indices: tuple[int, ...]
+
+
+class _Batch:
+    """The requests of one :func:`fast_logits_batch` call: their checks, chunks, results and errors."""
+
+    def __init__(self, decoder: DecoderMap, requests: Sequence[FoldRequest], strategy: FoldAttention) -> None:
+        self.decoder, self.requests, self.strategy = decoder, requests, strategy
+        self.patterns: list[AttentionPattern] = []
+        self.values: list[dict[int, AblationValues]] = []
+        self.results: list[torch.Tensor] = []
+        self.errors: dict[int, SampleError] = {}
+        self.max_jobs: int | None = None  # lowered for the rest of the batch after an out-of-memory error
+        for request in requests:
+            knockouts = request.knockouts
+            check_layers([k for k in knockouts if isinstance(k, Knockout)], decoder.n_layers, decoder.n_heads)
+            ablations = [i for i, k in enumerate(knockouts) if isinstance(k, Ablation)]
+            check_ablations([knockouts[i] for i in ablations], decoder.n_layers, request.encoded.seq_len)
+            found = replacement_values(decoder, request.encoded, [knockouts[i] for i in ablations])
+            self.values.append(dict(zip(ablations, found, strict=True)))
+            self.patterns.append(decoder.attention_pattern(request.encoded))
+            logits = torch.empty(len(knockouts), request.clean.logits.shape[-1], dtype=torch.float32)
+            for i, knockout in enumerate(knockouts):
+                if knockout.is_empty:
+                    logits[i] = request.clean.logits.cpu()
+            self.results.append(logits)
+
+    def chunks(self, request: int, max_fold_queries: int) -> list[_Chunk]:
+        """The request's folds: per first affected position, chunks of at most ``max_fold_queries`` rows."""
+        r = self.requests[request]
+        n = r.encoded.seq_len
+        starts = affected_starts(self.patterns[request], self.decoder.n_layers, n, r.knockouts)
+        by_start: dict[int, list[int]] = defaultdict(list)
+        for index, knockout in enumerate(r.knockouts):
+            if not knockout.is_empty:
+                by_start[starts[index]].append(index)
+        out = []
+        for t0, indices in by_start.items():
+            per_call = max(1, max_fold_queries // (n - t0))
+            ordered = sorted(indices, key=lambda i: r.knockouts[i].first_layer)
+            out += [_Chunk(request, t0, tuple(ordered[lo : lo + per_call])) for lo in range(0, len(ordered), per_call)]
+        return out
+
+    def calls(self, max_fold_queries: int) -> list[list[_Chunk]]:
+        """The layer-loop runs: the ``i``-th chunk of every request together (alone for ablations, or
+        when the strategy does not pack)."""
+        per_request = [self.chunks(r, max_fold_queries) for r in range(len(self.requests))]
+        alone = [r for r in range(len(self.requests)) if self.values[r] or not self.strategy.packs]
+        calls = [[chunk] for r in alone for chunk in per_request[r]]
+        packed = [per_request[r] for r in range(len(self.requests)) if r not in alone]
+        for i in range(max((len(c) for c in packed), default=0)):
+            calls.append([chunks[i] for chunks in packed if i < len(chunks)])
+        return calls
+
+    def run(self, call: list[_Chunk]) -> None:
+        """Fill the results of ``call``'s chunks, splitting the call after an out-of-memory error."""
+        call = [c for c in call if c.request not in self.errors]
+        if not call:
+            return
+        if self.max_jobs is not None and len(call) > self.max_jobs:
+            for lo in range(0, len(call), self.max_jobs):
+                self.run(call[lo : lo + self.max_jobs])
+            return
         try:
-            last = run_fold(plan, decoder, encoded, clean, strategy, folded_values)
-            logits = decoder.unembed(decoder.final_norm(last)).float()
+            outcomes = self._compute(call)
         except torch.OutOfMemoryError:
-            if len(chunk) == 1:
+            if len(call) == 1 and len(call[0].indices) == 1:
                 raise  # one variant at a time is the smallest fold; the caller records the sample
-            logits = None
-        if logits is None:  # outside the except block, so the failed call's tensors are freed
-            per_call = max(1, len(chunk) // 2)
+            outcomes = None
+        if outcomes is None:  # outside the except block, so the failed call's tensors are freed
             release_cached_memory()
-            log.warning("out of memory folding %d knockouts; retrying %d at a time", len(chunk), per_call)
-            continue
-        result[chunk] = logits.cpu()
-        lo += len(chunk)
+            if len(call) > 1:
+                self.max_jobs = max(1, len(call) // 2)
+                log.warning("out of memory folding %d samples' knockouts together; retrying %d at a time", len(call), self.max_jobs)
+                self.run(call[: self.max_jobs])
+                self.run(call[self.max_jobs :])
+            else:
+                chunk = call[0]
+                half = len(chunk.indices) // 2
+                log.warning("out of memory folding %d knockouts; retrying %d at a time", len(chunk.indices), half)
+                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[:half])])
+                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[half:])])
+            return
+        for chunk, outcome in zip(call, outcomes, strict=True):
+            if isinstance(outcome, SampleError):
+                self.errors[chunk.request] = outcome
+            else:
+                self.results[chunk.request][list(chunk.indices)] = outcome
+
+    def _compute(self, call: list[_Chunk]) -> list[torch.Tensor | SampleError]:
+        """Run one call: per chunk its CPU float32 logits ``[len(indices), vocab]`` (or its error)."""
+        jobs = []
+        for chunk in call:
+            request = self.requests[chunk.request]
+            plan = plan_fold(
+                [request.knockouts[i] for i in chunk.indices],
+                self.patterns[chunk.request],
+                t0=chunk.t0,
+                n=request.encoded.seq_len,
+                n_layers=self.decoder.n_layers,
+                n_heads=self.decoder.n_heads,
+            )
+            values = self.values[chunk.request]
+            # Replacement values by folded index (the plan reorders the chunk).
+            folded = {j: values[chunk.indices[i]] for j, i in enumerate(plan.order) if chunk.indices[i] in values}
+            jobs.append(FoldJob(plan, request.clean, self.decoder.position_ids(request.encoded), folded))
+        outcomes = run_folds(jobs, self.decoder, self.strategy)
+        states = [o for o in outcomes if not isinstance(o, SampleError)]
+        # One unembedding for every job of the call (its weight is read once): [sum V, vocab].
+        logits = final_logits(self.decoder, torch.cat(states)).cpu().split([len(o) for o in states]) if states else ()
+        parts = iter(logits)
+        return [o if isinstance(o, SampleError) else next(parts) for o in outcomes]
 
 
 def release_cached_memory() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -92,35 +93,46 @@ class FoldPlan:
         """How many variants (a prefix of the folded order) are computed in ``layer``."""
         return sum(1 for start in self.starts if start <= layer)
 
+    @cached_property
+    def cuts_prefix(self) -> tuple[bool, ...]:
+        """Per folded variant, whether its blocked edges include a prefix key (``< t0``)."""
+        return tuple(bool(x) for x in self.blocked[:, :, : self.t0].flatten(1).any(dim=1))
+
+    @cached_property
+    def host_windows(self) -> list[list[bool]]:
+        """``in_window`` as host values: per folded variant, per layer, whether its window is open."""
+        return self.in_window.tolist()
+
+    @cached_property
+    def host_masks(self) -> FoldMasks:
+        """The mask inputs where the plan's own tensors are (the host)."""
+        return FoldMasks(self, self.blocked.device)
+
+    def facts(self, layer: int) -> LayerFacts:
+        """What ``layer`` computes, as host values (no mask, nothing read back from a device)."""
+        k = self.active(layer)
+        now = [row[layer] for row in self.host_windows[:k]]
+        cut = any(c and o for c, o in zip(self.cuts_prefix, now, strict=False))
+        return LayerFacts(
+            layer=layer,
+            active=k,
+            entering=tuple((v, self.parents[v]) for v in range(k) if self.starts[v] == layer),
+            window_open=any(now),
+            prefix_visible=self.host_masks.base_sees_prefix(layer) and not cut,
+            last_rows_only=self.last_rows_only and layer == self.n_layers - 1,
+        )
+
     def step(self, layer: int) -> LayerStep:
         """What ``layer`` computes: active variants, the ones starting there, their allowed keys, which rows.
 
         Raises:
             SampleError: a knockout leaves a query row with no key at all.
         """
-        k = self.active(layer)
-        rows = self.rows
-        base = self.pattern.allowed(layer, rows, self.n)  # [S, n]
-        now = self.in_window[:k, layer]  # [k]
-        cuts_prefix = self.blocked[:k, :, : self.t0].flatten(1).any(dim=1)  # [k]
-        if not bool(now.any()):  # no window is open here: every variant keeps the clean pattern
-            allowed = base[None, None].expand(k, 1, -1, -1)
-        else:
-            blocked = self.blocked[:k] & now[:, None, None]  # [k, S, n]
-            if self.heads is None:
-                allowed = (base[None] & ~blocked)[:, None]  # [k, 1, S, n]
-            else:
-                # Per head: the blocked edges apply only in the selected heads of each variant.
-                allowed = base[None, None] & ~(blocked[:, None] & self.heads[:k, :, None, None])  # [k, H, S, n]
-            check_no_empty_rows(allowed.reshape(-1, self.n), rows.repeat(k * allowed.shape[1]))
-        return LayerStep(
-            layer=layer,
-            active=k,
-            entering=tuple((v, self.parents[v]) for v in range(k) if self.starts[v] == layer),
-            allowed=allowed,
-            prefix_visible=bool(base[:, : self.t0].all()) and not bool((cuts_prefix & now).any()),
-            last_rows_only=self.last_rows_only and layer == self.n_layers - 1,
-        )
+        facts = self.facts(layer)
+        allowed = self.host_masks.allowed(facts)
+        if facts.window_open:
+            check_no_empty_rows(allowed.reshape(-1, self.n), self.rows.repeat(facts.active * allowed.shape[1]))
+        return LayerStep(**vars(facts), allowed=allowed)
 
     def steps(self) -> Iterator[LayerStep]:
         """The layer steps from the first variant's start to the top layer."""
@@ -128,15 +140,15 @@ class FoldPlan:
             yield self.step(layer)
 
 
-@dataclass(frozen=True, eq=False)
-class LayerStep:
-    """One layer of a :class:`FoldPlan`.
+@dataclass(frozen=True)
+class LayerFacts:
+    """One layer of a :class:`FoldPlan`, as host values.
 
     Attributes:
         layer: the decoder layer.
         active: ``k``, the variants computed here (the first ``k`` of the folded order).
         entering: ``(variant, parent)`` of the variants that start here (``parent`` ``None``: clean states).
-        allowed: ``[k, H|1, S, n]`` bool, the keys each active variant's rows may read.
+        window_open: some active variant's window is open here (else every one keeps the clean pattern).
         prefix_visible: every active row may read every prefix key (``< t0``): no open window cuts
             one and the clean pattern hides none.
         last_rows_only: only each variant's last row is computed (its output is all that is read).
@@ -145,9 +157,55 @@ class LayerStep:
     layer: int
     active: int
     entering: tuple[tuple[int, int | None], ...]
-    allowed: torch.Tensor
+    window_open: bool
     prefix_visible: bool
     last_rows_only: bool
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStep(LayerFacts):
+    """:class:`LayerFacts` plus ``allowed``, ``[k, H|1, S, n]`` bool: the keys each active variant's rows may read."""
+
+    allowed: torch.Tensor | None = None
+
+
+class FoldMasks:
+    """A plan's mask inputs on one device, and the per-layer allowed masks built from them there.
+
+    Building a mask reads nothing back to the host (what decides *how* it is built are host values,
+    :meth:`FoldPlan.facts`), so an accelerator's layer loop never waits for one.
+    """
+
+    def __init__(self, plan: FoldPlan, device: torch.device | str) -> None:
+        self.plan = plan
+        self.rows = plan.rows.to(device)  # [S]
+        self.blocked = plan.blocked.to(device)  # [V, S, n]
+        self.in_window = plan.in_window.to(device)  # [V, L]
+        self.heads = None if plan.heads is None else plan.heads.to(device)  # [V, H]
+        self._base: dict[int, torch.Tensor] = {}
+
+    def base(self, layer: int) -> torch.Tensor:
+        """``[S, n]`` bool: the clean pattern of the suffix rows in ``layer`` (one for all layers when causal)."""
+        key = 0 if self.plan.pattern.is_causal else layer
+        if key not in self._base:
+            self._base[key] = self.plan.pattern.allowed(layer, self.rows, self.plan.n)
+        return self._base[key]
+
+    def base_sees_prefix(self, layer: int) -> bool:
+        """Whether the clean pattern lets every suffix row read every prefix key in ``layer`` (reads the mask:
+        for host masks)."""
+        return bool(self.base(layer)[:, : self.plan.t0].all())
+
+    def allowed(self, facts: LayerFacts) -> torch.Tensor:
+        """``[k, H|1, S, n]`` bool: the keys each active variant's rows may read in ``facts.layer``."""
+        k, base = facts.active, self.base(facts.layer)
+        if not facts.window_open:  # every variant keeps the clean pattern
+            return base[None, None].expand(k, 1, -1, -1)
+        blocked = self.blocked[:k] & self.in_window[:k, facts.layer, None, None]  # [k, S, n]
+        if self.heads is None:
+            return (base[None] & ~blocked)[:, None]  # [k, 1, S, n]
+        # Per head: the blocked edges apply only in the selected heads of each variant.
+        return base[None, None] & ~(blocked[:, None] & self.heads[:k, :, None, None])  # [k, H, S, n]
 
 
 def plan_fold(

@@ -38,11 +38,18 @@ def _dense_reference(query, key, value, compact, t0, suffix, scale):
     return out.transpose(1, 2)
 
 
-def _attend(query, key, value, compact, t0, suffix, fused=True, **call):
-    """The attention function given ``[prefix ; own]`` keys, as the engine hands them: own keys, prefix in the call."""
-    fold = pa.FoldCall(t0=t0, suffix=suffix, prefix=(key[:, :, :t0], value[:, :, :t0]), fused=fused, **call)
+def _attend(query, key, value, compact, t0, suffix, fused=True, queries=None, prefix_visible=False):
+    """The attention function given ``[prefix ; own]`` keys, as the engine hands them: the layer's keys of
+    its computed rows, the prefix (and, for fewer query rows than keys, the own keys) in the call."""
+    own = None
+    layer_key, layer_value = key[:, :, t0:], value[:, :, t0:]
+    if queries is not None:  # only some rows are computed: their own keys come with the call
+        own = (layer_key, layer_value)
+        layer_key, layer_value = layer_key[:, :, : query.shape[2]], layer_value[:, :, : query.shape[2]]
+    part = pa.FoldPart(t0, suffix, (key[:, :, :t0], value[:, :, :t0]), compact, queries, own, prefix_visible)
+    fold = pa.FoldCall(parts=(part,), fused=fused)
     out, _ = pa.shared_prefix_attention_forward(
-        nn.Module().eval(), query, key[:, :, t0:], value[:, :, t0:], compact, scaling=0.3, vlmflow_fold=fold
+        nn.Module().eval(), query, layer_key, layer_value, None, scaling=0.3, vlmflow_fold=fold
     )
     assert fold.done
     return out
@@ -74,10 +81,16 @@ def test_registration_is_idempotent_and_public():
 
 def test_wrong_layout_is_refused():
     query, key, value, compact, t0, suffix = _case(2, 2, False)
-    fold = pa.FoldCall(t0=t0 + 1, suffix=suffix, prefix=(key[:, :, :t0], value[:, :, :t0]))
+    fold = pa.FoldCall(parts=(pa.FoldPart(t0 + 1, suffix, (key[:, :, :t0], value[:, :, :t0]), compact),))
     with pytest.raises(ValueError, match="shared-prefix attention expected"):
-        pa.shared_prefix_attention_forward(nn.Module().eval(), query, key[:, :, t0:], value[:, :, t0:], compact, vlmflow_fold=fold)
+        pa.shared_prefix_attention_forward(nn.Module().eval(), query, key[:, :, t0:], value[:, :, t0:], None, vlmflow_fold=fold)
     assert not fold.done
+    fold = pa.FoldCall(parts=(pa.FoldPart(t0, suffix, (key[:, :, :t0], value[:, :, :t0]), compact[..., :-1]),))
+    with pytest.raises(ValueError, match="compact bool mask"):
+        pa.shared_prefix_attention_forward(nn.Module().eval(), query, key[:, :, t0:], value[:, :, t0:], None, vlmflow_fold=fold)
+    soft = pa.FoldCall(parts=(pa.FoldPart(t0, suffix, (key[:, :, :t0], value[:, :, :t0]), compact),))
+    with pytest.raises(ValueError, match="soft-capping"):
+        pa.shared_prefix_attention_forward(nn.Module().eval(), query, key[:, :, t0:], value[:, :, t0:], None, vlmflow_fold=soft, softcap=30.0)
 
 
 @pytest.mark.parametrize("fused", [True, False])
