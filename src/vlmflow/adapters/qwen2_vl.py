@@ -121,11 +121,13 @@ class Qwen2VLDecoder(DecoderMap):
     def position_ids(self, encoded: Encoded) -> torch.Tensor:
         """M-RoPE ids ``[3, 1, seq]`` (temporal, height, width), as the model computes them."""
         inputs = encoded.inputs
+        # Only what the model itself hands get_rope_index (video grids and, for Qwen2.5-VL, seconds per grid).
+        extra = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
         position_ids, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs.get("attention_mask"),
+            **extra,
         )
         return position_ids
 

@@ -47,12 +47,6 @@ _refuse(
     "image->question / image->last are not attention edges that can be knocked out",
 )
 _refuse(
-    "qwen3_vl",
-    ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
-    "DeepStack adds vision features to the image positions' hidden states between the first decoder layers, "
-    "which vlmflow's layer-by-layer recomputation does not reproduce (not verified)",
-)
-_refuse(
     "gemma3n",
     ("Gemma3nForConditionalGeneration",),
     "its decoder layers take per-layer inputs and AltUp prediction streams that vlmflow's layer-by-layer "

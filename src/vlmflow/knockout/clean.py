@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmflow.adapters.additions import ResidualAdditions
 from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.inputs import Encoded
 
@@ -29,6 +30,8 @@ class CleanRun:
         keys / values: per layer, the clean post-RoPE keys/values of positions ``0..n-1``:
             ``[1, kv_heads, n, head_dim]``.
         generated: greedy answer token ids (``[new_tokens]``), when generation was asked for.
+        additions: what the model adds to its hidden states between decoder layers (DeepStack),
+            ``None`` for a plain stack of layers; the fast engine adds the same to recomputed rows.
     """
 
     logits: torch.Tensor
@@ -37,6 +40,7 @@ class CleanRun:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     generated: torch.Tensor | None = None
+    additions: ResidualAdditions | None = None
 
 
 @torch.no_grad()
@@ -79,30 +83,31 @@ def clean_run(
     # A plain cache keeps every position's keys/values in every layer (a config-built one would keep
     # only the last window of a sliding-window layer); windows are applied by the attention mask.
     cache = DynamicCache()
-    try:
-        for index, module in enumerate(hooked):
-            handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
-        if max_new_tokens > 0:
-            out = model.generate(
-                **encoded.inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
-                cache=cache,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            logits = out.logits[0][0].float()
-            generated = out.sequences[0, n:].cpu()
-        else:
-            out = model(**encoded.inputs, cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
-            generated = None
-    finally:
-        for handle in handles:
-            handle.remove()
+    with decoder.recording_additions() as recorded:
+        try:
+            for index, module in enumerate(hooked):
+                handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
+            if max_new_tokens > 0:
+                out = model.generate(
+                    **encoded.inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+                    cache=cache,
+                    return_dict_in_generate=True,
+                    output_logits=True,
+                )
+                logits = out.logits[0][0].float()
+                generated = out.sequences[0, n:].cpu()
+            else:
+                out = model(**encoded.inputs, cache=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[0, -1].float()
+                generated = None
+        finally:
+            for handle in handles:
+                handle.remove()
     if len(captured) != len(hooked):
         raise RuntimeError(f"captured hidden states at {len(captured)} of {len(hooked)} layer boundaries during the prefill")
     n_layers = decoder.n_layers
@@ -115,4 +120,5 @@ def clean_run(
         keys=keys,
         values=values,
         generated=generated,
+        additions=recorded(),
     )

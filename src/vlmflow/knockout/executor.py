@@ -3,7 +3,9 @@
 The executor keeps the folded hidden states ``[V, S, d_model]``, starts each variant where the
 plan says (from the clean run's states, or from its parent's), runs every layer step through the
 fold's attention strategy (:mod:`vlmflow.knockout.strategy`) with the clean prefix keys/values,
-applies folded ablations, and returns each variant's final hidden state at the last position.
+applies folded ablations, adds what the model adds between layers (the clean run's
+:class:`~vlmflow.adapters.additions.ResidualAdditions`, e.g. Qwen3-VL's DeepStack features at image
+positions) to the recomputed rows, and returns each variant's final hidden state at the last position.
 """
 
 from __future__ import annotations
@@ -60,15 +62,22 @@ def run_fold(
         prefix = (clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])  # [1, kv_heads, t0, head_dim]
         with folded_ablation(decoder, layer, plan.variants[:k], values, t0, suffix):
             if step.last_rows_only:
-                hidden[:k, -1] = _last_rows(decoder, strategy, step, x, pos, rotary, prefix, suffix, full_positions, rows)[0]
+                out = _last_rows(decoder, strategy, step, x, pos, rotary, prefix, suffix, full_positions, rows)[0]
+                hidden[:k, -1] = _added(clean, layer, out[:, None], rows[-1:])[:, 0]  # [k, d_model]
             else:
                 call = LayerCall(layer, x, step.allowed, pos, rotary, prefix, None, suffix, step.prefix_visible)
-                hidden[:k] = strategy.run(decoder, call).reshape(k, suffix, d_model)
+                hidden[:k] = _added(clean, layer, strategy.run(decoder, call).reshape(k, suffix, d_model), rows)
     # [V, d_model]: the final prompt position of each variant, back in the caller's order (the
     # rows are permuted here, before the unembedding, not the [V, vocab] logits after it).
     caller_order = torch.empty(n_var, dtype=torch.long, device=device)
     caller_order[torch.tensor(plan.order, device=device)] = torch.arange(n_var, device=device)
     return hidden[caller_order, -1]
+
+
+def _added(clean: CleanRun, layer: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Layer ``layer``'s output ``[k, Q, d_model]`` at positions ``rows`` ``[Q]`` plus what the model adds
+    there before the next layer (nothing for a plain stack of layers)."""
+    return out if clean.additions is None else clean.additions.after_layer(layer, out, rows)
 
 
 def _last_rows(

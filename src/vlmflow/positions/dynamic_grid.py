@@ -1,10 +1,11 @@
-"""Boxes to image tokens for dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): resize, then merge.
+"""Boxes to image tokens for dynamic-resolution models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): resize, then merge.
 
 Qwen2-VL resizes an image to the nearest size whose sides are multiples of ``patch * merge``
 (``smart_resize``: keep the aspect ratio, stay within ``[min_pixels, max_pixels]``), cuts it into
 ``patch`` x ``patch`` vision patches, and merges every ``merge`` x ``merge`` block of patches into one
 language-model token. So one image token shows a ``patch * merge`` square of the resized image
-(28 x 28 pixels for the released checkpoints), the tokens run row-major over the merged grid, and
+(28 x 28 pixels for the released Qwen2-VL checkpoints, 32 x 32 for Qwen3-VL's 16-px patches), the
+tokens run row-major over the merged grid, and
 there is no padding. The pixel rule is the one of :mod:`vlmflow.positions.patches` (nearest source
 pixel); the pixel oracle of the tests (``tests/support/family_oracles.py``) checks it against the
 real image processor.
@@ -21,6 +22,9 @@ from vlmflow.positions.patches import Axis, GridPart, PatchGrid, TokenLayout, Vi
 #: The released Qwen2-VL / Qwen2.5-VL processors' pixel bounds (``size`` shortest/longest edge).
 QWEN2_VL_MIN_PIXELS = 56 * 56
 QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
+#: The released Qwen3-VL processors' pixel bounds (16-px patches merged 2 x 2).
+QWEN3_VL_MIN_PIXELS = 65536
+QWEN3_VL_MAX_PIXELS = 16777216
 
 
 def dynamic_resize(width: int, height: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ def _configs() -> dict[str, Callable[[], object]]:
     from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next, build_tiny_llava_onevision
     from support.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
     from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
+    from support.tiny_qwen3_vl import TinyQwen3VLConfig, build_tiny_qwen3_vl
     from vlmflow.tiny.llava import TinyLlavaConfig, build_tiny_llava
 
     return {
@@ -30,6 +31,8 @@ def _configs() -> dict[str, Callable[[], object]]:
         "llava_onevision": lambda: build_tiny_llava_onevision(TinyAnyresConfig(layers=3, image_size=36))[0].config,
         "qwen2_vl": lambda: build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=3))[0].config,
         "qwen2_5_vl": lambda: build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=3, version="2.5"))[0].config,
+        "qwen3_vl": lambda: build_tiny_qwen3_vl(TinyQwen3VLConfig(layers=3))[0].config,
+        "qwen3_vl_moe": lambda: build_tiny_qwen3_vl(TinyQwen3VLConfig(layers=3, moe=True))[0].config,
         "gemma3": lambda: build_tiny_gemma3(TinyGemma3Config())[0].config,
         "paligemma": lambda: build_tiny_paligemma(TinyPaliGemmaConfig(layers=3))[0].config,
         "idefics3": lambda: build_tiny_idefics3(TinyIdefics3Config(layers=3))[0].config,

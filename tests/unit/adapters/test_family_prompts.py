@@ -1,4 +1,4 @@
-"""Prompts and image tokens of Qwen2-VL, Gemma-3, Idefics3 and SmolVLM, checked against transformers'
+"""Prompts and image tokens of Qwen2-VL, Qwen3-VL, Gemma-3, Idefics3 and SmolVLM, checked against transformers'
 own processors (where they can be built here) and the families' chat formats."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from PIL import Image
 from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
 from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
 from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
+from support.tiny_qwen3_vl import TinyQwen3VLConfig, build_tiny_qwen3_vl
 from vlmflow.adapters.expansion import ImageTextProcessor, check_template_tokens
 from vlmflow.adapters.registry import family_for_architecture, family_for_model
 from vlmflow.errors import ConfigError, UnsupportedModelError
@@ -90,6 +91,42 @@ def test_qwen2_vl_prompt_and_image_pad_count(size):
     assert int(pos[0, -1]) == int(pos[:, image_mask].max()) + (len(pos[0]) - int(torch.nonzero(image_mask)[-1]) - 1)
 
 
+@pytest.mark.parametrize("size", [(40, 30), (9, 90), (64, 64), (200, 120)])
+def test_qwen3_vl_prompt_image_pad_count_and_interleaved_mrope_ids(size):
+    from transformers import Qwen3VLProcessor
+
+    model, processor = build_tiny_qwen3_vl(TinyQwen3VLConfig(layers=1))
+    bound = _bind(model, processor, "qwen3_vl")
+    encoded = bound.inputs.encode(QUESTION, _image(size))
+    grid = encoded.inputs["image_grid_thw"]
+    ip = processor.image_processor
+    fake_self = type("P", (), {"image_processor": ip, "image_token": "<|image_pad|>"})()
+    expected = Qwen3VLProcessor.replace_image_token(fake_self, {"image_grid_thw": grid}, 0)
+    # No system turn: the Qwen3-VL chat template adds one only when the conversation has it.
+    assert encoded.text == (
+        "<|im_start|>user\n<|vision_start|>" + expected + "<|vision_end|>" + QUESTION + ANSWER_SUFFIX
+        + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    image_mask = encoded.input_ids == model.config.image_token_id
+    # The image processor's own count of patches for this size, merged 2 x 2.
+    patches = ip.get_number_of_image_patches(size[1], size[0], {})
+    assert int(image_mask.sum()) == patches // ip.merge_size**2 == bound.inputs.image_layout(encoded).n_tokens
+    pos = bound.decoder.position_ids(encoded)[:, 0]  # [3, seq], from the model's get_rope_index
+    h, w = int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
+    first = int(torch.nonzero(image_mask)[0])
+    assert torch.equal(pos[1, image_mask] - first, torch.arange(h).repeat_interleave(w))
+    assert torch.equal(pos[2, image_mask] - first, torch.arange(w).repeat(h))
+    # The rotary embedding interleaves the axes: a frequency slot reads the height or width id
+    # (slots 1, 4, ... and 2, 5, ...) instead of a contiguous block per axis as in Qwen2-VL.
+    x = torch.zeros(1, len(pos[0]), model.config.text_config.hidden_size)
+    cos, _ = bound.decoder.rotary(x, pos[:, None])
+    inv = bound.decoder.language_model.rotary_emb.inv_freq
+    row = int(torch.nonzero(image_mask)[-1])
+    torch.testing.assert_close(cos[0, row, 1], torch.cos(pos[1, row] * inv[1]))
+    torch.testing.assert_close(cos[0, row, 2], torch.cos(pos[2, row] * inv[2]))
+    torch.testing.assert_close(cos[0, row, 0], torch.cos(pos[0, row] * inv[0]))
+
+
 def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
     model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
     encoded = _bind(model, processor, "gemma3").inputs.encode(QUESTION, _image())
@@ -134,7 +171,7 @@ def test_unsupported_settings_and_families_are_refused_with_the_reason():
         family_for_model(qwen).decoder_class(qwen).check_attention_backend()
     for architecture, reason in [
         ("MllamaForConditionalGeneration", "cross-attention"),
-        ("Qwen3VLForConditionalGeneration", "DeepStack"),
+        ("Llama4ForConditionalGeneration", "chunked local attention"),
         ("Gemma3nForConditionalGeneration", "per-layer inputs"),
     ]:
         with pytest.raises(UnsupportedModelError, match=reason):
@@ -148,7 +185,8 @@ def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
 
     assert main(["models", "--json"]) == 0
     rows = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
-    for family in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "paligemma", "idefics3", "smolvlm"):
+    for family in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3",
+                   "paligemma", "idefics3", "smolvlm"):
         assert rows[family]["supported"] and rows[family]["verified"] and rows[family]["box mapping"]
     for family, row in rows.items():  # every supported family says how it was verified
         assert not row["supported"] or all(row[aspect] for aspect in ("prompt", "groups", "fast engine", "verified")), family

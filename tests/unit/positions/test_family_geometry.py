@@ -1,4 +1,4 @@
-"""Analytic box-to-token mappings of Qwen2-VL, Gemma-3 and Idefics3 / SmolVLM against pixel oracles
+"""Analytic box-to-token mappings of Qwen2-VL, Qwen3-VL, Gemma-3 and Idefics3 / SmolVLM against pixel oracles
 that run the real transformers image processors (and the real projector / pixel shuffle).
 
 CI checks random geometries on small and released configurations, the token counts against the
@@ -24,7 +24,13 @@ from support.family_oracles import (
 )
 from vlmflow.data.datasets import load_samples, released_specs
 from vlmflow.data.sample import Box
-from vlmflow.positions.dynamic_grid import QWEN2_VL_MAX_PIXELS, QWEN2_VL_MIN_PIXELS, dynamic_geometry
+from vlmflow.positions.dynamic_grid import (
+    QWEN2_VL_MAX_PIXELS,
+    QWEN2_VL_MIN_PIXELS,
+    QWEN3_VL_MAX_PIXELS,
+    QWEN3_VL_MIN_PIXELS,
+    dynamic_geometry,
+)
 from vlmflow.positions.patches import llava_geometry
 from vlmflow.positions.split_tiles import split_geometry
 
@@ -37,6 +43,10 @@ CONFIGS = {
     "qwen2_vl-tiny": (
         lambda s: dynamic_geometry(s, patch_size=4, merge_size=2, min_pixels=256, max_pixels=4096),
         lambda: qwen2_vl_reader(patch_size=4, merge_size=2, min_pixels=256, max_pixels=4096),
+    ),
+    "qwen3_vl": (
+        lambda s: dynamic_geometry(s, patch_size=16, merge_size=2, min_pixels=QWEN3_VL_MIN_PIXELS, max_pixels=QWEN3_VL_MAX_PIXELS),
+        lambda: qwen2_vl_reader(patch_size=16, merge_size=2, min_pixels=QWEN3_VL_MIN_PIXELS, max_pixels=QWEN3_VL_MAX_PIXELS),
     ),
     "gemma3": (
         lambda s: llava_geometry(s, mode="resize", view_size=896, patch_size=56),
@@ -63,7 +73,7 @@ CONFIGS = {
         lambda: idefics3_reader(longest_edge=32, tile_size=16, patch_size=4, scale_factor=2, splitting=False),
     ),
 }
-RELEASED = ("qwen2_vl", "gemma3", "paligemma-448", "idefics3", "smolvlm-2b")
+RELEASED = ("qwen2_vl", "qwen3_vl", "gemma3", "paligemma-448", "idefics3", "smolvlm-2b")
 
 
 def _disagreements(name: str, geometries) -> list:
@@ -122,11 +132,17 @@ def test_token_counts_equal_the_processors_own_counts_on_every_released_size(rel
     from transformers import Idefics3ImageProcessorPil, Qwen2VLImageProcessorPil
 
     qwen = Qwen2VLImageProcessorPil()
+    qwen3 = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, size={"shortest_edge": QWEN3_VL_MIN_PIXELS, "longest_edge": QWEN3_VL_MAX_PIXELS}
+    )
     idefics = Idefics3ImageProcessorPil(size={"longest_edge": 1456}, max_image_size={"longest_edge": 364})
     assert len(released_by_size) == 461
     for width, height in released_by_size:
         patches = qwen.get_number_of_image_patches(height, width, {})
         assert dynamic_geometry((width, height)).n_tokens == patches // 4
+        patches = qwen3.get_number_of_image_patches(height, width, {})
+        layout = dynamic_geometry((width, height), patch_size=16, min_pixels=QWEN3_VL_MIN_PIXELS, max_pixels=QWEN3_VL_MAX_PIXELS)
+        assert layout.n_tokens == patches // 4
         _, rows, cols = idefics.get_number_of_image_patches(height, width, {})
         layout = split_geometry((width, height), longest_edge=1456, tile_size=364, patch_size=14, scale_factor=2)
         assert (layout.rows, layout.cols) == (rows, cols)
