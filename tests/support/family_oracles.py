@@ -1,4 +1,4 @@
-"""Pixel oracles for Qwen2-VL, Gemma-3, PaliGemma and Idefics3 / SmolVLM: painted masks through the real code.
+"""Pixel oracles for Qwen2-VL, Gemma-3, PaliGemma, Idefics3 / SmolVLM and InternVL: painted masks through the real code.
 
 Independent checks of :mod:`vlmflow.positions.dynamic_grid`, of Gemma-3's and PaliGemma's use of
 :func:`vlmflow.positions.patches.llava_geometry` and of :mod:`vlmflow.positions.split_tiles`. As in
@@ -15,7 +15,9 @@ and the tokens are read off what comes out, grouped the way the model groups pat
   exactly when one of its pooled patches has that bit;
 * **PaliGemma**: every ``patch x patch`` patch of the SigLIP view is one token (row-major);
 * **Idefics3 / SmolVLM**: the per-patch bits of every frame go through transformers' own
-  ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order.
+  ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order;
+* **InternVL**: the tiles and thumbnail of ``GotOcr2ImageProcessorPil`` (``crop_to_patches``) go
+  through ``InternVLModel.pixel_shuffle``, tiles first, then the thumbnail.
 
 Pixel rule (the analytic modules' rule): a token is related when one of its pixels shows a painted
 pixel; padding when none shows an image pixel (none of these processors pads a single image).
@@ -192,6 +194,37 @@ def idefics3_reader(
         bits = np.stack([_patch_bits(frame, patch_size) for frame in frames])  # (F, patches)
         with torch.no_grad():
             shuffled = Idefics3Connector.pixel_shuffle(None, _planes(bits), scale_factor)  # (F, T, 16 * s * s)
+        per_token = shuffled.reshape(-1, scale_factor * scale_factor, _PLANES).amax(dim=1)  # (F * T, 16)
+        token_bits = _from_planes(per_token)
+        return token_bits, np.zeros(len(token_bits), dtype=bool)
+
+    return read
+
+
+# ---- InternVL -------------------------------------------------------------------------------------
+def internvl_reader(*, tile_size: int, patch_size: int, scale_factor: int, min_tiles: int = 1, max_tiles: int = 12) -> Reader:
+    """Reader for InternVL's image processor (``GotOcr2ImageProcessorPil``: tiles + thumbnail) and its
+    model's own pixel shuffle."""
+    from transformers import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=min_tiles,
+        max_patches=max_tiles,
+        resample=Image.Resampling.NEAREST,
+        do_rescale=False,
+        do_normalize=False,
+    )
+    side = tile_size // patch_size
+
+    def read(mask: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        frames = np.asarray(processor(images=[mask], return_tensors="np")["pixel_values"])  # (F, 3, T, T)
+        bits = np.stack([_patch_bits(frame, patch_size) for frame in frames])  # (F, patches), row-major
+        planes = _planes(bits).reshape(len(frames), side, side, _PLANES)  # as get_image_features reshapes
+        with torch.no_grad():
+            shuffled = InternVLModel.pixel_shuffle(None, planes, scale_factor=1 / scale_factor)  # (F, s', s', 16 * k)
         per_token = shuffled.reshape(-1, scale_factor * scale_factor, _PLANES).amax(dim=1)  # (F * T, 16)
         token_bits = _from_planes(per_token)
         return token_bits, np.zeros(len(token_bits), dtype=bool)

@@ -3,8 +3,8 @@
 Laid out like ``Qwen/Qwen2-VL-7B-Instruct``: a byte-level tokenizer without BOS and with the
 ChatML and vision control tokens, ``Qwen2VLImageProcessorPil`` (dynamic resolution), a vision tower
 with 2 x 2 merging and temporal patches of 2, and a decoder with M-RoPE (``mrope_section`` summing
-to half the head dimension). The processor is saved as its two parts (image processor, tokenizer),
-as the full ``Qwen2VLProcessor`` needs torchvision.
+to half the head dimension). The processor is saved as its parts (image processor, tokenizer, the
+video settings in ``video_preprocessor_config.json``), as the full ``Qwen2VLProcessor`` needs torchvision.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from torch import nn
 
 from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 from vlmflow.adapters.expansion import ImageTextProcessor
+from vlmflow.adapters.qwen_video import QWEN2_VIDEO_DEFAULTS
+from vlmflow.adapters.video_frames import VideoSettings
 
 QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -29,6 +31,7 @@ class TinyQwen2VLConfig:
         version: ``"2"`` (Qwen2-VL) or ``"2.5"`` (Qwen2.5-VL).
         layers / hidden / heads / kv_heads / intermediate: the decoder (head dim 16 -> mrope 2+3+3).
         patch_size / merge_size / min_pixels / max_pixels: the image processor and vision tower.
+        temporal_patch_size: frames per temporal patch (2 as released; 1 makes every frame its own model frame).
         attn_implementation: ``"sdpa"`` or ``"eager"``.
         seed: weight initialisation seed.
     """
@@ -41,6 +44,7 @@ class TinyQwen2VLConfig:
     intermediate: int = 128
     patch_size: int = 4
     merge_size: int = 2
+    temporal_patch_size: int = 2
     min_pixels: int = 8 * 8 * 4
     max_pixels: int = 64 * 64
     attn_implementation: str = "sdpa"
@@ -69,7 +73,7 @@ def build_tiny_qwen2_vl(
         size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
         patch_size=config.patch_size,
         merge_size=config.merge_size,
-        temporal_patch_size=2,
+        temporal_patch_size=config.temporal_patch_size,
     )
     half = config.hidden // config.heads // 2  # rotary frequencies per head
     spatial = half * 3 // 8  # the released split: 16 + 24 + 24 of 64
@@ -101,7 +105,7 @@ def build_tiny_qwen2_vl(
         num_heads=2,
         patch_size=config.patch_size,
         spatial_merge_size=config.merge_size,
-        temporal_patch_size=2,
+        temporal_patch_size=config.temporal_patch_size,
     )
     if config.version == "2":
         vision.update(embed_dim=32, hidden_size=config.hidden)
@@ -115,6 +119,15 @@ def build_tiny_qwen2_vl(
     else:
         raise ValueError(f"unknown Qwen-VL version {config.version!r}; valid: 2, 2.5")
     model = build_seeded(factory, config.seed, config.attn_implementation)
-    processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    video = VideoSettings.from_dict(
+        QWEN2_VIDEO_DEFAULTS,
+        {
+            "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+            "patch_size": config.patch_size,
+            "temporal_patch_size": config.temporal_patch_size,
+            "merge_size": config.merge_size,
+        },
+    )
+    processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, video=video)
     save_tiny(model, processor, path)
     return model, processor

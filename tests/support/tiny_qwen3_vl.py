@@ -18,6 +18,8 @@ from torch import nn
 from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
 from support.tiny_qwen2_vl import QWEN_SPECIALS
 from vlmflow.adapters.expansion import ImageTextProcessor
+from vlmflow.adapters.qwen_video import QWEN3_VIDEO_DEFAULTS
+from vlmflow.adapters.video_frames import VideoSettings
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,15 @@ def build_tiny_qwen3_vl(
         model_config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
         factory = lambda: Qwen3VLForConditionalGeneration(model_config)  # noqa: E731
     model = build_seeded(factory, config.seed, config.attn_implementation)
-    processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    video = VideoSettings.from_dict(
+        QWEN3_VIDEO_DEFAULTS,
+        {
+            "size": {"shortest_edge": config.min_pixels, "longest_edge": 4 * config.max_pixels},  # whole-video bounds
+            "patch_size": config.patch_size,
+            "temporal_patch_size": config.temporal_patch_size,
+            "merge_size": config.merge_size,
+        },
+    )
+    processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, video=video)
     save_tiny(model, processor, path)
     return model, processor

@@ -74,10 +74,10 @@ class Gemma3Inputs(InputPipeline):
     def image_token(self) -> str:
         return str(self.processor.boi_token)
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.patches import llava_geometry
 
-        geometry = llava_geometry(encoded.image_size, mode="resize", view_size=self.view, patch_size=self.token_side)
+        geometry = llava_geometry(encoded.sizes[index], mode="resize", view_size=self.view, patch_size=self.token_side)
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
 
 

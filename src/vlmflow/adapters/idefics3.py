@@ -20,6 +20,7 @@ The language model is causal with plain 1-D positions; what differs from LLaVA:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -85,32 +86,32 @@ class Idefics3Inputs(InputPipeline):
     def image_token(self) -> str:
         return IMAGE
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         ip = self.processor.image_processor
-        out = ip(images=[image.convert("RGB")], return_tensors="pt", return_row_col_info=True)
-        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        # One list per prompt: the processor takes a prompt's several images as a nested list.
+        out = ip(images=[[image.convert("RGB") for image in images]], return_tensors="pt", return_row_col_info=True)
         seq_len = int(self.model.model.image_seq_len)
-        n_frames = rows * cols + 1 if rows or cols else 1
+        grids = [(int(r), int(c)) for r, c in zip(out["rows"][0], out["cols"][0], strict=True)]
         return encode_expanded(
             self.model,
             self.tokenizer,
             self.template,
-            question,
+            self.render(question, len(images)),
             placeholder=IMAGE,
-            expansion=split_image_prompt(rows, cols, seq_len),
+            expansions=[split_image_prompt(rows, cols, seq_len) for rows, cols in grids],
             image_inputs=image_tensors(out),
-            image_size=image.size,
-            image_token_id=self.image_token_id,
-            n_image_tokens=n_frames * seq_len,
+            image_sizes=[image.size for image in images],
+            token_id=self.image_token_id,
+            n_tokens=sum((rows * cols + 1 if rows or cols else 1) * seq_len for rows, cols in grids),
         )
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.split_tiles import split_geometry
 
         ip = self.processor.image_processor
         vision = self.model.config.vision_config
         geometry = split_geometry(
-            encoded.image_size,
+            encoded.sizes[index],
             longest_edge=int(ip.size["longest_edge"]),
             tile_size=int(vision.image_size),
             patch_size=int(vision.patch_size),

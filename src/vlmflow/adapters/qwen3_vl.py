@@ -27,6 +27,7 @@ from torch import nn
 
 from vlmflow.adapters.additions import ResidualAdditions
 from vlmflow.adapters.qwen2_vl import Qwen2VLDecoder, Qwen2VLFamily, Qwen2VLInputs
+from vlmflow.adapters.qwen_video import Qwen3Video
 from vlmflow.adapters.registry import register_family
 from vlmflow.prompts import ANSWER_SUFFIX, PromptTemplate, register_template
 
@@ -38,6 +39,10 @@ QWEN3_TEMPLATE = register_template(
         pattern="<|im_start|>user\n{image}{question}" + ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n",
     )
 )
+
+
+class Qwen3VLInputs(Qwen3Video, Qwen2VLInputs):
+    """Qwen3-VL inputs: Qwen2-VL's images; videos with whole-video pixel bounds and a timestamp per frame."""
 
 
 class Qwen3VLDecoder(Qwen2VLDecoder):
@@ -93,7 +98,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
         "verified": "tiny random Qwen3-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. image "
         "targets in the DeepStack layers",
     }
-    inputs_class = Qwen2VLInputs
+    inputs_class = Qwen3VLInputs
     decoder_class = Qwen3VLDecoder
 
     def model_class(self) -> type[nn.Module]:

@@ -26,7 +26,7 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
 from vlmflow.errors import ConfigError, SampleError
-from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
+from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.load_spec import LoadSpec
@@ -217,7 +217,7 @@ def iter_samples(
     for sample in samples:
         out_of_memory: str | None = None
         try:
-            image = open_image(sample, images)
+            image = open_visuals(sample, images)
             prepared = prepare_sample(loaded, sample, image)
             tables = experiment.analyse(loaded, prepared)
         except SampleError as exc:
