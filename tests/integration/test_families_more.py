@@ -1,5 +1,5 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE), Gemma-3, PaliGemma, Idefics3 and SmolVLM: the engine on tiny
-random checkpoints.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE), Gemma-3, PaliGemma, Idefics3, SmolVLM and InternVL: the engine
+on tiny random checkpoints.
 
 Each family's tiny model is built from a config, saved with ``save_pretrained`` and loaded back
 through :func:`vlmflow.loading.load_model`. Checked per family and attention implementation: the
@@ -17,11 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from support.tiny_paligemma import build_tiny_paligemma
-from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
-from support.tiny_qwen3_vl import TinyQwen3VLConfig, build_tiny_qwen3_vl
+from support.tiny_families import BUILDERS, FAMILY_OF
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.windows import sweep
 from vlmflow.knockout.executor import run_fold
@@ -33,16 +29,6 @@ from vlmflow.knockout.strategy import choose_strategy
 from vlmflow.loading import load_model
 from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
 
-BUILDERS: dict[str, Callable[[Path], object]] = {
-    "qwen2_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(), p),
-    "qwen2_5_vl": lambda p: build_tiny_qwen2_vl(TinyQwen2VLConfig(version="2.5", seed=1), p),
-    "qwen3_vl": lambda p: build_tiny_qwen3_vl(TinyQwen3VLConfig(), p),
-    "qwen3_vl_moe": lambda p: build_tiny_qwen3_vl(TinyQwen3VLConfig(moe=True, seed=1), p),
-    "gemma3": lambda p: build_tiny_gemma3(TinyGemma3Config(), p),
-    "paligemma": lambda p: build_tiny_paligemma(path=p),
-    "idefics3": lambda p: build_tiny_idefics3(TinyIdefics3Config(), p),
-    "smolvlm": lambda p: build_tiny_idefics3(TinyIdefics3Config(kind="smolvlm", seed=1), p),
-}
 # SmolVLM and Qwen2.5-VL share their language side with Idefics3 and Qwen2-VL: one kernel each.
 CASES = [
     ("qwen2_vl", "sdpa"),
@@ -59,6 +45,9 @@ CASES = [
     ("idefics3", "sdpa"),
     ("idefics3", "eager"),
     ("smolvlm", "eager"),
+    ("internvl", "sdpa"),
+    ("internvl", "eager"),
+    ("internvl_qwen3", "sdpa"),
 ]
 
 
@@ -90,7 +79,7 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("family", "impl"), CASES)
 def test_fast_equals_reference_for_the_six_flows(family_prepared, family, impl):
     loaded, prepared = family_prepared(family, impl)
-    assert loaded.family.family == family
+    assert loaded.family.family == FAMILY_OF.get(family, family)
     windows = sweep(1, loaded.n_layers)
     pairs = [(flow, Knockout.for_flows(prepared.groups, [flow], layers)) for flow in PAPER_FLOWS for _, layers in windows]
     knockouts = [k for _, k in pairs]

@@ -17,7 +17,9 @@ and the tokens are read off what comes out, grouped the way the model groups pat
 * **Idefics3 / SmolVLM**: the per-patch bits of every frame go through transformers' own
   ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order;
 * **InternVL**: the tiles and thumbnail of ``GotOcr2ImageProcessorPil`` (``crop_to_patches``) go
-  through ``InternVLModel.pixel_shuffle``, tiles first, then the thumbnail.
+  through ``InternVLModel.pixel_shuffle``, tiles first, then the thumbnail;
+* **videos**: Qwen-VL frames through the Qwen2-VL image processor at the video's size, grouped by
+  temporal patch; LLaVA-OneVision frames through the model's own ``apply_pooling``.
 
 Pixel rule (the analytic modules' rule): a token is related when one of its pixels shows a painted
 pixel; padding when none shows an image pixel (none of these processors pads a single image).
@@ -230,3 +232,55 @@ def internvl_reader(*, tile_size: int, patch_size: int, scale_factor: int, min_t
         return token_bits, np.zeros(len(token_bits), dtype=bool)
 
     return read
+
+
+# ---- videos -------------------------------------------------------------------------------------------
+def qwen_video_oracle(
+    frame_size: tuple[int, int],
+    frame_boxes: Sequence[Sequence[Box]],
+    *,
+    resized: tuple[int, int],
+    patch_size: int,
+    merge_size: int,
+    temporal_patch_size: int,
+) -> np.ndarray:
+    """Bool ``(model frames, tokens per frame)``: which tokens of a Qwen-VL video show a box pixel.
+
+    Each frame's mask is resized to the video's size (``NEAREST``) and patched by the real
+    ``Qwen2VLImageProcessorPil`` (pixel bounds pinned to that size, so it resizes no further); a
+    model frame's token is related when its patch in any frame of the temporal group shows one
+    (the last frame repeated to fill the last group, as the video processors do).
+    """
+    width, height = resized
+    read = qwen2_vl_reader(patch_size=patch_size, merge_size=merge_size, min_pixels=width * height, max_pixels=width * height)
+    per_frame = []
+    for boxes in frame_boxes:
+        mask = _bit_mask(frame_size, [_key(frame_size, boxes)[1]]).resize((width, height), Image.Resampling.NEAREST)
+        bits, _ = read(mask)
+        per_frame.append((bits & 1).astype(bool))
+    per_frame += [per_frame[-1]] * (-len(per_frame) % temporal_patch_size)
+    frames = np.stack(per_frame).reshape(-1, temporal_patch_size, len(per_frame[0]))
+    return frames.any(axis=1)
+
+
+def onevision_video_oracle(frame_size: tuple[int, int], boxes: Sequence[Box], *, view_size: int, patch_size: int) -> np.ndarray:
+    """Bool ``(pooled tokens,)``: which pooled tokens of a LLaVA-OneVision video frame show a box pixel.
+
+    The mask is resized to the square view by a PIL image processor (``NEAREST``), cut into patches
+    (the convolution never sees the last ``view mod patch`` pixels), and the per-patch bits go through
+    the model's own ``LlavaOnevisionModel.apply_pooling`` (bilinear, to half the grid, rounded up).
+    """
+    from types import SimpleNamespace
+
+    from transformers import SiglipImageProcessorPil
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    processor = SiglipImageProcessorPil(
+        size={"height": view_size, "width": view_size}, resample=Image.Resampling.NEAREST, do_rescale=False, do_normalize=False
+    )
+    view = np.asarray(processor(images=[_bit_mask(frame_size, [_key(frame_size, boxes)[1]])], return_tensors="np")["pixel_values"])[0]
+    bits = _patch_bits(view, patch_size)
+    stub = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=view_size, patch_size=patch_size)))
+    with torch.no_grad():
+        pooled = LlavaOnevisionModel.apply_pooling(stub, _planes(bits)[None])[0]  # (pooled tokens, 16)
+    return (_from_planes(pooled) & 1).astype(bool)

@@ -143,11 +143,11 @@ class Idefics3Family(ModelFamily):
     description = "Idefics3 / SmolVLM v1: tiles + global view, pixel shuffle, row/column tokens"
     support = {
         "prompt": "User:/Assistant: turns (idefics3, smolvlm), <image> expanded per tile and global view",
-        "groups": "image, image_grid (tiles), image_base (global), related/other through both views",
+        "groups": "image (one item per image), image_grid (tiles), image_base (global), related/other through both views",
         "box mapping": "longest-edge resize + tile split + global view; == Idefics3ImageProcessorPil + pixel_shuffle oracle",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
     inputs_class = Idefics3Inputs
     decoder_class = Idefics3Decoder
@@ -171,7 +171,7 @@ class SmolVLMFamily(Idefics3Family):
     description = "SmolVLM2: as Idefics3 (tiles + global view, pixel shuffle), <|im_start|> turns"
     support = {
         **Idefics3Family.support,
-        "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa)",
+        "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
 
     def model_class(self) -> type[nn.Module]:

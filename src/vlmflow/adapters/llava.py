@@ -96,11 +96,12 @@ class LlavaFamily(ModelFamily):
     description = "LLaVA-1.5 (CLIP + Llama); pad-to-square + resize, 576 image tokens at 336/14"
     support = {
         "prompt": "vicuna_v1 as in the paper (also vicuna_nosys)",
-        "groups": "image, related/other/padding (pad-to-square)",
+        "groups": "image (one item per image), related/other/padding (pad-to-square, boxes per image)",
         "box mapping": "pad / resize / crop + 14-px patches; == LlavaImageProcessorPil pixel oracle on all released GQA geometries",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager), incl. "
+        "two-image routes",
     }
     inputs_class = LlavaInputs
 

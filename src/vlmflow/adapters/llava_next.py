@@ -226,11 +226,13 @@ class LlavaNextFamily(ModelFamily):
     )
     support = {
         "prompt": "vicuna_v1 (llava-v1.6-vicuna); llava_llama_3 when the tokenizer has Llama-3 header tokens",
-        "groups": "image, image_base/image_grid/image_newline, related/other through base view + grid (padding: none)",
+        "groups": "image (one item per image), image_base/image_grid/image_newline, related/other through base view + grid "
+        "(padding: none)",
         "box mapping": "anyres: base view + best pinpoint crops + un-padding; == processor pixel oracle on all released GQA rows",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, eager), anyres and nohd_nopad",
+        "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, "
+        "eager), anyres and nohd_nopad, two-image routes (anyres)",
     }
     inputs_class = LlavaNextInputs
 

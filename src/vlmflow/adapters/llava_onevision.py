@@ -146,9 +146,12 @@ class OnevisionInputs(AnyresInputs):
 
     @property
     def video_settings(self) -> VideoSettings:
-        """The checkpoint's video settings (read at load), else the video processor class defaults."""
+        """The checkpoint's video settings (read at load); a processor that carries none falls back to its
+        image processor's settings over the class defaults, as for a checkpoint without a video config."""
         settings = getattr(self.processor, "video_settings", None)
-        return settings if settings is not None else VideoSettings.from_dict(ONEVISION_VIDEO_DEFAULTS, {})
+        if settings is None:
+            settings = VideoSettings.from_dict(ONEVISION_VIDEO_DEFAULTS, self.processor.image_processor.to_dict())
+        return settings
 
     def encode_video(self, question: str, video: Video) -> Encoded:
         """Frames resized to the square view and normalized; ``<video>`` once per pooled token plus the newline."""
@@ -215,12 +218,16 @@ class LlavaOnevisionFamily(ModelFamily):
     )
     support = {
         "prompt": "qwen_1_5 (ChatML, as LLaVA-NeXT's Qwen conversation)",
-        "groups": "image, image_base/image_grid/image_newline, related/other through base view + grid (padding: none)",
+        "groups": "image (one item per image or video), frame (one item per frame), image_base/image_grid/image_newline, "
+        "related/other through base view + grid, per image or frame box (padding: none)",
         "box mapping": "anyres_max_N incl. bilinear downscale; == processor pixel oracle on all released GQA rows",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random LLaVA-OneVision (anyres_max_1) via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random LLaVA-OneVision (anyres_max_1) via save/from_pretrained: fast == reference (sdpa, eager), "
+        "incl. two-image and video routes (frame targets); video tokens == replace_video_token, frame boxes == "
+        "apply_pooling pixel oracle",
     }
+    video = True
     inputs_class = OnevisionInputs
 
     def model_class(self) -> type[nn.Module]:

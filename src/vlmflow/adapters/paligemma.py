@@ -116,11 +116,11 @@ class PaliGemmaFamily(ModelFamily):
     description = "PaliGemma (1, 2): SigLIP 224/448, one token per 14-px patch; prefix-LM (bidirectional prompt)"
     support = {
         "prompt": "<image>*256 <bos> answer en {question}\\n (paligemma), as PaliGemmaProcessor builds it",
-        "groups": "image, related/other (patch grid), no padding",
+        "groups": "image (one item per image), related/other (patch grid, boxes per image), no padding",
         "box mapping": "resize to the view + 14-px patches; == SiglipImageProcessorPil pixel oracle",
         "attention": "prefix-LM: the whole prompt attends bidirectionally; 1-based positions",
         "fast engine": "exact: every knockout recomputes the prompt from its first layer (start 0)",
-        "verified": "tiny random PaliGemma via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random PaliGemma via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
     inputs_class = PaliGemmaInputs
     decoder_class = PaliGemmaDecoder

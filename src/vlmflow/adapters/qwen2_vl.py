@@ -163,12 +163,16 @@ class Qwen2VLFamily(ModelFamily):
     description = "Qwen2-VL: dynamic resolution, 2x2 merged 28-px tokens, M-RoPE"
     support = {
         "prompt": "ChatML (qwen2_vl), <|image_pad|> expanded per merged token",
-        "groups": "image, related/other (one merged grid), no padding",
+        "groups": "image (one item per image or video), frame (one item per model frame: 2 input frames), related/other "
+        "per image or frame box (one merged grid), no padding",
         "box mapping": "smart_resize + 28-px merged patches; == Qwen2VLImageProcessorPil pixel oracle",
         "attention": "causal; M-RoPE position ids from get_rope_index",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image and "
+        "video routes (frame targets); video counts == transformers' smart_resize and replace_video_token, positions "
+        "from get_rope_index; frame boxes == pixel oracle",
     }
+    video = True
     inputs_class = Qwen2VLInputs
     decoder_class = Qwen2VLDecoder
 
@@ -191,7 +195,8 @@ class Qwen25VLFamily(Qwen2VLFamily):
     description = "Qwen2.5-VL: as Qwen2-VL (dynamic resolution, 2x2 merge, M-RoPE), windowed vision tower"
     support = {
         **Qwen2VLFamily.support,
-        "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image "
+        "and video routes (temporal ids scaled by time)",
     }
     inputs_class = Qwen25VLInputs
 

@@ -91,12 +91,13 @@ class Qwen3VLFamily(Qwen2VLFamily):
     description = "Qwen3-VL: dynamic resolution, 2x2 merged 32-px tokens, interleaved M-RoPE, DeepStack"
     support = {
         "prompt": "ChatML without system turn (qwen3_vl), <|image_pad|> expanded per merged token",
-        "groups": "image, related/other (one merged grid), no padding",
+        "groups": "image (one item per image or video), frame (one item per model frame: 2 input frames), related/other "
+        "per image or frame box (one merged grid), no padding",
         "box mapping": "smart_resize + 32-px merged patches; == Qwen2VLImageProcessorPil pixel oracle",
         "attention": "causal; interleaved M-RoPE ids from get_rope_index",
         "fast engine": "exact: DeepStack features re-added after the first layers at recomputed image rows",
-        "verified": "tiny random Qwen3-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. image "
-        "targets in the DeepStack layers",
+        "verified": "tiny random Qwen3-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. image and "
+        "frame targets in the DeepStack layers, two-image and video routes; video prompt == replace_video_token",
     }
     inputs_class = Qwen3VLInputs
     decoder_class = Qwen3VLDecoder

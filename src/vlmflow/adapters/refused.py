@@ -26,6 +26,7 @@ class RefusedFamily(ModelFamily):
 
     refused: ClassVar[str] = ""
     default_template = ""
+    several_images = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RefusedFamily:
         raise UnsupportedModelError(f"{cls.architectures[0]} is not supported: {cls.refused}")

@@ -20,6 +20,7 @@ _FAMILY_MODULES = (
     "vlmflow.adapters.gemma3",
     "vlmflow.adapters.idefics3",
     "vlmflow.adapters.paligemma",
+    "vlmflow.adapters.internvl",
     "vlmflow.adapters.refused",
 )
 _loaded = False

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
+from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_frames, find_image
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings
@@ -197,7 +197,10 @@ def _check_some_image_exists(samples: list[Sample], images: Path) -> None:
     """A wrong images folder would turn every sample into an error row: refuse it up front instead."""
     for sample in samples:
         try:
-            find_image(images, sample.image_id)
+            if sample.frames is not None:
+                find_frames(images, sample.frames)
+            else:
+                find_image(images, sample.images[0] if sample.images else sample.image_id)
             return
         except SampleError:
             continue

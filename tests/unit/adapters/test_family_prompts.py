@@ -127,6 +127,24 @@ def test_qwen3_vl_prompt_image_pad_count_and_interleaved_mrope_ids(size):
     torch.testing.assert_close(cos[0, row, 0], torch.cos(pos[0, row] * inv[0]))
 
 
+@pytest.mark.parametrize("size", [(40, 30), (30, 70), (12, 9), (200, 50)])
+def test_internvl_prompt_tiles_and_thumbnail_equal_the_internvl_processor(size):
+    from support.tiny_internvl import TinyInternVLConfig, build_tiny_internvl
+
+    model, processor = build_tiny_internvl(TinyInternVLConfig(layers=1))
+    bound = _bind(model, processor, "internvl")
+    encoded = bound.inputs.encode(QUESTION, _image(size))
+    # The HF InternVL chat template for one user turn with an image and a text part.
+    chat = "<|im_start|>user\n<IMG_CONTEXT>\n" + QUESTION + ANSWER_SUFFIX + "<|im_end|>\n<|im_start|>assistant\n"
+    real = processor(images=[_image(size)], text=chat, return_tensors="pt")
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+    tiles = processor.image_processor.get_number_of_image_patches(size[1], size[0], {"crop_to_patches": True})
+    n_image = int((encoded.input_ids == model.config.image_token_id).sum())
+    assert n_image == 16 * tiles == bound.inputs.image_layout(encoded).n_tokens
+    assert encoded.text.count("<img>") == encoded.text.count("</img>") == 1
+
+
 def test_gemma3_prompt_is_one_chat_turn_with_the_image_block():
     model, processor = build_tiny_gemma3(TinyGemma3Config(layers=1, layer_types=("full_attention",)))
     encoded = _bind(model, processor, "gemma3").inputs.encode(QUESTION, _image())
@@ -186,11 +204,14 @@ def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
     assert main(["models", "--json"]) == 0
     rows = {row["family"]: row for row in json.loads(capsys.readouterr().out)}
     for family in ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3",
-                   "paligemma", "idefics3", "smolvlm"):
+                   "paligemma", "idefics3", "smolvlm", "internvl"):
         assert rows[family]["supported"] and rows[family]["verified"] and rows[family]["box mapping"]
     for family, row in rows.items():  # every supported family says how it was verified
         assert not row["supported"] or all(row[aspect] for aspect in ("prompt", "groups", "fast engine", "verified")), family
     assert not rows["mllama"]["supported"] and "cross-attention" in rows["mllama"]["refused_because"]
+    assert rows["qwen3_vl"]["supported"] and rows["internvl"]["supported"] and rows["qwen3_vl_moe"]["supported"]
+    assert {f for f, r in rows.items() if r["video"]} == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision"}
+    assert all(r["several_images"] == r["supported"] for r in rows.values())
     assert main(["models"]) == 0
     text = capsys.readouterr().out
-    assert "gemma3" in text and "refused" in text
+    assert "gemma3" in text and "refused" in text and "inputs: one or several images; video (frames)" in text
