@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -65,41 +66,13 @@ def build_tiny_qwen2_vl(
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
     )
 
-    tokenizer = chat_tokenizer("bytelevel", QWEN_SPECIALS, bos=False, named={"image_token": "<|image_pad|>"})
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
-        patch_size=config.patch_size,
-        merge_size=config.merge_size,
-        temporal_patch_size=config.temporal_patch_size,
-    )
-    half = config.hidden // config.heads // 2  # rotary frequencies per head
-    spatial = half * 3 // 8  # the released split: 16 + 24 + 24 of 64
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * spatial, spatial, spatial],
-        },
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    token_ids = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    tokenizer = qwen_tokenizer()
+    image_processor = qwen_image_processor(config)
+    text = qwen_text_config(config, tokenizer)
+    text["bos_token_id"] = None
+    token_ids = qwen_token_ids(tokenizer)
     vision = dict(
         depth=2,
         num_heads=2,
@@ -119,15 +92,68 @@ def build_tiny_qwen2_vl(
     else:
         raise ValueError(f"unknown Qwen-VL version {config.version!r}; valid: 2, 2.5")
     model = build_seeded(factory, config.seed, config.attn_implementation)
-    video = VideoSettings.from_dict(
-        QWEN2_VIDEO_DEFAULTS,
+    processor = ImageTextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video=qwen_video_settings(config, QWEN2_VIDEO_DEFAULTS)
+    )
+    save_tiny(model, processor, path)
+    return model, processor
+
+
+# ---- what the tiny Qwen-VL builders share (Qwen3-VL's: support.tiny_qwen3_vl) ----------------------
+def qwen_tokenizer() -> Any:
+    """The Qwen-style byte-level tokenizer without BOS, with the ChatML and vision control tokens."""
+    return chat_tokenizer("bytelevel", QWEN_SPECIALS, bos=False, named={"image_token": "<|image_pad|>"})
+
+
+def qwen_image_processor(config: Any, **kwargs: Any) -> Any:
+    """``Qwen2VLImageProcessorPil`` with the config's pixel bounds and patching."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+        patch_size=config.patch_size,
+        merge_size=config.merge_size,
+        temporal_patch_size=config.temporal_patch_size,
+        **kwargs,
+    )
+
+
+def qwen_text_config(config: Any, tokenizer: Any) -> dict[str, Any]:
+    """The decoder config of a tiny Qwen-VL: M-RoPE sections in the released proportions (1 : 1.5 : 1.5)."""
+    half = config.hidden // config.heads // 2  # rotary frequencies per head
+    spatial = half * 3 // 8  # the released split: 16 + 24 + 24 of 64
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden,
+        intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * spatial, spatial, spatial]},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def qwen_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The model config's image, video and vision-marker token ids."""
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+
+
+def qwen_video_settings(config: Any, defaults: dict[str, Any], *, max_pixels: int | None = None) -> VideoSettings:
+    """The video settings saved with a tiny Qwen-VL: the image's pixel bounds (or ``max_pixels``) and patching."""
+    return VideoSettings.from_dict(
+        defaults,
         {
-            "size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
+            "size": {"shortest_edge": config.min_pixels, "longest_edge": max_pixels or config.max_pixels},
             "patch_size": config.patch_size,
             "temporal_patch_size": config.temporal_patch_size,
             "merge_size": config.merge_size,
         },
     )
-    processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, video=video)
-    save_tiny(model, processor, path)
-    return model, processor

@@ -15,11 +15,16 @@ from pathlib import Path
 
 from torch import nn
 
-from support.tiny_common import build_seeded, chat_tokenizer, save_tiny
-from support.tiny_qwen2_vl import QWEN_SPECIALS
+from support.tiny_common import build_seeded, save_tiny
+from support.tiny_qwen2_vl import (
+    qwen_image_processor,
+    qwen_text_config,
+    qwen_token_ids,
+    qwen_tokenizer,
+    qwen_video_settings,
+)
 from vlmflow.adapters.expansion import ImageTextProcessor
 from vlmflow.adapters.qwen_video import QWEN3_VIDEO_DEFAULTS
-from vlmflow.adapters.video_frames import VideoSettings
 
 
 @dataclass(frozen=True)
@@ -62,43 +67,17 @@ def build_tiny_qwen3_vl(
     ('Qwen3VLForConditionalGeneration', 2)
     """
     from transformers import (
-        Qwen2VLImageProcessorPil,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
         Qwen3VLMoeConfig,
         Qwen3VLMoeForConditionalGeneration,
     )
 
-    tokenizer = chat_tokenizer("bytelevel", QWEN_SPECIALS, bos=False, named={"image_token": "<|image_pad|>"})
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels},
-        patch_size=config.patch_size,
-        merge_size=config.merge_size,
-        temporal_patch_size=config.temporal_patch_size,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    head_dim = config.hidden // config.heads
-    half = head_dim // 2
-    spatial = half * 3 // 8  # the released split: 24 + 20 + 20 of 64, here 2 + 3 + 3 of 8
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half - 2 * spatial, spatial, spatial],
-            "mrope_interleaved": True,
-        },
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    tokenizer = qwen_tokenizer()
+    image_processor = qwen_image_processor(config, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    text = qwen_text_config(config, tokenizer)
+    text["head_dim"] = config.hidden // config.heads
+    text["rope_parameters"]["mrope_interleaved"] = True
     if config.moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=config.intermediate // 2, decoder_sparse_step=1)
     vision = dict(
@@ -113,12 +92,7 @@ def build_tiny_qwen3_vl(
         num_position_embeddings=64,
         deepstack_visual_indexes=list(config.deepstack),
     )
-    token_ids = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    token_ids = qwen_token_ids(tokenizer)
     if config.moe:
         model_config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **token_ids)
         factory = lambda: Qwen3VLMoeForConditionalGeneration(model_config)  # noqa: E731
@@ -126,15 +100,8 @@ def build_tiny_qwen3_vl(
         model_config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
         factory = lambda: Qwen3VLForConditionalGeneration(model_config)  # noqa: E731
     model = build_seeded(factory, config.seed, config.attn_implementation)
-    video = VideoSettings.from_dict(
-        QWEN3_VIDEO_DEFAULTS,
-        {
-            "size": {"shortest_edge": config.min_pixels, "longest_edge": 4 * config.max_pixels},  # whole-video bounds
-            "patch_size": config.patch_size,
-            "temporal_patch_size": config.temporal_patch_size,
-            "merge_size": config.merge_size,
-        },
-    )
+    # Qwen3-VL's video bounds hold for the whole video: room for four frames of the image bound.
+    video = qwen_video_settings(config, QWEN3_VIDEO_DEFAULTS, max_pixels=4 * config.max_pixels)
     processor = ImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer, video=video)
     save_tiny(model, processor, path)
     return model, processor
