@@ -128,3 +128,20 @@ def test_a_box_in_an_image_the_sample_does_not_show_is_a_sample_error(family):
     sample = replace(sample, objects=(SceneObject("ghost", "9", Box(1, 1, 4, 4), image=2),))
     with pytest.raises(SampleError, match=r"image or frame 2, but the sample shows 2 \(valid: 0..1\)"):
         prepare_sample(loaded, sample, visuals)
+
+
+@pytest.mark.parametrize("name", ["internvl", "idefics3"])
+def test_tile_items_are_the_tiles_and_the_whole_image_view_is_image_base(family, name):
+    from conftest import make_scene_sample
+
+    loaded = family(name, "sdpa")
+    sample, image = make_scene_sample()
+    prepared = prepare_sample(loaded, sample, image)
+    g = prepared.groups
+    layout = loaded.inputs.image_layout(prepared.encoded)
+    tiles = g.items(Group.TILE)
+    assert len(tiles) == layout.geometry.n_tiles > 1
+    assert len({len(t) for t in tiles}) == 1  # every tile has the same number of tokens
+    assert sum(tiles, ()) == g[Group.IMAGE_GRID]
+    assert set(g[Group.IMAGE_BASE]) | set(g[Group.IMAGE_GRID]) == set(g[Group.IMAGE])
+    assert g[Group.IMAGE_BASE][0] > tiles[-1][-1]  # the thumbnail / global view comes after the tiles

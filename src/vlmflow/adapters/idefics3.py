@@ -122,7 +122,8 @@ class Idefics3Inputs(InputPipeline):
         subgroups = {Group.IMAGE_BASE: glob}
         if geometry.n_tiles:
             subgroups[Group.IMAGE_GRID] = ~glob
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups)
+        units = {Group.TILE: geometry.tile_items()}
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups, units=units)
 
 
 class Idefics3Decoder(DecoderMap):
@@ -143,7 +144,8 @@ class Idefics3Family(ModelFamily):
     description = "Idefics3 / SmolVLM v1: tiles + global view, pixel shuffle, row/column tokens"
     support = {
         "prompt": "User:/Assistant: turns (idefics3, smolvlm), <image> expanded per tile and global view",
-        "groups": "image (one item per image), image_grid (tiles), image_base (global), related/other through both views",
+        "groups": "image (one item per image), image_grid (tiles) / tile[k], image_base (global), related/other through "
+        "both views",
         "box mapping": "longest-edge resize + tile split + global view; == Idefics3ImageProcessorPil + pixel_shuffle oracle",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import numpy as np
 from torch import nn
 from transformers import InternVLProcessor
 from transformers.processing_utils import ProcessorMixin
@@ -132,11 +131,9 @@ class InternVLInputs(InputPipeline):
         )
         thumbnail = geometry.global_tokens()
         subgroups = {Group.IMAGE_BASE: thumbnail}
-        units = {}
         if geometry.n_tiles:
             subgroups[Group.IMAGE_GRID] = ~thumbnail
-            sizes = [part.n_tokens for part in geometry.parts[:-1]]
-            units[Group.TILE] = tuple(np.arange(start, start + n) for start, n in zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True))
+        units = {Group.TILE: geometry.tile_items()}
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups, units=units)
 
 

@@ -39,7 +39,7 @@ class Group(StrEnum):
     SUFFIX = "suffix"  # text tokens after the question and before the last position
     RANDOM = "random"  # size-matched random control: as many non-related patches as RELATED
     FRAME = "frame"  # video: the tokens of every frame; items: whole frames, in time order
-    TILE = "tile"  # InternVL: the tokens of every high-resolution tile (thumbnails excluded); items: whole tiles
+    TILE = "tile"  # InternVL, Idefics3: the tokens of every tile (thumbnail / global view excluded); items: whole tiles
 
     @classmethod
     def parse(cls, text: str) -> Group:

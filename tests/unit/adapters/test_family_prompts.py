@@ -215,3 +215,39 @@ def test_models_command_lists_every_family_with_how_it_was_verified(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
     assert "gemma3" in text and "refused" in text and "inputs: one or several images; video (frames)" in text
+
+
+TWO = [(40, 30), (30, 70)]
+
+
+def test_two_image_prompts_equal_the_idefics3_and_paligemma_processors(idefics3):
+    from support.tiny_paligemma import TinyPaliGemmaConfig, build_tiny_paligemma
+
+    images = [_image(size) for size in TWO]
+    model, processor = idefics3
+    bound = _bind(model, ImageTextProcessor(processor.image_processor, processor.tokenizer), "idefics3")
+    encoded = bound.inputs.encode(QUESTION, images)
+    rendered = get_template("idefics3").render(QUESTION, image_token=processor.image_token * 2).text
+    real = processor(images=[images], text=rendered, return_tensors="pt", add_special_tokens=False)
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+    model, processor = build_tiny_paligemma(TinyPaliGemmaConfig(layers=1))
+    encoded = _bind(model, processor, "paligemma").inputs.encode(QUESTION, images)
+    real = processor(images=[images], text="<image><image>answer en " + QUESTION, return_tensors="pt")
+    assert encoded.input_ids.tolist() == real["input_ids"][0].tolist()
+    torch.testing.assert_close(encoded.inputs["pixel_values"], real["pixel_values"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_two_image_qwen_prompts_follow_the_processors_rule_per_image(version):
+    if version == "3":
+        model, processor = build_tiny_qwen3_vl(TinyQwen3VLConfig(layers=1))
+    else:
+        model, processor = build_tiny_qwen2_vl(TinyQwen2VLConfig(layers=1))
+    bound = _bind(model, processor, "qwen3_vl" if version == "3" else "qwen2_vl")
+    encoded = bound.inputs.encode(QUESTION, [_image(size) for size in TWO])
+    ip = processor.image_processor
+    counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2 for w, h in TWO]
+    expected = "".join("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" for n in counts)
+    assert expected + QUESTION in encoded.text
+    assert [b.layout.n_tokens for b in bound.inputs.visual_blocks(encoded)] == counts
