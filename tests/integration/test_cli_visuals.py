@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
+from support.compare import fast_and_reference, route
 from support.tiny_qwen2_vl import TinyQwen2VLConfig, build_tiny_qwen2_vl
 from vlmflow.cli.main import main
 from vlmflow.data.csvio import write_task_csv
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
+from vlmflow.experiments.windows import sweep
+from vlmflow.positions.groups import Group
 
 RUN = ["--window", "1", "--keep-all", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "1"]
 
@@ -66,6 +70,38 @@ def test_two_images_then_flows_with_the_paper_groups(tiny_qwen, tmp_path, capsys
     csv = _two_image_set(tmp_path / "two")
     flows = _flows(["--model", str(tiny_qwen), "--data", str(csv), "-f", "image->question"], tmp_path / "runs" / "two")
     assert len(flows) == 4 and flows["rel_change"].abs().max() > 1e-3
+
+
+def _prepared_as_the_runner_reads_them(model: Path, csv: Path, impl: str) -> list:
+    """The samples of ``csv`` read, opened and prepared as ``vlmflow flows`` does (runner.load_data,
+    open_visuals, prepare_sample), on ``model`` loaded as the command loads it."""
+    from vlmflow.experiments.prepare import open_visuals, prepare_sample
+    from vlmflow.experiments.runner import DataSpec, load_data
+    from vlmflow.loading import load_model
+
+    loaded = load_model(model, device="cpu", dtype="float32", attn_implementation=impl)
+    samples, errors, images = load_data(DataSpec(str(csv)))
+    assert errors == []
+    return [(loaded, prepare_sample(loaded, s, open_visuals(s, images), check_answer=False)) for s in samples]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_the_commands_data_path_gives_frame_and_image_items_whose_routes_are_exact(tiny_qwen, tmp_path, capsys, impl):
+    """What ``frame[0]->last`` and ``image[1]->question`` will select once the grammar lands: the
+    items of the groups prepared from the same files, knocked out in every single-layer window;
+    fast == reference and each route changes the answer distribution."""
+    video, two = _video_set(tmp_path / "video", capsys), _two_image_set(tmp_path / "two")
+    cases = [(p, Group.FRAME, 0, Group.LAST) for p in _prepared_as_the_runner_reads_them(tiny_qwen, video, impl)]
+    cases += [(p, Group.IMAGE, 1, Group.QUESTION) for p in _prepared_as_the_runner_reads_them(tiny_qwen, two, impl)]
+    assert len(cases) == 3
+    for (loaded, prepared), group, index, target in cases:
+        g = prepared.groups
+        items = g.items(group)
+        assert len(items) == 2 and items[0][-1] < items[1][0] and set(items[index]) < set(g[Group.IMAGE])
+        knockouts = [route(g[target], items[index], layers) for _, layers in sweep(1, loaded.n_layers)]
+        fast, ref, clean = fast_and_reference(loaded, prepared, knockouts)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+        assert (ref - clean).abs().max() > 1e-3, f"{group.value}[{index}]->{target.value} changed nothing"
 
 
 # These two need the group grammar (``GROUP[i]`` over the items the families fill) of the routes

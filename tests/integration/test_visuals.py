@@ -15,13 +15,12 @@ import math
 import pytest
 import torch
 
+from support.compare import fast_and_reference, route
 from support.tiny_families import BUILDERS, FAMILY_OF, MORE_BUILDERS, loaded_family
 from support.visual_samples import moving_video, two_image_sample
 from vlmflow.errors import SampleError
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.windows import sweep
-from vlmflow.knockout.fast import affected_starts, clean_run, fast_logits
-from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
 from vlmflow.positions.groups import PAPER_FLOWS, Group
 
@@ -41,23 +40,6 @@ def family(tmp_path_factory: pytest.TempPathFactory):
     return loaded_family(tmp_path_factory)
 
 
-def _log_softmax(x: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(x, dim=-1)
-
-
-def _fast_and_reference(loaded, prepared, knockouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    decoder, encoded = loaded.decoder, prepared.encoded
-    start = min(affected_starts(decoder.attention_pattern(encoded), loaded.n_layers, encoded.seq_len, knockouts))
-    clean = clean_run(decoder, encoded, capture_from=start)
-    fast = _log_softmax(fast_logits(decoder, encoded, clean, knockouts))
-    ref = _log_softmax(reference_logits(decoder, encoded, knockouts))
-    return fast, ref, _log_softmax(clean.logits)
-
-
-def _route(targets, sources, layers) -> Knockout:
-    return Knockout(edges=((tuple(targets), tuple(sources)),), layers=tuple(layers))
-
-
 @pytest.mark.parametrize(("name", "impl"), SEVERAL_IMAGES)
 def test_several_images_items_boxes_and_fast_equals_reference(family, name, impl):
     loaded = family(name, impl)
@@ -72,9 +54,9 @@ def test_several_images_items_boxes_and_fast_equals_reference(family, name, impl
     assert related & set(images[0]) and related & set(images[1])
     assert Group.FRAME not in g and "no video" in g.missing[Group.FRAME]
     layers = [layers for _, layers in sweep(1, loaded.n_layers)]
-    routes = [_route(g[Group.QUESTION], images[1], w) for w in layers] + [_route(g[Group.LAST], images[0], w) for w in layers]
+    routes = [route(g[Group.QUESTION], images[1], w) for w in layers] + [route(g[Group.LAST], images[0], w) for w in layers]
     paper = [Knockout.for_flows(g, [flow], w) for flow in PAPER_FLOWS for w in layers]
-    fast, ref, base = _fast_and_reference(loaded, prepared, routes + paper)
+    fast, ref, base = fast_and_reference(loaded, prepared, routes + paper)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     n = len(layers)
     assert (ref[:n] - base).abs().max() > 1e-3, "image[1]->question changed nothing"
@@ -96,10 +78,10 @@ def test_video_frames_boxes_and_fast_equals_reference(family, name, impl):
     related = set(g[Group.RELATED])
     assert related <= set(frames[0]) | set(frames[-1]) and related & set(frames[0]) and related & set(frames[-1])
     layers = [layers for _, layers in sweep(1, loaded.n_layers)]
-    routes = [_route(g[Group.LAST], frames[0], w) for w in layers]
-    routes += [_route(frames[1], frames[0], w) for w in layers]  # targets inside the video
+    routes = [route(g[Group.LAST], frames[0], w) for w in layers]
+    routes += [route(frames[1], frames[0], w) for w in layers]  # targets inside the video
     paper = [Knockout.for_flows(g, [flow], w) for flow in PAPER_FLOWS for w in layers]
-    fast, ref, base = _fast_and_reference(loaded, prepared, routes + paper)
+    fast, ref, base = fast_and_reference(loaded, prepared, routes + paper)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
     n = len(layers)
     assert (ref[:n] - base).abs().max() > 1e-3, "frame[0]->last changed nothing"
