@@ -4,7 +4,8 @@ oracles that run the real transformers image processors (and the real projector 
 CI checks random geometries on small and released configurations, the token counts against the
 processors' own counting functions on every released GQA image size, and one mask (16 geometries)
 per image size for a spread of 40 released sizes. ``VLMFLOW_FULL_ORACLE=1`` runs every released
-geometry (5,385 distinct ones) for every configuration; see the closing note for its numbers.
+geometry (5,385 distinct ones) for every released configuration (about 4 CPU minutes for all seven;
+docs/video.md gives the last result).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def test_analytic_equals_oracle_on_a_spread_of_released_sizes(name, released_by_
     assert _disagreements(name, geometries) == []
 
 
-@pytest.mark.skipif(not os.environ.get("VLMFLOW_FULL_ORACLE"), reason="set VLMFLOW_FULL_ORACLE=1 (minutes per family)")
+@pytest.mark.skipif(not os.environ.get("VLMFLOW_FULL_ORACLE"), reason="set VLMFLOW_FULL_ORACLE=1 (minutes)")
 @pytest.mark.parametrize("name", RELEASED)
 def test_analytic_equals_oracle_on_every_released_geometry(name, released_by_size):
     geometries = [g for size in released_by_size for g in released_by_size[size]]
