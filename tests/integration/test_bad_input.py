@@ -214,7 +214,7 @@ def test_a_question_the_tokens_do_not_cover_is_a_sample_error(tiny_prepared):
     encoded = replace(prepared.encoded, offsets=np.zeros_like(prepared.encoded.offsets))
     start, end = encoded.question_span
     with pytest.raises(SampleError, match=rf"question text 'Is the square red or blue\?' not found in the prompt's tokens: no token's character offsets overlap characters {start}\.\.{end}") as info:
-        build_position_groups(encoded, loaded.inputs.image_token_id, None, prepared.sample)
+        build_position_groups(encoded, loaded.inputs.visual_blocks(encoded), prepared.sample, patch_groups=False)
     assert info.value.stage == "groups"
 
 

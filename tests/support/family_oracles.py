@@ -1,4 +1,4 @@
-"""Pixel oracles for Qwen2-VL, Gemma-3, PaliGemma and Idefics3 / SmolVLM: painted masks through the real code.
+"""Pixel oracles for Qwen2-VL, Gemma-3, PaliGemma, Idefics3 / SmolVLM and InternVL: painted masks through the real code.
 
 Independent checks of :mod:`vlmflow.positions.dynamic_grid`, of Gemma-3's and PaliGemma's use of
 :func:`vlmflow.positions.patches.llava_geometry` and of :mod:`vlmflow.positions.split_tiles`. As in
@@ -15,7 +15,11 @@ and the tokens are read off what comes out, grouped the way the model groups pat
   exactly when one of its pooled patches has that bit;
 * **PaliGemma**: every ``patch x patch`` patch of the SigLIP view is one token (row-major);
 * **Idefics3 / SmolVLM**: the per-patch bits of every frame go through transformers' own
-  ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order.
+  ``Idefics3Connector.pixel_shuffle``, and the frames' tokens are concatenated in frame order;
+* **InternVL**: the tiles and thumbnail of ``GotOcr2ImageProcessorPil`` (``crop_to_patches``) go
+  through ``InternVLModel.pixel_shuffle``, tiles first, then the thumbnail;
+* **videos**: Qwen-VL frames through the Qwen2-VL image processor at the video's size, grouped by
+  temporal patch; LLaVA-OneVision frames through the model's own ``apply_pooling``.
 
 Pixel rule (the analytic modules' rule): a token is related when one of its pixels shows a painted
 pixel; padding when none shows an image pixel (none of these processors pads a single image).
@@ -197,3 +201,86 @@ def idefics3_reader(
         return token_bits, np.zeros(len(token_bits), dtype=bool)
 
     return read
+
+
+# ---- InternVL -------------------------------------------------------------------------------------
+def internvl_reader(*, tile_size: int, patch_size: int, scale_factor: int, min_tiles: int = 1, max_tiles: int = 12) -> Reader:
+    """Reader for InternVL's image processor (``GotOcr2ImageProcessorPil``: tiles + thumbnail) and its
+    model's own pixel shuffle."""
+    from transformers import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    processor = GotOcr2ImageProcessorPil(
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=min_tiles,
+        max_patches=max_tiles,
+        resample=Image.Resampling.NEAREST,
+        do_rescale=False,
+        do_normalize=False,
+    )
+    side = tile_size // patch_size
+
+    def read(mask: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        frames = np.asarray(processor(images=[mask], return_tensors="np")["pixel_values"])  # (F, 3, T, T)
+        bits = np.stack([_patch_bits(frame, patch_size) for frame in frames])  # (F, patches), row-major
+        planes = _planes(bits).reshape(len(frames), side, side, _PLANES)  # as get_image_features reshapes
+        with torch.no_grad():
+            shuffled = InternVLModel.pixel_shuffle(None, planes, scale_factor=1 / scale_factor)  # (F, s', s', 16 * k)
+        per_token = shuffled.reshape(-1, scale_factor * scale_factor, _PLANES).amax(dim=1)  # (F * T, 16)
+        token_bits = _from_planes(per_token)
+        return token_bits, np.zeros(len(token_bits), dtype=bool)
+
+    return read
+
+
+# ---- videos -------------------------------------------------------------------------------------------
+def qwen_video_oracle(
+    frame_size: tuple[int, int],
+    frame_boxes: Sequence[Sequence[Box]],
+    *,
+    resized: tuple[int, int],
+    patch_size: int,
+    merge_size: int,
+    temporal_patch_size: int,
+) -> np.ndarray:
+    """Bool ``(model frames, tokens per frame)``: which tokens of a Qwen-VL video show a box pixel.
+
+    Each frame's mask is resized to the video's size (``NEAREST``) and patched by the real
+    ``Qwen2VLImageProcessorPil`` (pixel bounds pinned to that size, so it resizes no further); a
+    model frame's token is related when its patch in any frame of the temporal group shows one
+    (the last frame repeated to fill the last group, as the video processors do).
+    """
+    width, height = resized
+    read = qwen2_vl_reader(patch_size=patch_size, merge_size=merge_size, min_pixels=width * height, max_pixels=width * height)
+    per_frame = []
+    for boxes in frame_boxes:
+        mask = _bit_mask(frame_size, [_key(frame_size, boxes)[1]]).resize((width, height), Image.Resampling.NEAREST)
+        bits, _ = read(mask)
+        per_frame.append((bits & 1).astype(bool))
+    per_frame += [per_frame[-1]] * (-len(per_frame) % temporal_patch_size)
+    frames = np.stack(per_frame).reshape(-1, temporal_patch_size, len(per_frame[0]))
+    return frames.any(axis=1)
+
+
+def onevision_video_oracle(frame_size: tuple[int, int], boxes: Sequence[Box], *, view_size: int, patch_size: int) -> np.ndarray:
+    """Bool ``(pooled tokens,)``: which pooled tokens of a LLaVA-OneVision video frame show a box pixel.
+
+    The mask is resized to the square view by a PIL image processor (``NEAREST``), cut into patches
+    (the convolution never sees the last ``view mod patch`` pixels), and the per-patch bits go through
+    the model's own ``LlavaOnevisionModel.apply_pooling`` (bilinear, to half the grid, rounded up).
+    """
+    from types import SimpleNamespace
+
+    from transformers import SiglipImageProcessorPil
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    processor = SiglipImageProcessorPil(
+        size={"height": view_size, "width": view_size}, resample=Image.Resampling.NEAREST, do_rescale=False, do_normalize=False
+    )
+    view = np.asarray(processor(images=[_bit_mask(frame_size, [_key(frame_size, boxes)[1]])], return_tensors="np")["pixel_values"])[0]
+    bits = _patch_bits(view, patch_size)
+    stub = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(image_size=view_size, patch_size=patch_size)))
+    with torch.no_grad():
+        pooled = LlavaOnevisionModel.apply_pooling(stub, _planes(bits)[None])[0]  # (pooled tokens, 16)
+    return (_from_planes(pooled) & 1).astype(bool)

@@ -13,7 +13,7 @@ no method takes the model again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmflow.adapters.additions import ResidualAdditions
 from vlmflow.adapters.pattern import AttentionPattern, CausalPattern
 from vlmflow.errors import ConfigError
 from vlmflow.inputs import Encoded
@@ -179,6 +180,19 @@ class DecoderMap:
         """Input embeddings ``[batch, tokens, d_model]`` of text token ids ``[batch, tokens]`` (with any scale
         the family's embedding applies; image tokens never come through here)."""
         return self.model.get_input_embeddings()(ids)
+
+    @contextmanager
+    def recording_additions(self) -> Iterator[Callable[[], ResidualAdditions | None]]:
+        """Inside the block a clean forward records what the model adds to its hidden states between
+        decoder layers (:class:`~vlmflow.adapters.additions.ResidualAdditions`); after it, the yielded
+        function returns them (default: ``None``, a plain stack of layers adds nothing).
+
+        >>> with decoder.recording_additions() as recorded:     # doctest: +SKIP
+        ...     decoder.model(**encoded.inputs)
+        >>> recorded() is None                                   # doctest: +SKIP
+        True
+        """
+        yield lambda: None
 
     # ---- running layers ------------------------------------------------------------------------
     def run_layer(

@@ -48,6 +48,9 @@ class ModelFamily:
     #: What ``vlmflow models`` shows, by aspect: "prompt", "groups", "box mapping", "attention",
     #: "fast engine", "verified" (how the family was tested).
     support: ClassVar[Mapping[str, str]] = {}
+    #: Whether a prompt may show several images, and a video (frames), in this family.
+    several_images: ClassVar[bool] = True
+    video: ClassVar[bool] = False
     inputs_class: ClassVar[type[InputPipeline]] = InputPipeline
     decoder_class: ClassVar[type[DecoderMap]] = DecoderMap
 

@@ -74,10 +74,10 @@ class Gemma3Inputs(InputPipeline):
     def image_token(self) -> str:
         return str(self.processor.boi_token)
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.patches import llava_geometry
 
-        geometry = llava_geometry(encoded.image_size, mode="resize", view_size=self.view, patch_size=self.token_side)
+        geometry = llava_geometry(encoded.sizes[index], mode="resize", view_size=self.view, patch_size=self.token_side)
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
 
 
@@ -126,11 +126,12 @@ class Gemma3Family(ModelFamily):
     description = "Gemma-3: SigLIP 896 px, 256 pooled tokens; bidirectional attention within an image"
     support = {
         "prompt": "Gemma-3 chat turn (gemma3); processor expands <start_of_image> to 256 soft tokens",
-        "groups": "image, related/other (16x16 pooled grid), no padding",
+        "groups": "image (one item per image), related/other (16x16 pooled grid, boxes per image), no padding",
         "box mapping": "resize to 896 + 56-px pooled tokens; == Gemma3ImageProcessorPil + projector oracle",
         "attention": "causal + bidirectional image block; sliding window in 5 of 6 layers",
         "fast engine": "exact: recomputes from the first position that can see a changed one",
-        "verified": "tiny random Gemma-3 via save/from_pretrained: fast == reference (sdpa, eager), incl. image targets",
+        "verified": "tiny random Gemma-3 via save/from_pretrained: fast == reference (sdpa, eager), incl. image targets "
+        "and two-image routes",
     }
     inputs_class = Gemma3Inputs
     decoder_class = Gemma3Decoder

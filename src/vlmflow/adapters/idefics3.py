@@ -20,6 +20,7 @@ The language model is causal with plain 1-D positions; what differs from LLaVA:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -85,32 +86,32 @@ class Idefics3Inputs(InputPipeline):
     def image_token(self) -> str:
         return IMAGE
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         ip = self.processor.image_processor
-        out = ip(images=[image.convert("RGB")], return_tensors="pt", return_row_col_info=True)
-        rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+        # One list per prompt: the processor takes a prompt's several images as a nested list.
+        out = ip(images=[[image.convert("RGB") for image in images]], return_tensors="pt", return_row_col_info=True)
         seq_len = int(self.model.model.image_seq_len)
-        n_frames = rows * cols + 1 if rows or cols else 1
+        grids = [(int(r), int(c)) for r, c in zip(out["rows"][0], out["cols"][0], strict=True)]
         return encode_expanded(
             self.model,
             self.tokenizer,
             self.template,
-            question,
+            self.render(question, len(images)),
             placeholder=IMAGE,
-            expansion=split_image_prompt(rows, cols, seq_len),
+            expansions=[split_image_prompt(rows, cols, seq_len) for rows, cols in grids],
             image_inputs=image_tensors(out),
-            image_size=image.size,
-            image_token_id=self.image_token_id,
-            n_image_tokens=n_frames * seq_len,
+            image_sizes=[image.size for image in images],
+            token_id=self.image_token_id,
+            n_tokens=sum((rows * cols + 1 if rows or cols else 1) * seq_len for rows, cols in grids),
         )
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.split_tiles import split_geometry
 
         ip = self.processor.image_processor
         vision = self.model.config.vision_config
         geometry = split_geometry(
-            encoded.image_size,
+            encoded.sizes[index],
             longest_edge=int(ip.size["longest_edge"]),
             tile_size=int(vision.image_size),
             patch_size=int(vision.patch_size),
@@ -121,7 +122,8 @@ class Idefics3Inputs(InputPipeline):
         subgroups = {Group.IMAGE_BASE: glob}
         if geometry.n_tiles:
             subgroups[Group.IMAGE_GRID] = ~glob
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups)
+        units = {Group.TILE: geometry.tile_items()}
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, subgroups=subgroups, units=units)
 
 
 class Idefics3Decoder(DecoderMap):
@@ -142,11 +144,12 @@ class Idefics3Family(ModelFamily):
     description = "Idefics3 / SmolVLM v1: tiles + global view, pixel shuffle, row/column tokens"
     support = {
         "prompt": "User:/Assistant: turns (idefics3, smolvlm), <image> expanded per tile and global view",
-        "groups": "image, image_grid (tiles), image_base (global), related/other through both views",
+        "groups": "image (one item per image), image_grid (tiles) / tile[k], image_base (global), related/other through "
+        "both views",
         "box mapping": "longest-edge resize + tile split + global view; == Idefics3ImageProcessorPil + pixel_shuffle oracle",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Idefics3 via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
     inputs_class = Idefics3Inputs
     decoder_class = Idefics3Decoder
@@ -170,7 +173,7 @@ class SmolVLMFamily(Idefics3Family):
     description = "SmolVLM2: as Idefics3 (tiles + global view, pixel shuffle), <|im_start|> turns"
     support = {
         **Idefics3Family.support,
-        "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa)",
+        "verified": "tiny random SmolVLM via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
 
     def model_class(self) -> type[nn.Module]:

@@ -60,6 +60,7 @@ class LlavaInputs(InputPipeline):
     """LLaVA-1.5 inputs: the image padded to a square (or resized, or cropped), then the processor."""
 
     option_names = ("image_mode",)
+    image_separator = "\n"
 
     def configure(self) -> None:
         mode = str(self.options.get("image_mode", "pad"))
@@ -78,10 +79,10 @@ class LlavaInputs(InputPipeline):
             return image.resize((self.view, self.view), resample=Image.Resampling(int(resample)))
         return image
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.patches import llava_geometry
 
-        geometry = llava_geometry(encoded.image_size, mode=self.mode, view_size=self.view, patch_size=self.patch)
+        geometry = llava_geometry(encoded.sizes[index], mode=self.mode, view_size=self.view, patch_size=self.patch)
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
 
 
@@ -95,11 +96,12 @@ class LlavaFamily(ModelFamily):
     description = "LLaVA-1.5 (CLIP + Llama); pad-to-square + resize, 576 image tokens at 336/14"
     support = {
         "prompt": "vicuna_v1 as in the paper (also vicuna_nosys)",
-        "groups": "image, related/other/padding (pad-to-square)",
+        "groups": "image (one item per image), related/other/padding (pad-to-square, boxes per image)",
         "box mapping": "pad / resize / crop + 14-px patches; == LlavaImageProcessorPil pixel oracle on all released GQA geometries",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager), incl. "
+        "two-image routes",
     }
     inputs_class = LlavaInputs
 

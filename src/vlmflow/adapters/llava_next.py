@@ -21,7 +21,7 @@ hands them to the model as ``mm_encoder_outputs`` next to ``input_ids`` holding 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ class AnyresInputs(InputPipeline):
     """What LLaVA-NeXT and LLaVA-OneVision inputs share: anyres tiling, checked against the model once."""
 
     option_names = ("image_mode",)
+    image_separator = "\n"
     #: Image modes of the family; the first is the default.
     image_modes: tuple[str, ...] = ("anyres",)
     #: vision_feature_select_strategy the family's packing works with ("default" drops CLIP's CLS).
@@ -116,9 +117,9 @@ class AnyresInputs(InputPipeline):
             raise ConfigError(f"the processor's patch_size {proc_patch} differs from the vision tower's {patch}")
         return view, patch, pins
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         geometry = anyres_geometry(
-            encoded.image_size,
+            encoded.sizes[index],
             view_size=self.view,
             patch_size=self.patch,
             pinpoints=self.pinpoints,
@@ -147,17 +148,19 @@ class LlavaNextInputs(AnyresInputs):
 
     image_modes = NEXT_IMAGE_MODES
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         if self.mode == "anyres":
-            return super().encode(question, image)
-        return self._encode_single_view(question, image)
+            return super().encode_images(question, images)
+        if len(images) != 1:
+            raise SampleError(f"image_mode nohd_nopad takes one image per prompt, got {len(images)}", stage="prompt")
+        return self._encode_single_view(question, images[0])
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         if self.mode == "anyres":
-            return super().image_layout(encoded)
+            return super().image_layout(encoded, index)
         from vlmflow.positions.patches import llava_geometry
 
-        geometry = llava_geometry(encoded.image_size, mode="pad", view_size=self.view, patch_size=self.patch)
+        geometry = llava_geometry(encoded.sizes[index], mode="pad", view_size=self.view, patch_size=self.patch)
         n = int(geometry.n_tokens)
         return ImageLayout(
             n_tokens=n,
@@ -223,11 +226,13 @@ class LlavaNextFamily(ModelFamily):
     )
     support = {
         "prompt": "vicuna_v1 (llava-v1.6-vicuna); llava_llama_3 when the tokenizer has Llama-3 header tokens",
-        "groups": "image, image_base/image_grid/image_newline, related/other through base view + grid (padding: none)",
+        "groups": "image (one item per image), image_base/image_grid/image_newline, related/other through base view + grid "
+        "(padding: none)",
         "box mapping": "anyres: base view + best pinpoint crops + un-padding; == processor pixel oracle on all released GQA rows",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, eager), anyres and nohd_nopad",
+        "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, "
+        "eager), anyres and nohd_nopad, two-image routes (anyres)",
     }
     inputs_class = LlavaNextInputs
 

@@ -26,6 +26,8 @@ recomputes the whole prompt from the first blocked layer, still folded, still ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from PIL import Image
 from torch import nn
@@ -62,28 +64,32 @@ class PaliGemmaInputs(InputPipeline):
     def image_token(self) -> str:
         return IMAGE
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         n_tokens = int(self.model.config.text_config.num_image_tokens)
-        pixels = image_tensors(self.processor.image_processor(images=[image.convert("RGB")], return_tensors="pt"))
+        pixels = image_tensors(
+            self.processor.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        )
+        # PaliGemmaProcessor: every image's tokens, then <bos>, then the prompt.
+        k = len(images)
         encoded = encode_expanded(
             self.model,
             self.tokenizer,
             self.template,
-            question,
+            self.render(question, k),
             placeholder=IMAGE,
-            expansion=IMAGE * n_tokens + self.tokenizer.bos_token,
+            expansions=[IMAGE * n_tokens] * (k - 1) + [IMAGE * n_tokens + self.tokenizer.bos_token],
             image_inputs=pixels,
-            image_size=image.size,
-            image_token_id=self.image_token_id,
-            n_image_tokens=n_tokens,
+            image_sizes=[image.size for image in images],
+            token_id=self.image_token_id,
+            n_tokens=n_tokens * k,
         )
         encoded.inputs["token_type_ids"] = torch.zeros_like(encoded.inputs["input_ids"])  # 0 = prefix: the whole prompt
         return encoded
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.patches import llava_geometry
 
-        geometry = llava_geometry(encoded.image_size, mode="resize", view_size=self.view, patch_size=self.patch)
+        geometry = llava_geometry(encoded.sizes[index], mode="resize", view_size=self.view, patch_size=self.patch)
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
 
 
@@ -110,11 +116,11 @@ class PaliGemmaFamily(ModelFamily):
     description = "PaliGemma (1, 2): SigLIP 224/448, one token per 14-px patch; prefix-LM (bidirectional prompt)"
     support = {
         "prompt": "<image>*256 <bos> answer en {question}\\n (paligemma), as PaliGemmaProcessor builds it",
-        "groups": "image, related/other (patch grid), no padding",
+        "groups": "image (one item per image), related/other (patch grid, boxes per image), no padding",
         "box mapping": "resize to the view + 14-px patches; == SiglipImageProcessorPil pixel oracle",
         "attention": "prefix-LM: the whole prompt attends bidirectionally; 1-based positions",
         "fast engine": "exact: every knockout recomputes the prompt from its first layer (start 0)",
-        "verified": "tiny random PaliGemma via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random PaliGemma via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image routes",
     }
     inputs_class = PaliGemmaInputs
     decoder_class = PaliGemmaDecoder

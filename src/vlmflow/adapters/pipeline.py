@@ -1,25 +1,28 @@
 """A family's input pipeline, bound to one loaded model: prompt, processor, image layout.
 
-:class:`InputPipeline` turns a question and an image into :class:`~vlmflow.inputs.Encoded` model
-inputs and says where the image tokens' patches are (:class:`~vlmflow.positions.layout.ImageLayout`),
-the raw material of the position groups. It is bound once, at load, to the model, its processor,
-the prompt template and the family options (``image_mode``, ...), which are checked there, so a bad
-option stops the run before any sample. The base class is the common case: a processor that
-expands the image placeholder itself and reports token offsets and its text replacements.
+:class:`InputPipeline` turns a question and what the prompt shows (an image, several images, or a
+video: :class:`~vlmflow.inputs.Visuals`) into :class:`~vlmflow.inputs.Encoded` model inputs and
+says where the image tokens' patches are (one :class:`~vlmflow.positions.layout.VisualBlock` per
+image or video frame), the raw material of the position groups. It is bound once, at load, to the
+model, its processor, the prompt template and the family options (``image_mode``, ...), which are
+checked there, so a bad option stops the run before any sample. The base class is the common case:
+a processor that expands the image placeholder itself and reports token offsets and its text
+replacements. Several images fill the template's one ``{image}`` slot with one placeholder each
+(joined by :attr:`InputPipeline.image_separator`); a video fills it with the video placeholder.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image
 from torch import nn
 
-from vlmflow.errors import ConfigError
-from vlmflow.inputs import Encoded, expand_placeholders, model_inputs
-from vlmflow.positions.layout import ImageLayout
-from vlmflow.prompts import PromptTemplate
+from vlmflow.errors import ConfigError, SampleError
+from vlmflow.inputs import Encoded, Video, Visuals, expand_placeholders, model_inputs
+from vlmflow.positions.layout import ImageLayout, VisualBlock
+from vlmflow.prompts import PromptTemplate, RenderedPrompt
 
 
 class InputPipeline:
@@ -41,6 +44,10 @@ class InputPipeline:
 
     #: Family options this pipeline understands (others are refused at load).
     option_names: tuple[str, ...] = ()
+    #: What separates the placeholders of several images in the template's ``{image}`` slot.
+    image_separator: str = ""
+    #: Whether a prompt may show several images (the family's processor and model take them).
+    several_images: bool = True
 
     def __init__(
         self, model: nn.Module, processor: Any, template: PromptTemplate, options: Mapping[str, Any], *, family: str = ""
@@ -73,20 +80,55 @@ class InputPipeline:
         """Id of the image token in the expanded ``input_ids``."""
         return int(self.model.config.image_token_id)
 
+    @property
+    def video_token(self) -> str | None:
+        """The placeholder string the prompt carries for a video (``None``: the family takes no video)."""
+        return None
+
+    @property
+    def video_token_id(self) -> int | None:
+        """Id of the video tokens in the expanded ``input_ids`` (``None``: no video)."""
+        return None
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The placeholder strings a question must not contain."""
+        return tuple(p for p in (self.image_token, self.video_token) if p)
+
     def preprocess_image(self, image: Image.Image) -> Image.Image:
         """Transform the PIL image before the processor sees it (default: RGB conversion)."""
         return image.convert("RGB")
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def render(self, question: str, n_images: int = 1) -> RenderedPrompt:
+        """The template with ``n_images`` image placeholders (joined by :attr:`image_separator`) in its slot."""
+        return self.template.render(question, image_token=self.image_separator.join([self.image_token] * n_images))
+
+    def encode(self, question: str, image: Image.Image | Sequence[Image.Image] | Video | Visuals) -> Encoded:
         """Render the prompt, run the processor, and keep the offsets needed to find the question.
 
-        The default works for processors that expand the image placeholder in the text and
-        support ``return_offsets_mapping`` and ``return_text_replacement_offsets``.
+        ``image`` is one image, several (a sequence, or :class:`~vlmflow.inputs.Visuals`) or a
+        :class:`~vlmflow.inputs.Video`.
+
+        Raises:
+            SampleError: several images or a video for a family that takes none.
         """
-        rendered = self.template.render(question, image_token=self.image_token)
-        original_size = image.size
+        visuals = Visuals.of(image)
+        if visuals.video is not None:
+            if self.video_token is None:
+                raise SampleError(
+                    f"{self.family} takes no video (`vlmflow models` lists the families that do)", stage="prompt"
+                )
+            return self.encode_video(question, visuals.video)
+        if len(visuals.images) > 1 and not self.several_images:
+            raise SampleError(f"{self.family} takes one image per prompt here, got {len(visuals.images)}", stage="prompt")
+        return self.encode_images(question, visuals.images)
+
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
+        """The prompt with ``images``, through a processor that expands the image placeholders itself
+        and supports ``return_offsets_mapping`` and ``return_text_replacement_offsets``."""
+        rendered = self.render(question, len(images))
         batch = self.processor(
-            images=self.preprocess_image(image),
+            images=self.processor_images([self.preprocess_image(image) for image in images]),
             text=rendered.text,
             return_tensors="pt",
             return_offsets_mapping=True,
@@ -102,9 +144,35 @@ class InputPipeline:
             offsets=offsets,
             text=text,
             question_span=question_span,
-            image_size=original_size,
+            image_size=images[0].size,
+            image_sizes=tuple(image.size for image in images),
         )
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
-        """The patch layout of this sample's image tokens (for related/other/padding groups)."""
+    def processor_images(self, images: list[Image.Image]) -> list[Any]:
+        """How the processor takes one prompt's images (default: a flat list)."""
+        return images
+
+    def encode_video(self, question: str, video: Video) -> Encoded:
+        """The prompt with ``video`` (families with video override this)."""
+        raise SampleError(f"{self.family} takes no video", stage="prompt")
+
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
+        """The patch layout of the tokens of image ``index`` of this sample (for related/other/padding groups)."""
         raise NotImplementedError(f"{type(self).__name__} does not map image tokens to patches")
+
+    def video_blocks(self, encoded: Encoded) -> tuple[VisualBlock, ...]:
+        """The blocks of a video's frames, as the model sees them (families with video override this)."""
+        raise SampleError(f"{self.family} takes no video", stage="prompt")
+
+    def visual_blocks(self, encoded: Encoded) -> tuple[VisualBlock, ...]:
+        """One block per image (or per frame of the video) in sequence order: layout, token id, boxes' source.
+
+        >>> [b.layout.n_tokens for b in loaded.inputs.visual_blocks(encoded)]   # doctest: +SKIP
+        [576, 576]
+        """
+        if encoded.video:
+            return self.video_blocks(encoded)
+        return tuple(
+            VisualBlock(self.image_layout(encoded, k), self.image_token_id, k, None, (k,), size)
+            for k, size in enumerate(encoded.sizes)
+        )

@@ -22,6 +22,7 @@ knockout mask.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from vlmflow.adapters.expansion import (
 )
 from vlmflow.adapters.family import ModelFamily
 from vlmflow.adapters.pipeline import InputPipeline
+from vlmflow.adapters.qwen_video import QwenVideo, with_token_types
 from vlmflow.adapters.registry import register_family
 from vlmflow.errors import ConfigError, UnsupportedModelError
 from vlmflow.inputs import Encoded
@@ -59,52 +61,57 @@ QWEN_TEMPLATE = register_template(
 )
 
 
-class Qwen2VLInputs(InputPipeline):
-    """Qwen2-VL inputs: ``<|image_pad|>`` expanded per merged token by vlmflow, ``mm_token_type_ids`` added."""
+class Qwen2VLInputs(QwenVideo, InputPipeline):
+    """Qwen2-VL inputs: ``<|image_pad|>`` (``<|video_pad|>``) expanded per merged token by vlmflow,
+    ``mm_token_type_ids`` added; several images, or a video (:mod:`vlmflow.adapters.qwen_video`)."""
 
     def configure(self) -> None:
         check_template_tokens(self.tokenizer, self.template)
         ip = self.processor.image_processor
         if not getattr(ip, "do_resize", True):
             raise ConfigError("the Qwen2-VL image processor has do_resize=False; the token layout needs its resize")
+        self.check_video_settings()
 
     @property
     def image_token(self) -> str:
         return VISION_START + IMAGE_PAD + VISION_END
 
-    def encode(self, question: str, image: Image.Image) -> Encoded:
+    def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         ip = self.processor.image_processor
-        pixels = image_tensors(ip(images=[image.convert("RGB")], return_tensors="pt"))
-        n_tokens = int(pixels["image_grid_thw"][0].prod()) // int(ip.merge_size) ** 2
-        image_id = self.image_token_id
+        pixels = image_tensors(ip(images=[image.convert("RGB") for image in images], return_tensors="pt"))
+        counts = [int(grid.prod()) // int(ip.merge_size) ** 2 for grid in pixels["image_grid_thw"]]
         encoded = encode_expanded(
             self.model,
             self.tokenizer,
             self.template,
-            question,
+            self.render(question, len(images)),
             placeholder=self.image_token,
-            expansion=VISION_START + IMAGE_PAD * n_tokens + VISION_END,
+            expansions=[VISION_START + IMAGE_PAD * n + VISION_END for n in counts],
             image_inputs=pixels,
-            image_size=image.size,
-            image_token_id=image_id,
-            n_image_tokens=n_tokens,
+            image_sizes=[image.size for image in images],
+            token_id=self.image_token_id,
+            n_tokens=sum(counts),
         )
-        ids = encoded.inputs["input_ids"]
-        encoded.inputs["mm_token_type_ids"] = (ids == image_id).to(torch.int32)  # 1 = image (M-RoPE)
-        return encoded
+        return with_token_types(encoded, self.model)
 
-    def image_layout(self, encoded: Encoded) -> ImageLayout:
+    def image_layout(self, encoded: Encoded, index: int = 0) -> ImageLayout:
         from vlmflow.positions.dynamic_grid import dynamic_geometry
 
         ip = self.processor.image_processor
         geometry = dynamic_geometry(
-            encoded.image_size,
+            encoded.sizes[index],
             patch_size=int(ip.patch_size),
             merge_size=int(ip.merge_size),
             min_pixels=int(ip.size["shortest_edge"]),
             max_pixels=int(ip.size["longest_edge"]),
         )
         return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
+
+
+class Qwen25VLInputs(Qwen2VLInputs):
+    """Qwen2.5-VL inputs: as Qwen2-VL's; a video also carries the seconds each temporal patch spans."""
+
+    seconds_per_grid = True
 
 
 class Qwen2VLDecoder(DecoderMap):
@@ -121,11 +128,13 @@ class Qwen2VLDecoder(DecoderMap):
     def position_ids(self, encoded: Encoded) -> torch.Tensor:
         """M-RoPE ids ``[3, 1, seq]`` (temporal, height, width), as the model computes them."""
         inputs = encoded.inputs
+        # Only what the model itself hands get_rope_index (video grids and, for Qwen2.5-VL, seconds per grid).
+        extra = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in inputs}
         position_ids, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs.get("attention_mask"),
+            **extra,
         )
         return position_ids
 
@@ -154,12 +163,16 @@ class Qwen2VLFamily(ModelFamily):
     description = "Qwen2-VL: dynamic resolution, 2x2 merged 28-px tokens, M-RoPE"
     support = {
         "prompt": "ChatML (qwen2_vl), <|image_pad|> expanded per merged token",
-        "groups": "image, related/other (one merged grid), no padding",
+        "groups": "image (one item per image or video), frame (one item per model frame: 2 input frames), related/other "
+        "per image or frame box (one merged grid), no padding",
         "box mapping": "smart_resize + 28-px merged patches; == Qwen2VLImageProcessorPil pixel oracle",
         "attention": "causal; M-RoPE position ids from get_rope_index",
         "fast engine": "exact (causal: recompute from the first target)",
-        "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Qwen2-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image and "
+        "video routes (frame targets); video counts == transformers' smart_resize and replace_video_token, positions "
+        "from get_rope_index; frame boxes == pixel oracle",
     }
+    video = True
     inputs_class = Qwen2VLInputs
     decoder_class = Qwen2VLDecoder
 
@@ -169,7 +182,7 @@ class Qwen2VLFamily(ModelFamily):
         return Qwen2VLForConditionalGeneration
 
     def load_processor(self, source: str, **kwargs: Any) -> Any:
-        return load_image_text_processor(source, **kwargs)
+        return load_image_text_processor(source, video_defaults=self.inputs_class.video_defaults, **kwargs)
 
 
 @register_family
@@ -182,8 +195,10 @@ class Qwen25VLFamily(Qwen2VLFamily):
     description = "Qwen2.5-VL: as Qwen2-VL (dynamic resolution, 2x2 merge, M-RoPE), windowed vision tower"
     support = {
         **Qwen2VLFamily.support,
-        "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager)",
+        "verified": "tiny random Qwen2.5-VL via save/from_pretrained: fast == reference (sdpa, eager), incl. two-image "
+        "and video routes (temporal ids scaled by time)",
     }
+    inputs_class = Qwen25VLInputs
 
     def model_class(self) -> type[nn.Module]:
         from transformers import Qwen2_5_VLForConditionalGeneration

@@ -26,6 +26,7 @@ class RefusedFamily(ModelFamily):
 
     refused: ClassVar[str] = ""
     default_template = ""
+    several_images = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> RefusedFamily:
         raise UnsupportedModelError(f"{cls.architectures[0]} is not supported: {cls.refused}")
@@ -45,12 +46,6 @@ _refuse(
     ("MllamaForConditionalGeneration",),
     "images enter through cross-attention layers, so the self-attention sequence has no image positions and "
     "image->question / image->last are not attention edges that can be knocked out",
-)
-_refuse(
-    "qwen3_vl",
-    ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
-    "DeepStack adds vision features to the image positions' hidden states between the first decoder layers, "
-    "which vlmflow's layer-by-layer recomputation does not reproduce (not verified)",
 )
 _refuse(
     "gemma3n",

@@ -16,9 +16,11 @@ _FAMILY_MODULES = (
     "vlmflow.adapters.llava_next",
     "vlmflow.adapters.llava_onevision",
     "vlmflow.adapters.qwen2_vl",
+    "vlmflow.adapters.qwen3_vl",
     "vlmflow.adapters.gemma3",
     "vlmflow.adapters.idefics3",
     "vlmflow.adapters.paligemma",
+    "vlmflow.adapters.internvl",
     "vlmflow.adapters.refused",
 )
 _loaded = False

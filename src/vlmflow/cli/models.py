@@ -12,6 +12,15 @@ from vlmflow.cli.common import console
 ASPECTS = ("prompt", "groups", "box mapping", "attention", "fast engine", "verified")
 
 
+def inputs_line(several_images: bool, video: bool) -> str:
+    """What a prompt of the family may show, in words.
+
+    >>> inputs_line(True, True)
+    'one or several images; video (frames)'
+    """
+    return ("one or several images" if several_images else "one image") + ("; video (frames)" if video else "")
+
+
 def family_table() -> list[dict[str, object]]:
     """One row per registered family: name, architectures, default template, support, refusal reason.
 
@@ -31,6 +40,8 @@ def family_table() -> list[dict[str, object]]:
                 "description": cls.description,
                 "supported": not refused,
                 "refused_because": refused or None,
+                "several_images": bool(cls.several_images) and not refused,
+                "video": bool(cls.video) and not refused,
                 **{aspect: dict(cls.support).get(aspect) for aspect in ASPECTS},
             }
         )
@@ -50,6 +61,7 @@ def models(
             continue
         console.print(f"[bold]{row['family']}[/] ({', '.join(row['architectures'])}) - {row['description']}")
         console.print(f"  default template: {row['default_template']}", highlight=False)
+        console.print(f"  inputs: {inputs_line(bool(row['several_images']), bool(row['video']))}", highlight=False)
         for aspect in ASPECTS:
             console.print(f"  {aspect}: {row.get(aspect) or 'not recorded'}", highlight=False)
     refused = [row for row in rows if not row["supported"]]

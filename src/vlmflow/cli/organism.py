@@ -100,10 +100,20 @@ def path_command(
 @organism_app.command("scenes")
 def scenes_command(
     out: Path = typer.Argument(..., help="Folder to write the task CSVs and images into."),
-    per_task: int = typer.Option(20, "--per-task", "-n", help="Questions per task type."),
+    per_task: int = typer.Option(20, "--per-task", "-n", help="Questions per task type (with --video: videos)."),
     seed: int = typer.Option(0, "--seed", help="Scene seed (the same seed gives the same files)."),
+    video: bool = typer.Option(
+        False, "--video", help="Write videos instead: a shape moves left or right between frames (a frame folder each)."
+    ),
+    frames: int = typer.Option(4, "--frames", min=2, help="Frames per video (with --video)."),
 ) -> None:
-    """Write synthetic scene questions of all six task types (released GQA layout, PNGs beside)."""
+    """Write synthetic scene questions of all six task types (released GQA layout, PNGs beside), or
+    with --video synthetic videos ("Did the circle move to the left or to the right?")."""
+    if video:
+        from vlmflow.data.scene_video import write_video_set
+
+        console.print(f"video: {write_video_set(out, per_task, seed, frames)}")
+        return
     from vlmflow.data.scene_sets import write_scene_set
 
     for task, path in write_scene_set(out, per_task, seed).items():

@@ -4,6 +4,15 @@ Each of the six tasks has its own column layout (:data:`LAYOUTS`, copied from th
 Typed fields become :class:`~vlmflow.data.sample.Sample` attributes; every other column
 (``operations``, ``captions``, ``type_detailed``, ...) is kept verbatim in ``Sample.extra``.
 
+Optional columns any layout may add (one sample showing several images or a video):
+
+* ``images``: the image ids of a several-image sample, ``;``-separated, in prompt order (``img_id``
+  is the first; the images lie in the images folder like any other);
+* ``frames``: a folder, relative to the images folder, holding the frames of the sample's video,
+  shown in file-name order; ``fps``: their rate per second (default 2);
+* ``<object> image`` (``central object image``, ``object1 image``, ...): which image of ``images``,
+  or which frame of ``frames``, the object's box is in (0-based; default 0).
+
 Reading is forgiving per row and strict per file: a malformed row (wrong field count, a box that is
 not four numbers, a duplicate ``question_id``, ...) is reported as a :class:`RowError` with its
 physical line and the reason, and the other rows are still read; a file that cannot be read at all
@@ -79,6 +88,9 @@ TASK_TYPES: dict[tuple[str, str], TaskType] = {
 }
 
 _ABSENT = "-"
+#: Optional columns of a sample that shows several images or a video (see the module docstring).
+VISUAL_COLUMNS = ("images", "frames", "fps")
+IMAGE_SEPARATOR = ";"
 _TASK_IN_NAME = re.compile(r"(?:^|_)(" + "|".join(t.value for t in TaskType) + r")\.csv$", re.IGNORECASE)
 
 
@@ -94,16 +106,17 @@ def object_prefixes(task: TaskType) -> tuple[str, ...]:
 
 
 def _typed_columns(task: TaskType) -> tuple[str, ...]:
-    cols = [*_COMMON_HEAD, "image_w", "image_h"]
+    cols = [*_COMMON_HEAD, "image_w", "image_h", *VISUAL_COLUMNS]
     if task.is_choose:
         cols += _OPTIONS
     for prefix in object_prefixes(task):
-        cols += [*_obj(prefix, "ident"), *_obj(prefix, "box")]
+        cols += [*_obj(prefix, "ident"), *_obj(prefix, "box"), f"{prefix} image"]
     return tuple(cols)
 
 
 def _required_columns(task: TaskType) -> tuple[str, ...]:
     optional = set(_obj("object2", "ident") + _obj("object2", "box")) if task is TaskType.LOGICAL_OBJ else set()
+    optional |= {*VISUAL_COLUMNS, *(f"{prefix} image" for prefix in object_prefixes(task))}
     return tuple(c for c in _typed_columns(task) if c not in optional)
 
 
@@ -259,6 +272,14 @@ def _parse_row(row: dict[str, str], task: TaskType) -> Sample:
     if task.is_choose:
         true_option = row["true option"].strip() or None
         false_option = row["false option"].strip() or None
+    images = tuple(i.strip() for i in row.get("images", "").split(IMAGE_SEPARATOR) if i.strip())
+    frames = row.get("frames", "").strip() or None
+    if images and frames:
+        raise _RowProblem("a sample shows several images or a video, not both (images and frames are both set)")
+    fps_text = row.get("fps", "").strip()
+    fps = float(_number(fps_text, "fps")) if fps_text else None
+    if fps is not None and fps <= 0:
+        raise _RowProblem(f"fps {fps_text!r} is not positive")
     return Sample(
         sample_id=qid,
         image_id=row["img_id"].strip(),
@@ -269,6 +290,9 @@ def _parse_row(row: dict[str, str], task: TaskType) -> Sample:
         false_option=false_option,
         objects=tuple(objects),
         image_size=(width, height),
+        images=images,
+        frames=frames,
+        fps=fps,
         extra={k: v for k, v in row.items() if k not in typed},
     )
 
@@ -313,7 +337,14 @@ def _parse_object(row: dict[str, str], prefix: str, *, required: bool) -> SceneO
     # Only the syntax is checked here: a box outside its image is a problem of that sample's
     # patch groups (Box.check raises SampleError there), not a malformed row.
     box = Box(*(_number(texts[k], box_cols[k]) for k in "xywh"))
-    return SceneObject(name, object_id if object_id not in ("", _ABSENT) else None, box)
+    image_text = row.get(f"{prefix} image", "").strip()
+    if image_text in ("", _ABSENT):
+        image = 0
+    elif re.fullmatch(r"\d+", image_text):
+        image = int(image_text)
+    else:
+        raise _RowProblem(f"{prefix} image {image_text!r} is not an image or frame index (0, 1, ...)")
+    return SceneObject(name, object_id if object_id not in ("", _ABSENT) else None, box, image=image)
 
 
 def write_task_csv(samples: Sequence[Sample], path: Path | str) -> None:
@@ -342,7 +373,7 @@ def write_task_csv(samples: Sequence[Sample], path: Path | str) -> None:
     task = next(iter(tasks))
     if task is None:  # pragma: no cover - excluded above; narrows the type
         raise ValueError("samples have no task")
-    layout = LAYOUTS[task]
+    layout = [*LAYOUTS[task], *_visual_columns(samples, task)]
     extra_columns = list(dict.fromkeys(k for s in samples for k in s.extra if k not in layout))
     columns = [*layout, *extra_columns]
     path = Path(path)
@@ -352,6 +383,18 @@ def write_task_csv(samples: Sequence[Sample], path: Path | str) -> None:
         for sample in samples:
             values = _row_values(sample, task)
             writer.writerow([values.get(c, sample.extra.get(c, "")) for c in columns])
+
+
+def _visual_columns(samples: Sequence[Sample], task: TaskType) -> list[str]:
+    """The optional columns these samples need: none for one-image samples with boxes in image 0."""
+    columns = []
+    if any(s.images for s in samples):
+        columns.append("images")
+    if any(s.frames is not None for s in samples):
+        columns += ["frames", "fps"]
+    if any(o.image for s in samples for o in s.objects):
+        columns += [f"{prefix} image" for prefix in object_prefixes(task)]
+    return columns
 
 
 def _row_values(sample: Sample, task: TaskType) -> dict[str, str]:
@@ -375,8 +418,12 @@ def _row_values(sample: Sample, task: TaskType) -> dict[str, str]:
     if task.is_choose:
         values["true option"] = sample.true_option or ""
         values["false option"] = sample.false_option or ""
+    values["images"] = IMAGE_SEPARATOR.join(sample.images)
+    values["frames"] = sample.frames or ""
+    values["fps"] = _format_number(sample.fps) if sample.fps is not None else ""
     for k, prefix in enumerate(prefixes):
         obj = sample.objects[k] if k < len(sample.objects) else None
+        values[f"{prefix} image"] = str(obj.image) if obj else _ABSENT
         values[f"{prefix} name"] = obj.name if obj else _ABSENT
         values[f"{prefix} id"] = (obj.object_id if obj and obj.object_id is not None else _ABSENT)
         for key in "xywh":

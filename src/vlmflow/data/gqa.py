@@ -239,7 +239,7 @@ def build_sample(
     >>> g = {"width": 40, "height": 30, "objects": {"7": {"name": "cup", "x": 1, "y": 2, "w": 3, "h": 4}}}
     >>> s = build_sample("q1", q, g, TaskType.QUERY_ATTR)
     >>> s.objects, s.image_size, s.extra["question word"]
-    ((SceneObject(name='cup', object_id='7', box=Box(x=1, y=2, w=3, h=4)),), (40, 30), 'common')
+    ((SceneObject(name='cup', object_id='7', box=Box(x=1, y=2, w=3, h=4), image=0),), (40, 30), 'common')
     """
     answer = str(question.get("answer", "")).strip()
     text = str(question.get("question", ""))

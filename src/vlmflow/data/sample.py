@@ -92,11 +92,17 @@ class Box:
 @dataclass(frozen=True)
 class SceneObject:
     """An object the question refers to. ``box`` is ``None`` when the object is not in the image
-    (GQA LogicalObj "Is there a tent or a surfboard…" where one of them is absent)."""
+    (GQA LogicalObj "Is there a tent or a surfboard…" where one of them is absent).
+
+    ``image`` says which image of a several-image sample, or which frame of a video, the box is
+    in (0-based; 0 for the one image of the paper's samples). An object seen in several frames is
+    one ``SceneObject`` per frame.
+    """
 
     name: str
     object_id: str | None = None
     box: Box | None = None
+    image: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,13 @@ class Sample:
         task: the task type, when known.
         true_option / false_option: the two options named in a choose question.
         objects: objects whose boxes define the *related* image patches.
-        image_size: ``(width, height)`` recorded in the dataset, if any; checked against the file.
+        image_size: ``(width, height)`` recorded in the dataset, if any; checked against the file
+            (against every image, or every frame).
+        images: the image ids of a sample that shows several images, in prompt order (empty: the
+            one image ``image_id``).
+        frames: a folder (relative to the images folder) holding the frames of the video the
+            sample shows, in file-name order (``None``: no video).
+        fps: the frames' rate per second (``None``: :data:`vlmflow.inputs.DEFAULT_FPS`).
         extra: the remaining columns of the source row, untouched.
 
     >>> s = Sample("q1", "img1", "Is the jar full or empty?", "empty",
@@ -130,6 +142,9 @@ class Sample:
     false_option: str | None = None
     objects: tuple[SceneObject, ...] = ()
     image_size: tuple[int, int] | None = None
+    images: tuple[str, ...] = ()
+    frames: str | None = None
+    fps: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -162,3 +177,25 @@ def find_image(images_dir: Path, image_id: str) -> Path:
     raise SampleError(
         f"image file not found for image id {image_id!r} in {images_dir} (tried {tried})", stage="image"
     )
+
+
+def find_frames(images_dir: Path, folder: str) -> list[Path]:
+    """The frame files of a video: the image files in ``images_dir / folder``, in file-name order.
+
+    Raises:
+        SampleError: the folder does not exist or holds no image file.
+
+    >>> find_frames(Path("/nonexistent"), "clip")
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.SampleError: frame folder 'clip' not found in /nonexistent
+    """
+    path = images_dir / folder
+    if not path.is_dir():
+        raise SampleError(f"frame folder {folder!r} not found in {images_dir}", stage="image")
+    frames = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not frames:
+        raise SampleError(
+            f"frame folder {folder!r} in {images_dir} holds no image file ({', '.join(IMAGE_EXTENSIONS)})", stage="image"
+        )
+    return frames

@@ -31,12 +31,11 @@ def control_plan(loaded: LoadedModel, prepared: PreparedSample, control: Control
         SampleError: a control flow's group is missing for this sample (or blocks nothing).
     """
     k = control.flow_settings.window_for(loaded.n_layers)
-    layout = loaded.inputs.image_layout(prepared.encoded)
-    image_token_id = loaded.inputs.image_token_id
+    blocks = loaded.inputs.visual_blocks(prepared.encoded)
     plan, draw_of = [], []
     for draw in range(control.draws):
         groups = prepared.groups if draw == 0 else build_position_groups(
-            prepared.encoded, image_token_id, layout, prepared.sample, random_draw=draw
+            prepared.encoded, blocks, prepared.sample, random_draw=draw
         )
         part = knockout_plan(loaded, prepared, groups, control.flows, k)
         plan.extend(part)

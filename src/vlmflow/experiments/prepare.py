@@ -14,10 +14,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmflow.data.sample import Sample, find_image
+from vlmflow.data.sample import Sample, find_frames, find_image
 from vlmflow.errors import SampleError
 from vlmflow.experiments.answer_tokens import first_subtoken
-from vlmflow.inputs import Encoded
+from vlmflow.inputs import DEFAULT_FPS, Encoded, Video, Visuals
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
 from vlmflow.positions.groups import PositionGroups
@@ -32,6 +32,24 @@ class PreparedSample:
     groups: PositionGroups
 
 
+def open_visuals(sample: Sample, images_dir: Path) -> Image.Image | Visuals:
+    """What the sample shows: its image, its several images (``sample.images``) or its video
+    (``sample.frames``), opened and checked like :func:`open_image`.
+
+    >>> open_visuals(sample, Path("images"))   # doctest: +SKIP
+    <PIL.Image.Image image mode=RGB size=500x375>
+    """
+    size = sample.image_size
+    if sample.frames is not None:  # every frame has the recorded size
+        frames = tuple(_open(path, size) for path in find_frames(images_dir, sample.frames))
+        return Visuals(video=Video(frames, fps=sample.fps or DEFAULT_FPS))
+    if sample.images:  # the recorded size is the first image's (image_id); the others may differ
+        return Visuals(
+            images=tuple(_open(find_image(images_dir, i), size if k == 0 else None) for k, i in enumerate(sample.images))
+        )
+    return open_image(sample, images_dir)
+
+
 def open_image(sample: Sample, images_dir: Path) -> Image.Image:
     """Open and fully decode the sample's image; check its size against the recorded one.
 
@@ -39,17 +57,20 @@ def open_image(sample: Sample, images_dir: Path) -> Image.Image:
         SampleError: file missing (stage ``image``), unreadable or corrupt, or of another size than
             the dataset records (boxes would then be in another coordinate system).
     """
-    path = find_image(images_dir, sample.image_id)
+    return _open(find_image(images_dir, sample.image_id), sample.image_size)
+
+
+def _open(path: Path, expected: tuple[int, int] | None) -> Image.Image:
     try:
         with Image.open(path) as handle:
             handle.load()
             image = handle.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SampleError(f"cannot read image {path.name!r}: {exc}", stage="image") from exc
-    if sample.image_size is not None and tuple(image.size) != tuple(sample.image_size):
+    if expected is not None and tuple(image.size) != tuple(expected):
         raise SampleError(
             f"image {path.name!r} is {image.size[0]}x{image.size[1]} but the dataset records "
-            f"{sample.image_size[0]}x{sample.image_size[1]}",
+            f"{expected[0]}x{expected[1]}",
             stage="image",
         )
     return image
@@ -80,9 +101,15 @@ def check_answer_tokens(tokenizer: Any, sample: Sample) -> None:
 
 
 def prepare_sample(
-    loaded: LoadedModel, sample: Sample, image: Image.Image, *, random_draw: int = 0, check_answer: bool = True
+    loaded: LoadedModel,
+    sample: Sample,
+    image: Image.Image | Visuals,
+    *,
+    random_draw: int = 0,
+    check_answer: bool = True,
 ) -> PreparedSample:
-    """Encode ``sample`` with ``image`` for ``loaded`` and resolve all its position groups.
+    """Encode ``sample`` with ``image`` (an image, or :class:`~vlmflow.inputs.Visuals`: several images
+    or a video) for ``loaded`` and resolve all its position groups.
 
     Raises :class:`SampleError` for a question that holds the image placeholder, an answer with no
     usable token (unless ``check_answer=False``), an input the processor rejects, or a problem
@@ -95,17 +122,16 @@ def prepare_sample(
     pipeline = loaded.inputs
     if check_answer:
         check_answer_tokens(loaded.tokenizer, sample)
-    placeholder = pipeline.image_token
-    if placeholder and placeholder in sample.question:
-        raise SampleError(
-            f"question {sample.question!r} contains the image placeholder {placeholder!r}, so the question text "
-            "would not be found in the prompt; questions must not contain it",
-            stage="prompt",
-        )
+    for placeholder in pipeline.placeholders:
+        if placeholder and placeholder in sample.question:
+            raise SampleError(
+                f"question {sample.question!r} contains the image placeholder {placeholder!r}, so the question text "
+                "would not be found in the prompt; questions must not contain it",
+                stage="prompt",
+            )
     try:
         encoded = pipeline.encode(sample.question, image)
     except (ValueError, TypeError) as exc:  # the processor rejects this input (e.g. an image it cannot resize)
         raise SampleError(f"the model's processor rejects this sample: {type(exc).__name__}: {exc}", stage="encode") from exc
-    layout = pipeline.image_layout(encoded)
-    groups = build_position_groups(encoded, pipeline.image_token_id, layout, sample, random_draw=random_draw)
+    groups = build_position_groups(encoded, pipeline.visual_blocks(encoded), sample, random_draw=random_draw)
     return PreparedSample(sample=sample, encoded=encoded, groups=groups)

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 import torch
 
-from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
+from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_frames, find_image
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.experiments.batching import batched_tables, error_tables, free_memory, memory_error_tables
-from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
+from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
@@ -196,7 +196,10 @@ def _check_some_image_exists(samples: list[Sample], images: Path) -> None:
     """A wrong images folder would turn every sample into an error row: refuse it up front instead."""
     for sample in samples:
         try:
-            find_image(images, sample.image_id)
+            if sample.frames is not None:
+                find_frames(images, sample.frames)
+            else:
+                find_image(images, sample.images[0] if sample.images else sample.image_id)
             return
         except SampleError:
             continue
@@ -220,7 +223,7 @@ def iter_samples(
     """
 
     def prepare(sample: Sample) -> PreparedSample:
-        return prepare_sample(loaded, sample, open_image(sample, images))
+        return prepare_sample(loaded, sample, open_visuals(sample, images))
 
     size = getattr(experiment, "batch_size", 1)
     if hasattr(experiment, "analyse_batch") and (size is None or size > 1):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmflow.adapters.additions import ResidualAdditions
 from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.pattern import AttentionPattern
 from vlmflow.inputs import Encoded
@@ -42,6 +43,8 @@ class CleanRun:
             ``[1, kv_heads, n, head_dim]``.
         generated: greedy answer token ids (``[new_tokens]``, the stop token included when one was
             produced), when generation was asked for.
+        additions: what the model adds to its hidden states between decoder layers (DeepStack),
+            ``None`` for a plain stack of layers; the fast engine adds the same to recomputed rows.
     """
 
     logits: torch.Tensor
@@ -50,6 +53,7 @@ class CleanRun:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     generated: torch.Tensor | None = None
+    additions: ResidualAdditions | None = None
 
 
 def stop_ids_of(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
@@ -117,7 +121,14 @@ def clean_runs(
     device, impl, dtype = decoder.device, decoder.attention_implementation, decoder.dtype
     positions = [decoder.position_ids(e) for e in encodeds]  # [..., 1, n_b]
     patterns = [decoder.attention_pattern(e) for e in encodeds]
-    hidden = pad_rows([decoder.input_embeddings(e)[0] for e in encodeds], n_max)  # [B, n_max, d]
+    embedded, additions = [], []
+    for e in encodeds:
+        # The model's own forward up to layer 0 also hands its language model what it adds between
+        # layers (DeepStack); it is recorded here and added in the loop below, as the model does.
+        with decoder.recording_additions() as recorded:
+            embedded.append(decoder.input_embeddings(e)[0])  # [n_b, d]
+        additions.append(recorded())
+    hidden = pad_rows(embedded, n_max)  # [B, n_max, d]
     pos = pad_positions(positions, n_max)  # [..., B, n_max]
     rotary = decoder.rotary(hidden, pos)
     cache = PaddedKV(n_max + extra)
@@ -131,6 +142,9 @@ def clean_runs(
         if mask is None or not same_everywhere:
             mask = to_kernel_mask(prompt_mask(patterns, layer, lengths, n_max, device), impl, dtype)
         hidden = decoder.run_layer(layer, hidden, mask, pos, rotary, cache)
+        for b, (added, n) in enumerate(zip(additions, lengths, strict=True)):
+            if added is not None:
+                hidden[b, :n] = added.after_layer(layer, hidden[b, :n], torch.arange(n, device=hidden.device))
     for b, (start, n) in enumerate(zip(capture_from, lengths, strict=True)):
         kept[b].append(hidden[b, start:n].clone())
     last = torch.stack([hidden[b, n - 1] for b, n in enumerate(lengths)])  # [B, d]
@@ -144,6 +158,7 @@ def clean_runs(
             keys=[cache.keys[layer][b : b + 1, :, :n] for layer in range(decoder.n_layers)],
             values=[cache.values[layer][b : b + 1, :, :n] for layer in range(decoder.n_layers)],
             generated=generated[b],
+            additions=additions[b],
         )
         for b, n in enumerate(lengths)
     ]

@@ -5,8 +5,9 @@ from. :func:`run_folds` runs several jobs together (the folds of several samples
 layer, every job's active rows go into one layer call (one :class:`~vlmflow.knockout.strategy.Segment`
 each, one after another), so the layer's weights are read once for all of them. Per job it keeps
 the folded hidden states ``[V, S, d_model]``, starts each variant where its plan says (from the
-clean run's states, or from its parent's), and returns each variant's final hidden state at the
-last position.
+clean run's states, or from its parent's), adds what the model adds between layers (the clean run's
+:class:`~vlmflow.adapters.additions.ResidualAdditions`, e.g. Qwen3-VL's DeepStack features at image
+positions) to the recomputed rows, and returns each variant's final hidden state at the last position.
 
 Nothing inside the layer loop reads a value back from the device: what decides the shape of a call
 (active variants, open windows, promises) are host values computed before the loop
@@ -182,10 +183,17 @@ def fold_layers(states: Sequence[FoldState], decoder: DecoderMap, strategy: Fold
         for (state, facts), segment in zip(active, segments, strict=True):
             part = out[0, offset : offset + segment.rows]
             offset += segment.rows
+            rows = state.masks.rows  # [S] sequence positions of the fold's rows
             if facts.last_rows_only:
-                state.hidden[: facts.active, -1] = part
+                state.hidden[: facts.active, -1] = _added(state.job.clean, layer, part[:, None], rows[-1:])[:, 0]
             else:
-                state.hidden[: facts.active] = part.view(facts.active, state.plan.suffix, -1)
+                state.hidden[: facts.active] = _added(state.job.clean, layer, part.view(facts.active, state.plan.suffix, -1), rows)
+
+
+def _added(clean: CleanRun, layer: int, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Layer ``layer``'s output ``[k, Q, d_model]`` at positions ``rows`` ``[Q]`` plus what the model adds
+    there before the next layer (nothing for a plain stack of layers)."""
+    return out if clean.additions is None else clean.additions.after_layer(layer, out, rows)
 
 
 def _segment(state: FoldState, facts: LayerFacts, decoder: DecoderMap) -> tuple[Segment, torch.Tensor, torch.Tensor]:

@@ -5,11 +5,18 @@ token id; the question is the set of tokens overlapping the question's character
 offsets); related/other/padding patches come from the family's :class:`ImageLayout` mapped onto
 the image-token positions. A group that comes out empty is recorded as *missing* with its reason, so
 a flow that needs it fails loudly for that sample instead of silently blocking nothing.
+
+A prompt with several images or a video has one :class:`~vlmflow.positions.layout.VisualBlock` per
+image or frame; their tokens are the visual tokens of the sequence in order, block by block. The
+``image`` group holds all of them and has one item per image (a video is one), ``frame`` one item
+per frame, ``tile`` one per tile; an object's box (``SceneObject.image``: which image or input frame
+it is in) maps through the layouts of the blocks that show that image or frame.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,40 +24,44 @@ from vlmflow.data.sample import Sample
 from vlmflow.errors import SampleError
 from vlmflow.inputs import Encoded
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.positions.layout import ImageLayout
+from vlmflow.positions.layout import ImageLayout, VisualBlock
 from vlmflow.positions.text import find_word, tokens_in_span
 
 
 def build_position_groups(
     encoded: Encoded,
-    image_token_id: int,
-    layout: ImageLayout | None,
+    blocks: Sequence[VisualBlock],
     sample: Sample,
     *,
     random_draw: int = 0,
+    patch_groups: bool = True,
 ) -> PositionGroups:
     """All position groups of one sample.
 
     Args:
         encoded: the processor output with offsets (:meth:`InputPipeline.encode <vlmflow.adapters.pipeline.InputPipeline.encode>`).
-        image_token_id: id of the image token in ``encoded.input_ids``.
-        layout: the image tokens' patch layout; ``None`` skips the patch groups.
+        blocks: the visual blocks (one per image, or per frame of a video) in sequence order
+            (:meth:`InputPipeline.visual_blocks <vlmflow.adapters.pipeline.InputPipeline.visual_blocks>`).
         sample: the sample (boxes, options, object name).
         random_draw: index of the size-matched random control draw (:attr:`Group.RANDOM`).
+        patch_groups: resolve the groups that need the patch layouts (related, other, padding, ...).
 
     Raises:
         SampleError: the sequence has no image tokens, the question is not in the prompt, the
-            image-token count differs from the layout's, or groups overlap where they must not.
+            image-token count differs from the layouts', or groups overlap where they must not.
     """
     ids = encoded.input_ids.numpy()
     seq_len = len(ids)
     positions: dict[Group, tuple[int, ...]] = {}
     missing: dict[Group, str] = {}
-
-    image_pos = np.flatnonzero(ids == image_token_id)
+    token_ids = sorted({int(b.token_id) for b in blocks})
+    image_pos = np.flatnonzero(np.isin(ids, token_ids))
     if len(image_pos) == 0:
-        raise SampleError(f"no image tokens (id {image_token_id}) in the {seq_len}-token sequence", stage="groups")
+        spelled = ", ".join(str(t) for t in token_ids) or "none"
+        raise SampleError(f"no image tokens (id {spelled}) in the {seq_len}-token sequence", stage="groups")
     positions[Group.IMAGE] = _t(image_pos)
+    block_pos = _split_blocks(ids, image_pos, blocks)
+    units = _unit_items(blocks, block_pos, positions, missing)
 
     question = tokens_in_span(encoded.offsets, encoded.question_span)
     if not question:
@@ -72,9 +83,57 @@ def build_position_groups(
     _put(positions, missing, Group.SUFFIX, suffix, "nothing between the question and the last position")
 
     _option_groups(encoded, sample, positions, missing)
-    if layout is not None:
-        _patch_groups(layout, image_pos, sample, encoded.image_size, positions, missing, random_draw)
-    return PositionGroups(seq_len=seq_len, positions=positions, missing=missing)
+    if patch_groups:
+        _patch_groups(blocks, block_pos, sample, positions, missing, random_draw)
+    return PositionGroups(seq_len=seq_len, positions=positions, missing=missing, units=units)
+
+
+def _split_blocks(ids: np.ndarray, image_pos: np.ndarray, blocks: Sequence[VisualBlock]) -> list[np.ndarray]:
+    """The sequence positions of each block's tokens: the image tokens in order, block by block."""
+    counts = [int(b.layout.n_tokens) for b in blocks]
+    if sum(counts) != len(image_pos):
+        what = "this image's patch layout has" if len(blocks) == 1 else f"the patch layouts of its {len(blocks)} images or frames have"
+        raise SampleError(
+            f"image-token count mismatch: the sequence has {len(image_pos)} image tokens but {what} {sum(counts)}",
+            stage="groups",
+        )
+    out = np.split(image_pos, np.cumsum(counts)[:-1])
+    for k, (block, pos) in enumerate(zip(blocks, out, strict=True)):
+        if not bool((ids[pos] == block.token_id).all()):
+            raise SampleError(
+                f"image or frame {k} should hold tokens of id {block.token_id} but its positions hold others; the "
+                "images and frames are not in the order the layouts list them",
+                stage="groups",
+            )
+    return out
+
+
+def _unit_items(
+    blocks: Sequence[VisualBlock],
+    block_pos: Sequence[np.ndarray],
+    positions: dict[Group, tuple[int, ...]],
+    missing: dict[Group, str],
+) -> dict[Group, tuple[tuple[int, ...], ...]]:
+    """The items of the unit groups: whole images (a video is one), whole frames, whole tiles."""
+    by_image: dict[int, list[int]] = {}
+    frames: list[tuple[int, ...]] = []
+    tiles: list[tuple[int, ...]] = []
+    for block, pos in zip(blocks, block_pos, strict=True):
+        by_image.setdefault(block.image, []).extend(int(p) for p in pos)
+        if block.frame is not None:
+            frames.append(_t(pos))
+        tiles.extend(_t(pos[np.asarray(index, dtype=int)]) for index in block.layout.units.get(Group.TILE, ()))
+    units = {Group.IMAGE: tuple(_t(np.asarray(p)) for _, p in sorted(by_image.items()))}
+    for group, items, reason in (
+        (Group.FRAME, frames, "the sample shows no video"),
+        (Group.TILE, tiles, "no image of the sample is split into tiles"),
+    ):
+        if items:
+            positions[group] = _t(np.concatenate([np.asarray(i) for i in items]))
+            units[group] = tuple(items)
+        else:
+            missing[group] = reason
+    return units
 
 
 def _t(array: np.ndarray) -> tuple[int, ...]:
@@ -114,38 +173,50 @@ def _option_groups(
 
 
 def _patch_groups(
-    layout: ImageLayout,
-    image_pos: np.ndarray,
+    blocks: Sequence[VisualBlock],
+    block_pos: Sequence[np.ndarray],
     sample: Sample,
-    image_size: tuple[int, int],
     positions: dict[Group, tuple[int, ...]],
     missing: dict[Group, str],
     random_draw: int,
 ) -> None:
-    if layout.n_tokens != len(image_pos):
-        raise SampleError(
-            f"image-token count mismatch: the sequence has {len(image_pos)} image tokens but this "
-            f"image's patch layout has {layout.n_tokens}",
-            stage="groups",
-        )
-    excluded = (
-        np.zeros(layout.n_tokens, dtype=bool)
-        if layout.excluded_from_other is None
-        else np.asarray(layout.excluded_from_other, dtype=bool)
-    )
-    padding = layout.padding() & ~excluded
-    for group, mask in layout.subgroups.items():
-        _put(positions, missing, group, image_pos[np.asarray(mask, dtype=bool)], f"no {group.value} tokens")
-    _put(positions, missing, Group.PADDING, image_pos[padding], "no padding-only patches")
+    """Related, other, padding, random and the layouts' subgroups, over every image or frame."""
+    image_pos = np.concatenate(list(block_pos))
+    n_sources = 1 + max((s for b in blocks for s in b.sources), default=0)
     boxes = sample.boxes
+    for obj in sample.objects:
+        if obj.box is not None and not 0 <= obj.image < n_sources:
+            raise SampleError(
+                f"object {obj.name!r} has its box in image or frame {obj.image}, but the sample shows {n_sources} "
+                f"(valid: 0..{n_sources - 1})",
+                stage="boxes",
+            )
+    parts: dict[str, list[np.ndarray]] = {"excluded": [], "padding": [], "related": []}
+    for block in blocks:
+        layout = block.layout
+        excluded = (
+            np.zeros(layout.n_tokens, dtype=bool)
+            if layout.excluded_from_other is None
+            else np.asarray(layout.excluded_from_other, dtype=bool)
+        )
+        parts["excluded"].append(excluded)
+        parts["padding"].append(layout.padding() & ~excluded)
+        mine = [obj.box for obj in sample.objects if obj.box is not None and obj.image in block.sources]
+        for box in mine:
+            box.check(block.size)
+        parts["related"].append(layout.related(mine) & ~excluded if mine else np.zeros(layout.n_tokens, dtype=bool))
+    excluded = np.concatenate(parts["excluded"])
+    padding = np.concatenate(parts["padding"])
+    for group in dict.fromkeys(g for block in blocks for g in block.layout.subgroups):
+        mask = np.concatenate([_subgroup(block.layout, group) for block in blocks])
+        _put(positions, missing, group, image_pos[mask], f"no {group.value} tokens")
+    _put(positions, missing, Group.PADDING, image_pos[padding], "no padding-only patches")
     if not boxes:
         reason = "the sample has no object boxes"
         for group in (Group.RELATED, Group.OTHER, Group.OTHER_CONTENT, Group.RANDOM):
             missing[group] = reason
         return
-    for box in boxes:
-        box.check(image_size)
-    related = layout.related(boxes) & ~excluded
+    related = np.concatenate(parts["related"])
     other = ~related & ~excluded
     _put(positions, missing, Group.RELATED, image_pos[related], f"no image patch overlaps the boxes {boxes}")
     _put(positions, missing, Group.OTHER, image_pos[other], "every image patch is related")
@@ -161,3 +232,8 @@ def _patch_groups(
         pick = np.random.default_rng(seed).choice(pool, size=n_related, replace=False)
         positions[Group.RANDOM] = _t(image_pos[pick])
 
+
+def _subgroup(layout: ImageLayout, group: Group) -> np.ndarray:
+    """Bool over the layout's tokens: its ``group`` subgroup (all False where it has none)."""
+    mask = layout.subgroups.get(group)
+    return np.zeros(layout.n_tokens, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)

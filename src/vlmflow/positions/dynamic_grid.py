@@ -1,10 +1,11 @@
-"""Boxes to image tokens for dynamic-resolution models (Qwen2-VL, Qwen2.5-VL): resize, then merge.
+"""Boxes to image tokens for dynamic-resolution models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): resize, then merge.
 
 Qwen2-VL resizes an image to the nearest size whose sides are multiples of ``patch * merge``
 (``smart_resize``: keep the aspect ratio, stay within ``[min_pixels, max_pixels]``), cuts it into
 ``patch`` x ``patch`` vision patches, and merges every ``merge`` x ``merge`` block of patches into one
 language-model token. So one image token shows a ``patch * merge`` square of the resized image
-(28 x 28 pixels for the released checkpoints), the tokens run row-major over the merged grid, and
+(28 x 28 pixels for the released Qwen2-VL checkpoints, 32 x 32 for Qwen3-VL's 16-px patches), the
+tokens run row-major over the merged grid, and
 there is no padding. The pixel rule is the one of :mod:`vlmflow.positions.patches` (nearest source
 pixel); the pixel oracle of the tests (``tests/support/family_oracles.py``) checks it against the
 real image processor.
@@ -21,6 +22,9 @@ from vlmflow.positions.patches import Axis, GridPart, PatchGrid, TokenLayout, Vi
 #: The released Qwen2-VL / Qwen2.5-VL processors' pixel bounds (``size`` shortest/longest edge).
 QWEN2_VL_MIN_PIXELS = 56 * 56
 QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
+#: The released Qwen3-VL processors' pixel bounds (16-px patches merged 2 x 2).
+QWEN3_VL_MIN_PIXELS = 65536
+QWEN3_VL_MAX_PIXELS = 16777216
 
 
 def dynamic_resize(width: int, height: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -78,3 +82,54 @@ def _dynamic_geometry(image_size: tuple[int, int], patch: int, merge: int, min_p
     new_w, new_h = dynamic_resize(width, height, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
     view = View(y=Axis.identity(height).resize(new_h), x=Axis.identity(width).resize(new_w))
     return TokenLayout((GridPart(PatchGrid(view, patch * merge)),))
+
+
+def qwen3_video_resize(
+    n_frames: int, width: int, height: int, *, factor: int, temporal_factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """``(width, height)`` Qwen3-VL resizes every frame of an ``n_frames``-frame video to.
+
+    As :func:`dynamic_resize`, but the pixel bounds hold for the whole video (frames rounded to a
+    multiple of ``temporal_factor``), and a side below ``factor`` is first scaled up to it.
+
+    >>> qwen3_video_resize(4, 500, 375, factor=32, temporal_factor=2, min_pixels=4096, max_pixels=25165824)
+    (512, 384)
+    """
+    if n_frames < temporal_factor:
+        raise SampleError(
+            f"a {n_frames}-frame video is shorter than the temporal patch of {temporal_factor} frames Qwen3-VL needs",
+            stage="image",
+        )
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise SampleError(f"a {width}x{height} frame has an aspect ratio above 200, which Qwen3-VL refuses", stage="image")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(n_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((n_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (n_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
+
+
+def resized_geometry(image_size: tuple[int, int], resized: tuple[int, int], *, patch_size: int, merge_size: int) -> TokenLayout:
+    """Token layout of an image (or video frame) resized to ``resized`` ``(width, height)``: one merged
+    patch grid, row-major, as for :func:`dynamic_geometry` (which picks the size itself).
+
+    >>> resized_geometry((500, 375), (512, 384), patch_size=16, merge_size=2).n_tokens
+    192
+    """
+    width, height = _check_size(image_size)
+    new_w, new_h = resized
+    token = patch_size * merge_size
+    if new_w % token or new_h % token:
+        raise ConfigError(f"a {new_w}x{new_h} view does not split into {token}-px merged patches")
+    view = View(y=Axis.identity(height).resize(new_h), x=Axis.identity(width).resize(new_w))
+    return TokenLayout((GridPart(PatchGrid(view, token)),))

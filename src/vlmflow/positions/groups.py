@@ -22,7 +22,7 @@ from vlmflow.errors import ConfigError, SampleError
 class Group(StrEnum):
     """Named position groups. Values are what users type in a flow (``"image->last"``)."""
 
-    IMAGE = "image"  # every image token in the LM sequence (for LLaVA-NeXT: base, grid and newlines)
+    IMAGE = "image"  # every image token in the LM sequence (for LLaVA-NeXT: base, grid and newlines); items: whole images
     QUESTION = "question"  # tokens of the question text (not the system prompt, role tags or suffix)
     LAST = "last"  # the final prompt position, which predicts the first answer token
     RELATED = "related"  # image tokens whose patch overlaps a box of the question's objects
@@ -38,6 +38,8 @@ class Group(StrEnum):
     SYSTEM = "system"  # everything before the image (system prompt, role tag)
     SUFFIX = "suffix"  # text tokens after the question and before the last position
     RANDOM = "random"  # size-matched random control: as many non-related patches as RELATED
+    FRAME = "frame"  # video: the tokens of every frame; items: whole frames, in time order
+    TILE = "tile"  # InternVL, Idefics3: the tokens of every tile (thumbnail / global view excluded); items: whole tiles
 
     @classmethod
     def parse(cls, text: str) -> Group:
@@ -97,6 +99,10 @@ PAPER_FLOWS: tuple[Flow, ...] = (
 )
 
 
+#: Groups whose items (``GROUP[i]``) are whole units (an image, a frame, a tile), not positions.
+UNIT_GROUPS: tuple[Group, ...] = (Group.IMAGE, Group.FRAME, Group.TILE)
+
+
 @dataclass(frozen=True)
 class PositionGroups:
     """Where each :class:`Group` sits in one sample's language-model sequence.
@@ -104,6 +110,12 @@ class PositionGroups:
     ``positions`` maps a group to sorted, unique 0-based sequence positions. ``missing`` maps a
     group that could not be resolved for this sample to the reason (e.g. no option words in a
     QueryAttr question); asking for it raises :class:`SampleError` with that reason.
+
+    ``units`` holds the *items* of the groups whose items are whole units (:data:`UNIT_GROUPS`): for
+    ``image`` one tuple of positions per image of the prompt (a video counts as one), for ``frame``
+    one per frame of the video, for ``tile`` one per tile, in sequence order. They partition the
+    group's positions. :meth:`items` gives the items of any group (one position each for the others),
+    which is what ``GROUP[i]`` and ``GROUP[A:B]`` select.
 
     >>> g = PositionGroups(5, {Group.IMAGE: (1, 2), Group.LAST: (4,)})
     >>> g[Group.IMAGE]
@@ -117,6 +129,7 @@ class PositionGroups:
     seq_len: int
     positions: Mapping[Group, tuple[int, ...]]
     missing: Mapping[Group, str] = field(default_factory=dict)
+    units: Mapping[Group, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for group, pos in self.positions.items():
@@ -127,6 +140,24 @@ class PositionGroups:
                 )
             if list(pos) != sorted(set(pos)):
                 raise SampleError(f"group {group.value!r} positions are not sorted and unique", stage="groups")
+        for group, items in self.units.items():
+            flat = [p for item in items for p in item]
+            if group not in self.positions or flat != list(self.positions[group]) or not all(items):
+                raise SampleError(
+                    f"the items of group {group.value!r} do not partition its positions in sequence order", stage="groups"
+                )
+
+    def items(self, group: Group) -> tuple[tuple[int, ...], ...]:
+        """The items of ``group`` in sequence order: its units (whole images, frames, tiles) where it has
+        them, else one position each.
+
+        >>> g = PositionGroups(6, {Group.IMAGE: (1, 2, 3, 4), Group.LAST: (5,)}, units={Group.IMAGE: ((1, 2), (3, 4))})
+        >>> g.items(Group.IMAGE), g.items(Group.LAST)
+        (((1, 2), (3, 4)), ((5,),))
+        """
+        if group in self.units:
+            return tuple(self.units[group])
+        return tuple((p,) for p in self[group])
 
     def __getitem__(self, group: Group) -> tuple[int, ...]:
         if group in self.positions:

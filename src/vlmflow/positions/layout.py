@@ -3,6 +3,10 @@
 A family's input pipeline builds it from the image's size and the family's geometry
 (:mod:`vlmflow.positions.patches`, :mod:`~vlmflow.positions.anyres`, ...); position finding
 (:mod:`vlmflow.positions.build`) maps it onto the image-token positions of the sequence.
+
+A prompt with several images, or with a video, has one :class:`VisualBlock` per image or per
+frame of the video (as the model sees it), in sequence order: its layout, the token id its tokens
+carry, and which inputs' pixels (so which boxes) it shows.
 """
 
 from __future__ import annotations
@@ -45,9 +49,39 @@ class ImageLayout:
     geometry: TokenGeometry
     subgroups: Mapping[Group, np.ndarray] = field(default_factory=dict)
     excluded_from_other: np.ndarray | None = None  # e.g. newline tokens: not patches at all
+    #: Per unit group (``tile``), its items in this image: indices into the image's tokens, in order.
+    units: Mapping[Group, Sequence[np.ndarray]] = field(default_factory=dict)
 
     def related(self, boxes: Sequence[Any]) -> np.ndarray:
         return np.asarray(self.geometry.related_tokens(boxes), dtype=bool)
 
     def padding(self) -> np.ndarray:
         return np.asarray(self.geometry.padding_tokens(), dtype=bool)
+
+
+@dataclass(frozen=True)
+class VisualBlock:
+    """The tokens of one image, or of one frame of a video, in the language-model sequence.
+
+    Attributes:
+        layout: where its tokens' patches are.
+        token_id: the id its tokens carry in ``input_ids`` (the image or the video token).
+        image: which image of the prompt it belongs to (a video is one image).
+        frame: for a video, which frame as the model sees it (``None`` for an image).
+        sources: which inputs' pixels it shows, so whose boxes map through its layout: the image's
+            index for an image; for a video the indices of the input frames folded into this one
+            (two per model frame for Qwen-VL's temporal patches of 2).
+        size: ``(width, height)`` of those inputs, before any processing.
+
+    >>> from vlmflow.positions.patches import llava_geometry
+    >>> block = VisualBlock(ImageLayout(4, llava_geometry((8, 8), mode="resize", view_size=8, patch_size=4)), 32, 0, None, (0,), (8, 8))
+    >>> block.layout.n_tokens, block.sources
+    (4, (0,))
+    """
+
+    layout: ImageLayout
+    token_id: int
+    image: int
+    frame: int | None
+    sources: tuple[int, ...]
+    size: tuple[int, int]

@@ -95,6 +95,16 @@ class SplitLayout(TokenLayout):
         out[sum(sizes[:-1]) :] = True
         return out
 
+    def tile_items(self) -> list[np.ndarray]:
+        """The token indices of each tile, in tile order (none when the image is one view).
+
+        >>> [len(t) for t in SplitLayout((*[_frame(Axis.identity(8), Axis.identity(8), 4, 8)] * 3,), rows=1, cols=2).tile_items()]
+        [4, 4]
+        """
+        sizes = [part.n_tokens for part in self.parts[: self.n_tiles]]
+        starts = np.cumsum([0, *sizes[:-1]])
+        return [np.arange(start, start + n) for start, n in zip(starts, sizes, strict=True)]
+
 
 def split_geometry(
     image_size: tuple[int, int],
