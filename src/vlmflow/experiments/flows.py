@@ -55,15 +55,19 @@ def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None
 
 
 def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, SampleRow]:
-    """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
+    """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base).
+
+    The answer stops at any of the model's stop ids (:attr:`LoadedModel.stop_token_ids`).
+    """
     tokenizer = loaded.tokenizer
+    stop = list(loaded.stop_token_ids)
     clean = clean_run(
         loaded.decoder,
         prepared.encoded,
         capture_from=capture_from,
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop or None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else None),
     )
     if not bool(torch.isfinite(clean.logits).all()):
         raise SampleError(f"the clean forward produced non-finite logits ({_non_finite(clean.logits)})", stage="forward")
