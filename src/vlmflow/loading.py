@@ -271,6 +271,7 @@ def bind_model(
         info={
             **info,
             "n_layers": bound.decoder.n_layers,
+            "patch_rule": bound.inputs.patch_rule,
             "stop_token_ids": list(stop_token_ids(model, bound.inputs.tokenizer)),
         },
     )
