@@ -160,15 +160,17 @@ def test_image_layout_uses_its_rule_and_checks_its_shape():
 
 
 @pytest.mark.slow
-def test_every_released_row_equals_the_hf_processor():
-    """LLaVA-1.5 and LLaVA-NeXT at their real sizes: every released sample's image size and boxes."""
+def test_released_rows_equal_the_hf_processor():
+    """LLaVA-1.5 and LLaVA-NeXT at their real sizes on 1000 released samples' image sizes and boxes
+    (a seeded draw: all 5,525 agree too, but checking them takes about 5 CPU minutes)."""
     from vlmflow.data.datasets import load_samples, released_specs
 
     single, anyres = mask_processor("pad", 336, resample=BICUBIC), next_mask_processor(336, LLAVA_NEXT_PINPOINTS)
     rows = [(s.image_size, s.boxes) for spec in released_specs() for s in load_samples(spec)[0].samples]
     assert len(rows) == 5525
     bad = []
-    for size, boxes in rows:
+    for i in np.random.default_rng(0).choice(len(rows), 1000, replace=False):
+        size, boxes = rows[i]
         if not np.array_equal(paper_rule_tokens(size, boxes), paper_rule_tokens(size, boxes, processor=single)):
             bad.append(("llava-1.5", size, boxes))
         layout = anyres_geometry(size, view_size=336, patch_size=14, pinpoints=LLAVA_NEXT_PINPOINTS)
