@@ -9,6 +9,8 @@ imports no torch.
 (('image_mode', 'pad'),)
 >>> spec.identity()["options"]
 {'image_mode': 'pad'}
+>>> LoadSpec("llava-hf/llava-1.5-7b-hf", patch_rule="paper").options
+(('patch_rule', 'paper'),)
 >>> LoadSpec("m", attn_implementation="flash_attention_2")
 Traceback (most recent call last):
 ...
@@ -25,9 +27,14 @@ from typing import Any
 from vlmflow.errors import ConfigError
 from vlmflow.settings import Settings, build, route_keywords, setting
 
-__all__ = ["DTYPE_CHOICES", "MASKABLE_ATTENTION", "LoadSpec", "load_spec"]
+__all__ = ["DTYPE_CHOICES", "MASKABLE_ATTENTION", "PATCH_RULES", "LoadSpec", "load_spec"]
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: Rules deciding which image tokens are related to a box (:mod:`vlmflow.positions.patches`,
+#: :mod:`vlmflow.positions.paper_rule`); the first is every family's default.
+PATCH_RULES = ("overlap", "paper")
+#: Family options with a field of their own: written into ``options`` when set, read from there when not.
+OPTION_FIELDS = ("image_mode", "patch_rule")
 #: Attention kernels that apply an explicit attention mask (others, such as flash-attention, never
 #: see one, so a knockout would silently do nothing).
 MASKABLE_ATTENTION = ("eager", "sdpa")
@@ -40,9 +47,10 @@ class LoadSpec(Settings):
     Every field is declared once (:func:`vlmflow.settings.setting`): its CLI flag, API keyword, config
     key, help and whether it belongs to a run's identity come from here. Where the model runs
     (``device``) and the permissions (``allow_hub``, ``trust_remote_code``) do not change results,
-    so they are not part of the identity. ``image_mode`` is a family option: when set, it is written
-    into ``options`` (part of the identity), over any ``image_mode`` there; when not, it is read from
-    there.
+    so they are not part of the identity. ``image_mode`` and ``patch_rule`` are family options: when
+    set, each is written into ``options`` (part of the identity), over the same key there; when not,
+    it is read from there. The patch rule changes the related/other groups, so a run records it; it
+    belongs here because the input pipeline, bound at load, builds the image layout.
     """
 
     name: str = setting(
@@ -76,6 +84,17 @@ class LoadSpec(Settings):
         identity=False,  # recorded in ``options``
         help="Image preprocessing: LLaVA-1.5 pad (paper), resize or crop; LLaVA-NeXT anyres (paper) or nohd_nopad.",
     )
+    patch_rule: str | None = setting(
+        None,
+        identity=False,  # recorded in ``options``
+        choices=PATCH_RULES,
+        invalid="unknown patch rule {value!r}",
+        help=(
+            "Which image tokens are related to a box: overlap (default: a patch showing a box pixel) or paper "
+            "(the official code's: inclusive rectangle, bicubic resize, a patch holding an exactly red pixel; "
+            "LLaVA-1.5 and LLaVA-NeXT)."
+        ),
+    )
     options: tuple[tuple[str, Any], ...] = setting(
         (),
         flags=None,
@@ -94,12 +113,13 @@ class LoadSpec(Settings):
             raise ConfigError(f"options must be a mapping of option names to values, got {self.options!r}")
         object.__setattr__(self, "options", options)
         super().__post_init__()
-        # image_mode is the family option users set most: a field of its own, kept in options too.
+        # The family options users set most have fields of their own, kept in options too.
         given = dict(self.options)
-        if self.image_mode is not None:
-            given["image_mode"] = self.image_mode
-        elif "image_mode" in given:
-            object.__setattr__(self, "image_mode", given["image_mode"])
+        for name in OPTION_FIELDS:
+            if getattr(self, name) is not None:
+                given[name] = getattr(self, name)
+            elif name in given:
+                object.__setattr__(self, name, given[name])
         object.__setattr__(self, "options", tuple(sorted(given.items())))
 
 

@@ -75,6 +75,30 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Ids that end the greedy answer (:func:`stop_token_ids` of the model and its tokenizer)."""
+        return stop_token_ids(self.model, self.tokenizer)
+
+
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id of the checkpoint's generation config, then the tokenizer's, once each.
+
+    A generation config may list several (Llama-3-LLaVA-NeXT: ``<|eot_id|>`` and
+    ``<|end_of_text|>``); the tokenizer knows only one. Generation stops on any of them, as the
+    paper's code did. Empty when neither names one (then only the token budget ends an answer).
+
+    >>> from types import SimpleNamespace
+    >>> model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[128009, 128001]))
+    >>> stop_token_ids(model, SimpleNamespace(eos_token_id=128001))
+    (128009, 128001)
+    """
+    config = getattr(model, "generation_config", None)
+    found = getattr(config, "eos_token_id", None)
+    ids = list(found) if isinstance(found, list | tuple) else [found]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
 
 def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """``"float32"|"bfloat16"|"float16"`` -> torch dtype; ``"auto"``: bfloat16 on CUDA, else float32.
@@ -244,7 +268,12 @@ def bind_model(
         decoder=bound.decoder,
         template=template,
         options=dict(options),
-        info={**info, "n_layers": bound.decoder.n_layers},
+        info={
+            **info,
+            "n_layers": bound.decoder.n_layers,
+            "patch_rule": bound.inputs.patch_rule,
+            "stop_token_ids": list(stop_token_ids(model, bound.inputs.tokenizer)),
+        },
     )
 
 

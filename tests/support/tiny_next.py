@@ -6,8 +6,8 @@ laid out like the released checkpoints', ``save_pretrained`` so they load back t
 
 * :func:`build_tiny_llava_next`: CLIP tower (32 px views, 8 px patches), anyres pinpoints
   ``[[32, 64], [64, 32], [64, 64]]``, Llama decoder; tokenizer ``"sentencepiece"`` (like
-  llava-v1.6-vicuna) or ``"llama3"`` (byte-level with Llama-3's pre-tokenizer, special tokens and
-  chat template, like llama3-llava-next).
+  llava-v1.6-vicuna) or ``"llama3"`` (byte-level with Llama-3's pre-tokenizer, special tokens,
+  chat template and a generation config stopping on two ids, like llama3-llava-next).
 * :func:`build_tiny_llava_onevision`: SigLIP tower with 36 px views and 8 px patches (4 px of
   each view unseen, like 384/14), 1..3 x 1..3 view pinpoints, ``anyres_max_1`` so the grid is
   downscaled as soon as it holds more than one view, Qwen2 decoder, Qwen-style tokenizer.
@@ -58,6 +58,8 @@ LLAMA3_SPLIT = (
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>")
+#: The end-of-sequence tokens of Llama-3-Instruct's generation config.
+LLAMA3_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
 _CORPUS = (*DEFAULT_CORPUS, VICUNA_SYSTEM, LLAMA3_SYSTEM, "You are a helpful assistant. system user assistant")
@@ -164,6 +166,10 @@ def build_tiny_llava_next(
         vision_feature_layer=-1,
     )
     model = _random_model(LlavaNextForConditionalGeneration, model_config, config)
+    if config.tokenizer == "llama3":
+        # Like llama3-llava-next-8b: the generation config stops on <|eot_id|> and <|end_of_text|>,
+        # the tokenizer names one eos token only.
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(list(LLAMA3_STOP_TOKENS))
     if path is not None:
         _save(model, processor, Path(path))
     return model, processor

@@ -8,10 +8,15 @@ padded to a square with the processor's mean colour (``expand2square``) and then
 checkpoints' processors would otherwise resize the short side and centre-crop, cutting off a
 quarter of a 4:3 GQA image. ``image_mode`` may be set to ``"resize"`` (squash) or ``"crop"`` (the HF
 processor's own behaviour) to study the difference.
+
+``patch_rule="paper"`` relates a token to a box by the official code's rule (the painted mask through
+the same preprocessing, bicubic, a patch holding an exactly red pixel:
+:func:`vlmflow.positions.paper_rule.paper_rule_tokens`) instead of the pixel overlap.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,6 +66,7 @@ class LlavaInputs(InputPipeline):
 
     option_names = ("image_mode",)
     image_separator = "\n"
+    patch_rules = ("overlap", "paper")
 
     def configure(self) -> None:
         mode = str(self.options.get("image_mode", "pad"))
@@ -83,7 +89,19 @@ class LlavaInputs(InputPipeline):
         from vlmflow.positions.patches import llava_geometry
 
         geometry = llava_geometry(encoded.sizes[index], mode=self.mode, view_size=self.view, patch_size=self.patch)
-        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry)
+        rule = None
+        if self.patch_rule == "paper":
+            from vlmflow.positions.paper_rule import paper_rule_tokens
+
+            rule = functools.partial(
+                paper_rule_tokens,
+                encoded.sizes[index],
+                mode=self.mode,
+                view_size=self.view,
+                patch_size=self.patch,
+                image_mean=tuple(self.processor.image_processor.image_mean),
+            )
+        return ImageLayout(n_tokens=int(geometry.n_tokens), geometry=geometry, related_rule=rule)
 
 
 @register_family
@@ -97,7 +115,8 @@ class LlavaFamily(ModelFamily):
     support = {
         "prompt": "vicuna_v1 as in the paper (also vicuna_nosys)",
         "groups": "image (one item per image), related/other/padding (pad-to-square, boxes per image)",
-        "box mapping": "pad / resize / crop + 14-px patches; == LlavaImageProcessorPil pixel oracle on all released GQA geometries",
+        "box mapping": "pad / resize / crop + 14-px patches; == LlavaImageProcessorPil pixel oracle on all released GQA geometries; "
+        "patch_rule paper: the official code's rule",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "three tiny random LLaVA shapes via save/from_pretrained: fast == reference (sdpa, eager), incl. "

@@ -17,11 +17,16 @@ has no such switch: ``pixel_values`` always go through the anyres packing, and e
 gets a newline appended. So the adapter runs the model's own ``get_image_features`` on the padded
 square (whose base view is exactly that 336 px view), keeps the base view's 576 features, and
 hands them to the model as ``mm_encoder_outputs`` next to ``input_ids`` holding 576 image tokens.
+
+``patch_rule="paper"`` relates tokens to boxes by the official code's rule in both modes: the
+painted mask through the base view and the grid (anyres) or the padded view (``nohd_nopad``),
+bicubic, a patch holding an exactly red pixel (:mod:`vlmflow.positions.paper_rule`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,11 +130,25 @@ class AnyresInputs(InputPipeline):
             pinpoints=self.pinpoints,
             max_patches=self.max_patches(),
         )
-        return anyres_image_layout(geometry)
+        rule = None
+        if self.patch_rule == "paper":
+            from vlmflow.positions.paper_rule import anyres_paper_rule_tokens
+
+            rule = functools.partial(
+                anyres_paper_rule_tokens,
+                encoded.sizes[index],
+                layout=geometry,
+                view_size=self.view,
+                patch_size=self.patch,
+            )
+        return anyres_image_layout(geometry, rule)
 
 
-def anyres_image_layout(geometry: AnyresLayout) -> ImageLayout:
-    """Image groups of an anyres image: base, grid and newline tokens; newlines never count as "other"."""
+def anyres_image_layout(geometry: AnyresLayout, related_rule: Callable[[Sequence[Any]], np.ndarray] | None = None) -> ImageLayout:
+    """Image groups of an anyres image: base, grid and newline tokens; newlines never count as "other".
+
+    ``related_rule``: boxes -> related tokens, when not the geometry's pixel overlap.
+    """
     newline = geometry.newline_tokens()
     return ImageLayout(
         n_tokens=geometry.n_tokens,
@@ -140,6 +159,7 @@ def anyres_image_layout(geometry: AnyresLayout) -> ImageLayout:
             Group.IMAGE_NEWLINE: newline,
         },
         excluded_from_other=newline,
+        related_rule=related_rule,
     )
 
 
@@ -147,6 +167,7 @@ class LlavaNextInputs(AnyresInputs):
     """LLaVA-NeXT inputs: anyres, or the paper's single padded view (``image_mode="nohd_nopad"``)."""
 
     image_modes = NEXT_IMAGE_MODES
+    patch_rules = ("overlap", "paper")
 
     def encode_images(self, question: str, images: Sequence[Image.Image]) -> Encoded:
         if self.mode == "anyres":
@@ -162,6 +183,18 @@ class LlavaNextInputs(AnyresInputs):
 
         geometry = llava_geometry(encoded.sizes[index], mode="pad", view_size=self.view, patch_size=self.patch)
         n = int(geometry.n_tokens)
+        rule = None
+        if self.patch_rule == "paper":
+            from vlmflow.positions.paper_rule import paper_rule_tokens
+
+            rule = functools.partial(
+                paper_rule_tokens,
+                encoded.sizes[index],
+                mode="pad",
+                view_size=self.view,
+                patch_size=self.patch,
+                image_mean=tuple(self.processor.image_processor.image_mean),
+            )
         return ImageLayout(
             n_tokens=n,
             geometry=geometry,
@@ -170,6 +203,7 @@ class LlavaNextInputs(AnyresInputs):
                 Group.IMAGE_GRID: np.zeros(n, dtype=bool),
                 Group.IMAGE_NEWLINE: np.zeros(n, dtype=bool),
             },
+            related_rule=rule,
         )
 
     @torch.no_grad()
@@ -228,7 +262,8 @@ class LlavaNextFamily(ModelFamily):
         "prompt": "vicuna_v1 (llava-v1.6-vicuna); llava_llama_3 when the tokenizer has Llama-3 header tokens",
         "groups": "image (one item per image), image_base/image_grid/image_newline, related/other through base view + grid "
         "(padding: none)",
-        "box mapping": "anyres: base view + best pinpoint crops + un-padding; == processor pixel oracle on all released GQA rows",
+        "box mapping": "anyres: base view + best pinpoint crops + un-padding; == processor pixel oracle on all released GQA rows; "
+        "patch_rule paper: the official code's rule",
         "attention": "causal",
         "fast engine": "exact (causal: recompute from the first target)",
         "verified": "tiny random vicuna- and Llama-3-style LLaVA-NeXT via save/from_pretrained: fast == reference (sdpa, "

@@ -21,6 +21,7 @@ from torch import nn
 
 from vlmflow.errors import ConfigError, SampleError
 from vlmflow.inputs import Encoded, Video, Visuals, expand_placeholders, model_inputs
+from vlmflow.load_spec import PATCH_RULES
 from vlmflow.positions.layout import ImageLayout, VisualBlock
 from vlmflow.prompts import PromptTemplate, RenderedPrompt
 
@@ -34,6 +35,8 @@ class InputPipeline:
         template: the prompt template.
         options: the family options as given (``{"image_mode": "pad"}``); subclasses parse them once
             in :meth:`configure`.
+        patch_rule: which image tokens are related to a box (option ``patch_rule``, one of
+            :attr:`patch_rules`; default ``"overlap"``), applied by :meth:`image_layout`.
         family: the family's name, for messages.
 
     >>> pipeline = loaded.inputs                                      # doctest: +SKIP
@@ -42,12 +45,16 @@ class InputPipeline:
     576
     """
 
-    #: Family options this pipeline understands (others are refused at load).
+    #: Family options this pipeline understands (others are refused at load); ``patch_rule`` is
+    #: understood by every pipeline and checked against :attr:`patch_rules`.
     option_names: tuple[str, ...] = ()
     #: What separates the placeholders of several images in the template's ``{image}`` slot.
     image_separator: str = ""
     #: Whether a prompt may show several images (the family's processor and model take them).
     several_images: bool = True
+    #: Patch rules this family's :meth:`image_layout` implements (the first is the default). The
+    #: paper's rule needs the family's mask preprocessing, so only the paper's families have it.
+    patch_rules: tuple[str, ...] = ("overlap",)
 
     def __init__(
         self, model: nn.Module, processor: Any, template: PromptTemplate, options: Mapping[str, Any], *, family: str = ""
@@ -57,11 +64,23 @@ class InputPipeline:
         self.processor = processor
         self.template = template
         self.options = dict(options)
-        unknown = sorted(set(self.options) - set(self.option_names))
+        unknown = sorted(set(self.options) - {*self.option_names, "patch_rule"})
         if unknown:
-            valid = ", ".join(self.option_names) or "none"
+            valid = ", ".join((*self.option_names, "patch_rule"))
             raise ConfigError(f"unknown option {unknown[0]!r} for {self.family}; valid: {valid}")
+        self.patch_rule = self._patch_rule(self.options.get("patch_rule"))
         self.configure()
+
+    def _patch_rule(self, value: Any) -> str:
+        rule = self.patch_rules[0] if value is None else str(value).strip().lower()
+        if rule not in PATCH_RULES:
+            raise ConfigError(f"unknown patch_rule {value!r}; valid: {', '.join(PATCH_RULES)}")
+        if rule not in self.patch_rules:
+            raise ConfigError(
+                f"patch_rule {rule!r} is not implemented for {self.family} (the paper's rule exists for the paper's "
+                f"families, LLaVA-1.5 and LLaVA-NeXT); valid here: {', '.join(self.patch_rules)}"
+            )
+        return rule
 
     def configure(self) -> None:
         """Parse and check :attr:`options` and the processor (called once, at load). Default: nothing."""

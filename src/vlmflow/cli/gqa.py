@@ -108,38 +108,37 @@ def _image_checker(images: Path):  # noqa: ANN202 - returns the build_tasks call
 @gqa_app.command("stats")
 def stats(
     data: list[str] = typer.Argument(..., help="Task CSV files or gqa:TASK specs; gqa:all for the six packaged files."),
-    mode: str = typer.Option("pad", "--mode", help="Image preprocessing: pad (LLaVA-1.5), resize or crop."),
-    view_size: int = typer.Option(336, "--view-size", help="Side of the processed square image."),
+    mode: str = typer.Option("pad", "--mode", help="Image preprocessing: pad (LLaVA-1.5), resize, crop, or anyres (LLaVA-NeXT)."),
+    view_size: int = typer.Option(336, "--view-size", help="Side of the processed square image (one view)."),
     patch_size: int = typer.Option(14, "--patch-size", help="Vision patch side."),
+    patch_rule: str = typer.Option(
+        "overlap", "--patch-rule", help="Rule of the related mean, min-max and empty columns: overlap or paper."
+    ),
 ) -> None:
-    """Rows, related-token counts (median/mean) and padding tokens per task file."""
+    """Rows, related-token counts under both patch rules (overlap, paper) and their difference, padding tokens."""
     setup_logging(False)
-    from rich import box
-    from rich.table import Table
-
     from vlmflow.data.datasets import load_samples, released_specs
     from vlmflow.errors import ConfigError
-    from vlmflow.positions.patches import PREPROCESS_MODES
-    from vlmflow.positions.task_stats import task_stats
+    from vlmflow.load_spec import PATCH_RULES
+    from vlmflow.positions.task_stats import STATS_MODES, task_stats
 
-    if mode not in PREPROCESS_MODES:
-        raise ConfigError(f"unknown --mode {mode!r}; valid: {', '.join(PREPROCESS_MODES)}")
+    if mode not in STATS_MODES:
+        raise ConfigError(f"unknown --mode {mode!r}; valid: {', '.join(STATS_MODES)}")
+    if patch_rule not in PATCH_RULES:
+        raise ConfigError(f"unknown --patch-rule {patch_rule!r}; valid: {', '.join(PATCH_RULES)}")
     specs = [s for spec in data for s in (released_specs() if spec.lower() == "gqa:all" else (spec,))]
     rows = []
-    for spec in specs:
-        result, name = load_samples(spec)
-        rows.append(task_stats(result, name or spec, mode=mode, view_size=view_size, patch_size=patch_size))  # type: ignore[arg-type]
-        for err in result.errors[:5]:
-            console.print(f"[yellow]{spec}[/] line {err.line}: {err.reason}", highlight=False)
-        if len(result.errors) > 5:
-            console.print(f"[yellow]{spec}[/]: {len(result.errors) - 5} more bad rows", highlight=False)
+    with console.status("mapping boxes to tokens under both rules ..."):
+        for spec in specs:
+            result, name = load_samples(spec)
+            rows.append(task_stats(result, name or spec, mode=mode, view_size=view_size, patch_size=patch_size, rule=patch_rule))  # type: ignore[arg-type]
+            for err in result.errors[:5]:
+                console.print(f"[yellow]{spec}[/] line {err.line}: {err.reason}", highlight=False)
+            if len(result.errors) > 5:
+                console.print(f"[yellow]{spec}[/]: {len(result.errors) - 5} more bad rows", highlight=False)
     n_tokens = "/".join(str(n) for n in sorted({s.n_tokens for s in rows}))
-    table = Table(
-        title=f"{n_tokens} image tokens per sample ({mode}, view {view_size}, patch {patch_size})",
-        box=box.SIMPLE_HEAD,
-        collapse_padding=True,
-        pad_edge=False,
-    )
+    per_sample = f"{n_tokens} image tokens per sample" if mode != "anyres" else f"median {n_tokens} image tokens per sample"
+    table = _table(f"{per_sample} ({mode}, view {view_size}, patch {patch_size}), {patch_rule} rule")
     headers = ("task", "rows", "bad\nrows", "related\nmedian", "related\nmean", "related\nmin-max",
                "empty\nrelated", "padding\nmean", "absent\nobjects")
     for column in headers:
@@ -150,6 +149,22 @@ def stats(
             f"{s.related_min}-{s.related_max}", str(s.empty_related), f"{s.padding_mean:.1f}", str(s.objects_absent),
         )
     console.print(table)
+    rules = _table("Related tokens under the two patch rules: overlap (vlmflow's default) and paper (the official code's)")
+    for column in ("task", "median\noverlap", "median\npaper", "rows\ndiffer", "mean\npaper - overlap", "max\n|difference|"):
+        rules.add_column(column, justify="left" if column == "task" else "right", no_wrap=True)
+    for s in rows:
+        rules.add_row(
+            s.name, f"{s.overlap_median:g}", f"{s.paper_median:g}", str(s.rows_differ), f"{s.difference_mean:+.2f}",
+            str(s.difference_max),
+        )
+    console.print(rules)
+
+
+def _table(title: str):  # noqa: ANN202 - a rich Table (rich is imported lazily)
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,6 +21,12 @@ def plot(
     flows_run: Path | None = typer.Option(
         None, "--flows-run", help="For a lens run: a flows run over the same data, to draw flows over the lens."
     ),
+    # The paper's axes: one option, kept apart from the figure's other settings.
+    paper_axes: bool = typer.Option(
+        False,
+        "--paper-axes",
+        help="Flow figure on the paper's axes: y ticks <= 0 only, x axis cut at layer 31 (as its 13b figures); labelled so.",
+    ),
 ) -> None:
     """Draw a run's figures: the paper's knockout figure (one file per task) and/or its lens figures."""
     setup_logging(False)
@@ -31,7 +37,7 @@ def plot(
 
     formats = check_formats([f for item in format for f in item.split(",") if f.strip()]) if format else DEFAULT_FORMATS
     tables = RunStore.load(run_dir).tables()
-    written = write_flow_figures(run_dir, out=out, formats=formats)
+    written = write_flow_figures(run_dir, out=out, formats=formats, paper_axes=paper_axes)
     written += write_lens_figures(run_dir, flows_run=flows_run, out=out, formats=formats)
     if not written:
         what = ", ".join(tables) or "no tables"

@@ -34,7 +34,7 @@ def reproduce(
     setup_logging(verbose)
     on_ray = ray_options(ray, workers, shard_size)
     from vlmflow.study.bundled import resolve_config
-    from vlmflow.study.config import load_config
+    from vlmflow.study.config import describe_model, load_config
     from vlmflow.study.reproduce import planned_runs
 
     path = resolve_config(config)
@@ -43,6 +43,8 @@ def reproduce(
     plan = planned_runs(study)
     console.print(f"study [bold]{study.name}[/]: {len(study.models)} model(s) x {len(study.tasks)} task(s), {len(plan)} runs -> {target}")
     if dry_run:
+        for model in study.models:
+            console.print(f"  model {model.label}: {describe_model(model.spec)}", highlight=False, soft_wrap=True)
         for model, task, experiment in plan:
             source = task.data or f"synthetic {task.synthetic.task.value} (n={task.synthetic.n})"  # type: ignore[union-attr]
             console.print(f"  {model.label} ({model.model}) / {task.label} ({source}) / {experiment}", highlight=False)

@@ -30,7 +30,7 @@ from vlmflow.experiments.flows import (
 )
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.settings import ControlSettings, FlowSettings
-from vlmflow.knockout.clean import clean_runs, stop_ids_of
+from vlmflow.knockout.clean import clean_runs
 from vlmflow.knockout.fast import FoldRequest
 from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
@@ -71,7 +71,7 @@ def knockout_results(
             [item.prepared.encoded for item in live],
             capture_from=captures,
             max_new_tokens=settings.max_new_tokens,
-            stop_ids=stop_ids_of(loaded.tokenizer.eos_token_id),
+            stop_ids=frozenset(loaded.stop_token_ids),
         )
         kept = []
         for item, clean in zip(live, cleans, strict=True):

@@ -55,13 +55,16 @@ def check_flows_available(groups: PositionGroups, flows: Sequence[Flow]) -> None
 
 
 def baseline(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings, capture_from: int) -> tuple[CleanRun, SampleRow]:
-    """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base)."""
+    """Clean run with greedy decoding, and the sample row (prediction, correctness, p_base).
+
+    The answer stops at any of the model's stop ids (:attr:`LoadedModel.stop_token_ids`).
+    """
     clean = clean_run(
         loaded.decoder,
         prepared.encoded,
         capture_from=capture_from,
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=loaded.tokenizer.eos_token_id,
+        eos_token_id=list(loaded.stop_token_ids) or None,
     )
     return clean, sample_row(loaded, prepared, settings, clean)
 

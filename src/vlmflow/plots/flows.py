@@ -9,8 +9,10 @@ Flows are drawn in the paper's three panels (:func:`flow_panels`): the flows int
 the whole image into the question, and parts of the image (related / other patches) into the
 question; flows into any other group get a panel per target. A run holding several tasks gets one
 row of panels per task in :func:`plot_flows`, and one file per task from :func:`write_flow_figures`.
-The x axis always spans every layer of the model (the original plotting script cut 40-layer models
-at layer 31).
+By default the x axis spans every layer of the model and the y axis has its usual ticks. With
+``paper_axes=True`` (``vlmflow plot --paper-axes``) the figure is drawn on the paper's axes, and says
+so in its title: only y ticks <= 0 are kept, and the x axis ends at layer 31 as in the original
+plotting script (``xlim(0, 31)``), which cut the 40-layer LLaVA-1.5-13b at layer 31.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from vlmflow.results.tables import flows_of
 
 if TYPE_CHECKING:
     from vlmflow.results.store import RunStore
+
+#: Last layer on the x axis of the paper's figures (its plotting script's ``xlim(0, 31)``).
+PAPER_LAST_LAYER = 31
 
 #: Panel titles of the paper's grouping, in the order they are drawn.
 PANEL_LAST = "Flows to the last position"
@@ -104,7 +109,20 @@ def _task_names(flows: pd.DataFrame) -> list[str]:
     return [str(t) for t in dict.fromkeys(flows["task"])] or [""]
 
 
-def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Sequence[str] | None = None) -> Figure:
+def paper_y_ticks(ax: Axes) -> None:
+    """Keep only the y ticks at or below 0, as the paper's figures do (the limits stay)."""
+    low, high = ax.get_ylim()
+    ax.set_yticks([t for t in ax.get_yticks() if low <= t <= 0])
+    ax.set_ylim(low, high)
+
+
+def plot_flows(
+    flows: pd.DataFrame,
+    *,
+    title: str | None = None,
+    flow_order: Sequence[str] | None = None,
+    paper_axes: bool = False,
+) -> Figure:
     """The paper's knockout figure from a ``flows`` table: one panel per flow group, one row per task.
 
     Args:
@@ -112,6 +130,8 @@ def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Seq
             ``sample_id, flow, layer, rel_change`` at least, ``task`` and ``window`` when present.
         title: figure title (default: window size and number of samples).
         flow_order: flows to draw, in legend order (default: as they appear in the table).
+        paper_axes: draw on the paper's axes: y ticks <= 0 only, x axis cut at layer
+            :data:`PAPER_LAST_LAYER`; the title says so.
 
     >>> import vlmflow
     >>> fig = vlmflow.load_run("runs/my-run").plot()      # doctest: +SKIP
@@ -123,6 +143,8 @@ def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Seq
     fig = Figure(figsize=(4.4 * len(panels), 3.6 * len(tasks) + 0.4), layout="constrained")
     axes = fig.subplots(len(tasks), len(panels), squeeze=False, sharex=True, sharey="row")
     last_layer = int(flows["layer"].max()) if len(flows) else 0
+    x_max = min(max(last_layer, 1), PAPER_LAST_LAYER) if paper_axes else max(last_layer, 1)
+    cut = paper_axes and last_layer > PAPER_LAST_LAYER
     for row, task in enumerate(tasks):
         frame = flows if len(tasks) == 1 else flows[flows["task"].astype(str) == task]
         n = frame["sample_id"].nunique()
@@ -130,15 +152,20 @@ def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Seq
             ax = axes[row][col]
             draw_flows(ax, frame, names)
             ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="small")
-            ax.set_xlim(0, max(last_layer, 1))
+            ax.set_xlim(0, x_max)
             if col:
                 ax.set_ylabel("")
             if row == len(tasks) - 1:
-                ax.set_xlabel("Layer (centre of the knocked-out window)")
+                ax.set_xlabel("Layer (centre of the knocked-out window)" + (f", cut at {PAPER_LAST_LAYER}" if cut else ""))
+        if paper_axes:
+            paper_y_ticks(axes[row][0])
     if title is None:
         windows = sorted({int(w) for w in flows["window"]}) if "window" in flows.columns and len(flows) else []
         k = f"window of {'/'.join(map(str, windows))} layers, " if windows else ""
         title = f"Attention knockout: {k}{flows['sample_id'].nunique()} samples, {last_layer + 1} layers"
+    if paper_axes:
+        shown = f"layers {PAPER_LAST_LAYER + 1}-{last_layer} cut, " if cut else ""
+        title += f"\npaper's axes: {shown}y ticks ≤ 0"
     fig.suptitle(title, fontsize="medium")
     return fig
 
@@ -163,6 +190,7 @@ def write_flow_figures(
     *,
     out: Path | str | None = None,
     formats: Sequence[str] = DEFAULT_FORMATS,
+    paper_axes: bool = False,
     decorate: Callable[[Figure, list[str]], None] | None = None,
 ) -> list[Path]:
     """Write the flow figure of a run directory, one file per task; return the paths written.
@@ -171,7 +199,7 @@ def write_flow_figures(
     ``out`` defaulting to ``run_dir/figures``. Only kept samples are drawn (the ``samples`` table's
     ``kept`` column: correctly answered ones unless the run kept all). A run without a ``flows``
     table writes nothing. ``decorate(figure, flow_order)``, when given, draws on each figure
-    before it is saved (e.g. shaded layer bands).
+    before it is saved (e.g. shaded layer bands). ``paper_axes``: the paper's axes (see :func:`plot_flows`).
 
     >>> write_flow_figures("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")   # doctest: +SKIP
     [PosixPath('runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d/figures/flows_ChooseAttr.png'), ...]
@@ -194,7 +222,7 @@ def write_flow_figures(
         window = "/".join(str(w) for w in sorted({int(w) for w in frame["window"]}))
         title = f"{model}: {task + ', ' if task else ''}{frame['sample_id'].nunique()} samples, window {window}"
         order = [f for f in flow_order if f in set(frame["flow"])] if flow_order else None
-        fig = plot_flows(frame, title=title, flow_order=order)
+        fig = plot_flows(frame, title=title, flow_order=order, paper_axes=paper_axes)
         if decorate is not None:
             decorate(fig, order or list(dict.fromkeys(frame["flow"])))
         written += save_figure(fig, folder, f"flows_{task}" if task else "flows", formats)

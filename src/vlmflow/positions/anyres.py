@@ -189,6 +189,11 @@ class AnyresGrid:
         newline = np.full((kept.shape[0], 1), newline_value)
         return np.concatenate([kept, newline], axis=1).reshape(-1)
 
+    def pack(self, values: np.ndarray) -> np.ndarray:
+        """Bool ``(n_tokens,)`` of per-patch ``values`` ``(grid rows, grid cols)``, in the model's
+        order (un-padded, downscaled, newline tokens False), e.g. a rule other than the pixel overlap."""
+        return self._pack(np.asarray(values, dtype=bool), False)
+
     def related(self, boxes: Sequence[Box]) -> np.ndarray:
         return self._pack(self.grid.related(boxes), False)
 

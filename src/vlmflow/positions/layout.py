@@ -11,7 +11,7 @@ carry, and which inputs' pixels (so which boxes) it shows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +37,10 @@ class ImageLayout:
 
     ``related(boxes)`` returns a bool array over image tokens; ``padding`` and ``subgroups`` are
     bool arrays over image tokens too (``subgroups`` holds family-specific groups such as the
-    LLaVA-NeXT base view, high-resolution grid and newline tokens).
+    LLaVA-NeXT base view, high-resolution grid and newline tokens). ``related`` follows the
+    geometry's pixel overlap unless ``related_rule`` gives another rule (``patch_rule="paper"``,
+    :mod:`vlmflow.positions.paper_rule`); ``geometry.related_tokens`` always answers which tokens
+    show which pixels.
 
     >>> from vlmflow.positions.patches import llava_geometry
     >>> layout = ImageLayout(16, llava_geometry((64, 64), mode="resize", view_size=64, patch_size=16))
@@ -51,9 +54,22 @@ class ImageLayout:
     excluded_from_other: np.ndarray | None = None  # e.g. newline tokens: not patches at all
     #: Per unit group (``tile``), its items in this image: indices into the image's tokens, in order.
     units: Mapping[Group, Sequence[np.ndarray]] = field(default_factory=dict)
+    related_rule: Callable[[Sequence[Any]], np.ndarray] | None = None  # boxes -> bool (n_tokens,)
+    # A rule renders a mask per call: the control's random draws ask again for the same boxes.
+    _ruled: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def related(self, boxes: Sequence[Any]) -> np.ndarray:
-        return np.asarray(self.geometry.related_tokens(boxes), dtype=bool)
+        """Bool ``(n_tokens,)``: the tokens related to ``boxes`` under the layout's patch rule."""
+        if self.related_rule is None:
+            return np.asarray(self.geometry.related_tokens(boxes), dtype=bool)
+        key = tuple(boxes)
+        if key not in self._ruled:
+            related = np.asarray(self.related_rule(boxes), dtype=bool)
+            if related.shape != (self.n_tokens,):
+                raise ValueError(f"the patch rule gave {related.shape} related flags for {self.n_tokens} image tokens")
+            related.setflags(write=False)
+            self._ruled[key] = related
+        return self._ruled[key]
 
     def padding(self) -> np.ndarray:
         return np.asarray(self.geometry.padding_tokens(), dtype=bool)

@@ -178,6 +178,20 @@ class StudyConfig:
         return tuple(f for f in self.flows if f.source.value == "related")
 
 
+def describe_model(spec: LoadSpec) -> str:
+    """One line of how a study loads a model: checkpoint, dtype, patch rule and the other options set.
+
+    >>> describe_model(LoadSpec("llava-hf/llava-1.5-7b-hf", dtype="float16", patch_rule="paper"))
+    'llava-hf/llava-1.5-7b-hf, dtype float16, patch rule paper'
+    >>> describe_model(LoadSpec("m", image_mode="resize"))
+    'm, dtype auto (bfloat16 on CUDA, else float32), patch rule overlap (default), image_mode resize'
+    """
+    dtype = spec.dtype if spec.dtype != "auto" else "auto (bfloat16 on CUDA, else float32)"
+    rule = spec.patch_rule or "overlap (default)"
+    others = [f"{key} {value}" for key, value in spec.options if key != "patch_rule"]
+    return ", ".join([spec.name, f"dtype {dtype}", f"patch rule {rule}", *others])
+
+
 # --- reading -----------------------------------------------------------------------------------------
 
 

@@ -229,6 +229,7 @@ def _entry(model: ModelEntry, task: TaskEntry, experiment: str, study: StudyDir,
         "model": model.label,
         "model_name": model.model,
         "image_mode": model.image_mode,
+        "patch_rule": model.spec.patch_rule or "overlap",
         "task": task.label,
         "experiment": experiment,
         "path": str(path.relative_to(study.path)),
@@ -237,7 +238,7 @@ def _entry(model: ModelEntry, task: TaskEntry, experiment: str, study: StudyDir,
 
 
 def _model_info(loaded: LoadedModel) -> dict[str, Any]:
-    keep = ("name", "family", "dtype", "device", "prompt_template", "fingerprint", "revision")
+    keep = ("name", "family", "dtype", "device", "prompt_template", "fingerprint", "revision", "patch_rule", "stop_token_ids")
     return {k: v for k, v in loaded.info.items() if k in keep}
 
 

@@ -64,7 +64,8 @@ def _tokens_showing(layout: Any, x: int, y: int, w: int, h: int, image_size: tup
     for grow in range(4):
         x0, y0 = max(0, x - grow), max(0, y - grow)
         x1, y1 = min(width, x + w + grow), min(height, y + h + grow)
-        shown = np.asarray(layout.related([Box(x0, y0, x1 - x0, y1 - y0)]), dtype=bool)
+        # Which tokens show these pixels: the geometry, whatever rule picked the related tokens.
+        shown = np.asarray(layout.geometry.related_tokens([Box(x0, y0, x1 - x0, y1 - y0)]), dtype=bool)
         if shown.any():
             return shown
     return shown

@@ -99,7 +99,9 @@ def test_where_and_with_which_permissions_a_model_runs_is_not_identity():
     a = RunSpec(LoadSpec("m", device="cpu", allow_hub=True, trust_remote_code=True), DataSpec("gqa:ChooseAttr"))
     b = RunSpec(LoadSpec("m", device="cuda"), DataSpec("gqa:ChooseAttr"), FlowSettings(max_fold_queries=8))
     assert a.identity() == b.identity()
-    assert {d.attr for d in declared(LoadSpec) if not d.identity} == {"device", "allow_hub", "trust_remote_code", "image_mode"}
+    # image_mode and patch_rule are family options: recorded in ``options`` (identity) when set.
+    assert {d.attr for d in declared(LoadSpec) if not d.identity} == {
+        "device", "allow_hub", "trust_remote_code", "image_mode", "patch_rule"}
 
 
 def test_image_mode_is_a_family_option():
