@@ -29,6 +29,8 @@ class CleanRun:
         keys / values: per layer, the clean post-RoPE keys/values of positions ``0..n-1``:
             ``[1, kv_heads, n, head_dim]``.
         generated: greedy answer token ids (``[new_tokens]``), when generation was asked for.
+        row_logits: ``[R, vocab]`` float32 logits of the last ``R`` positions, when the run was asked
+            to keep ``read_rows=R > 1`` (a teacher-forced answer); ``logits`` is their last row.
     """
 
     logits: torch.Tensor
@@ -37,6 +39,18 @@ class CleanRun:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     generated: torch.Tensor | None = None
+    row_logits: torch.Tensor | None = None
+
+    def read_rows_logits(self, rows: int) -> torch.Tensor:
+        """The clean logits of the last ``rows`` positions, ``[rows, vocab]``.
+
+        Raises:
+            ValueError: the clean run kept fewer rows.
+        """
+        kept = self.logits[None] if self.row_logits is None else self.row_logits
+        if rows > kept.shape[0]:
+            raise ValueError(f"the clean run kept the logits of {kept.shape[0]} rows, {rows} are asked for (clean_run(read_rows=...))")
+        return kept[kept.shape[0] - rows :]
 
 
 @torch.no_grad()
@@ -48,12 +62,14 @@ def clean_run(
     max_new_tokens: int = 0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    read_rows: int = 1,
 ) -> CleanRun:
     """One clean prefill (plus greedy decoding when ``max_new_tokens > 0``) that keeps, per layer,
     the hidden states at positions ``>= capture_from`` and the keys/values of all positions.
 
     Forward pre-hooks on the decoder layers read the layer inputs during the prefill only; they are
-    removed in ``finally``.
+    removed in ``finally``. ``read_rows=R > 1`` also keeps the logits of the last ``R`` positions
+    (``row_logits``; only without generation).
 
     >>> clean = clean_run(decoder, encoded, capture_from=40, max_new_tokens=12)   # doctest: +SKIP
     >>> clean.hidden[0].shape                                                     # doctest: +SKIP
@@ -63,6 +79,8 @@ def clean_run(
 
     model = decoder.model
     n = encoded.seq_len
+    if read_rows != 1 and (max_new_tokens > 0 or not 1 <= read_rows <= n):
+        raise ValueError(f"read_rows must be 1..{n} and needs max_new_tokens=0, got {read_rows} with {max_new_tokens}")
     captured: dict[int, torch.Tensor] = {}
     handles = []
     # Layer inputs 0..L-1 come from the decoder layers; the final norm's input is layer L's output.
@@ -79,6 +97,7 @@ def clean_run(
     # A plain cache keeps every position's keys/values in every layer (a config-built one would keep
     # only the last window of a sliding-window layer); windows are applied by the attention mask.
     cache = DynamicCache()
+    row_logits: torch.Tensor | None = None
     try:
         for index, module in enumerate(hooked):
             handles.append(module.register_forward_pre_hook(make_hook(index), with_kwargs=True))
@@ -97,8 +116,9 @@ def clean_run(
             logits = out.logits[0][0].float()
             generated = out.sequences[0, n:].cpu()
         else:
-            out = model(**encoded.inputs, cache=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1].float()
+            out = model(**encoded.inputs, cache=cache, use_cache=True, logits_to_keep=read_rows)
+            row_logits = out.logits[0, -read_rows:].float()  # [R, vocab]
+            logits = row_logits[-1]
             generated = None
     finally:
         for handle in handles:
@@ -115,4 +135,5 @@ def clean_run(
         keys=keys,
         values=values,
         generated=generated,
+        row_logits=row_logits if read_rows > 1 else None,  # one row: it is `logits`
     )

@@ -3,7 +3,8 @@
 The executor keeps the folded hidden states ``[V, S, d_model]``, starts each variant where the
 plan says (from the clean run's states, or from its parent's), runs every layer step through the
 fold's attention strategy (:mod:`vlmflow.knockout.strategy`) with the clean prefix keys/values,
-applies folded ablations, and returns each variant's final hidden state at the last position.
+applies folded ablations, and returns each variant's final hidden states at the rows the plan reads
+(the last position, or the last ``R`` positions of a teacher-forced answer).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def run_fold(
     strategy: FoldAttention,
     ablation_values: Mapping[int, AblationValues] | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[V, d_model]`` at the last position under each variant, in the caller's order.
+    """Final hidden states ``[V, R, d_model]`` at the last ``R = plan.read_rows`` positions under each
+    variant, in the caller's order.
 
     ``ablation_values`` maps the *folded* index of each ablation variant to its replacement vectors.
     The caller runs this inside ``strategy.session(decoder)``.
@@ -60,15 +62,16 @@ def run_fold(
         prefix = (clean.keys[layer][..., :t0, :], clean.values[layer][..., :t0, :])  # [1, kv_heads, t0, head_dim]
         with folded_ablation(decoder, layer, plan.variants[:k], values, t0, suffix):
             if step.last_rows_only:
-                hidden[:k, -1] = _last_rows(decoder, strategy, step, x, pos, rotary, prefix, suffix, full_positions, rows)[0]
+                read = _last_rows(decoder, strategy, step, x, pos, rotary, prefix, suffix, full_positions, rows)
+                hidden[:k, -step.read_rows :] = read.reshape(k, step.read_rows, d_model)
             else:
                 call = LayerCall(layer, x, step.allowed, pos, rotary, prefix, None, suffix, step.prefix_visible)
                 hidden[:k] = strategy.run(decoder, call).reshape(k, suffix, d_model)
-    # [V, d_model]: the final prompt position of each variant, back in the caller's order (the
-    # rows are permuted here, before the unembedding, not the [V, vocab] logits after it).
+    # [V, R, d_model]: the rows read of each variant, back in the caller's order (the rows are
+    # permuted here, before the unembedding, not the [V, R, vocab] logits after it).
     caller_order = torch.empty(n_var, dtype=torch.long, device=device)
     caller_order[torch.tensor(plan.order, device=device)] = torch.arange(n_var, device=device)
-    return hidden[caller_order, -1]
+    return hidden[caller_order, -plan.read_rows :]
 
 
 def _last_rows(
@@ -83,20 +86,21 @@ def _last_rows(
     full_positions: torch.Tensor,
     rows: torch.Tensor,
 ) -> torch.Tensor:
-    """The top layer for the last row of each of ``k`` folded variants: ``[1, k, d_model]``.
+    """The top layer for the last ``R`` rows of each of ``k`` folded variants: ``[1, k*R, d_model]``.
 
     ``x`` ``[1, k*S, d_model]`` are the layer's inputs; every row's keys/values are needed (the
-    last row reads them), but only the last row's attention output, output projection and MLP.
+    rows read attend to them), but only the read rows' attention output, output projection and MLP.
     """
-    k = step.active
+    k, read = step.active, step.read_rows
     own = decoder.layer_key_values(step.layer, x, pos, rotary)  # [1, kv_heads, k*S, head_dim]
-    last = torch.arange(k, device=x.device) * suffix + suffix - 1  # [k] query rows of the last position
-    x_last = x[:, last]  # [1, k, d_model]
-    pos_last = decoder.select_positions(full_positions, rows[-1:].repeat(k))
+    # [k*R] query rows of the last R positions of each variant, variant-major
+    last = (torch.arange(k, device=x.device)[:, None] * suffix + torch.arange(suffix - read, suffix, device=x.device)).reshape(-1)
+    x_last = x[:, last]  # [1, k*R, d_model]
+    pos_last = decoder.select_positions(full_positions, rows[-read:].repeat(k))
     call = LayerCall(
         layer=step.layer,
         hidden=x_last,
-        allowed=step.allowed[:, :, -1:],
+        allowed=step.allowed[:, :, -read:],
         position_ids=pos_last,
         rotary=decoder.rotary(x_last, pos_last),
         prefix=prefix,

@@ -63,8 +63,14 @@ def fast_logits(
     *,
     max_fold_queries: int = DEFAULT_FOLD_QUERIES,
     strategy: FoldAttention | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
+
+    ``rows=R`` reads the last ``R`` positions instead: ``[len(knockouts), R, vocab]`` (the logits of
+    a teacher-forced answer of ``R`` tokens appended to the prompt). A position before a knockout's
+    first affected position keeps its clean logits, taken from ``clean.row_logits`` (the clean run
+    must have kept ``R`` rows: ``clean_run(..., read_rows=R)``).
 
     Knockouts (and ablations) with the same first affected position (:func:`affected_starts`) run
     folded together; ``max_fold_queries`` bounds the query rows of one layer call (more variants
@@ -88,12 +94,17 @@ def fast_logits(
     pattern = decoder.attention_pattern(encoded)
     strategy = strategy or choose_strategy(decoder)
     vocab = clean.logits.shape[-1]
-    result = torch.empty(len(knockouts), vocab, dtype=torch.float32)
-    starts = affected_starts(pattern, n_layers, encoded.seq_len, knockouts)
+    n = encoded.seq_len
+    read = 1 if rows is None else rows
+    if not 1 <= read <= n:
+        raise ValueError(f"rows must be 1..{n} (the sequence length), got {rows}")
+    clean_rows = clean.logits[None] if rows is None else clean.read_rows_logits(read)  # [R, vocab]
+    result = torch.empty(len(knockouts), read, vocab, dtype=torch.float32)
+    starts = affected_starts(pattern, n_layers, n, knockouts)
     by_start: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         if knockout.is_empty:
-            result[index] = clean.logits.cpu()
+            result[index] = clean_rows.cpu()
         else:
             by_start[starts[index]].append(index)
     with strategy.session(decoder):
@@ -103,8 +114,13 @@ def fast_logits(
                     f"clean run kept hidden states from position {clean.start}, but a knockout can change position "
                     f"{t0} (use affected_starts() to choose capture_from)"
                 )
-            _run_start(decoder, encoded, clean, knockouts, indices, t0, values, pattern, strategy, max_fold_queries, result)
-    return result
+            # Rows before t0 are untouched by these knockouts: their clean logits.
+            untouched = max(0, read - (n - t0))
+            if untouched:
+                result[indices, :untouched] = clean_rows[:untouched].cpu()
+            view = result[:, untouched:]
+            _run_start(decoder, encoded, clean, knockouts, indices, t0, values, pattern, strategy, max_fold_queries, view)
+    return result[:, 0] if rows is None else result
 
 
 def _run_start(
@@ -120,9 +136,11 @@ def _run_start(
     max_fold_queries: int,
     result: torch.Tensor,
 ) -> None:
-    """Fill ``result[indices]``: the knockouts starting at ``t0``, folded in chunks of at most
-    ``max_fold_queries`` query rows, halving a chunk after an out-of-memory error."""
+    """Fill ``result[indices]`` (``[.., R, vocab]``: the last ``R`` rows): the knockouts starting at ``t0``,
+    folded in chunks of at most ``max_fold_queries`` query rows, halving a chunk after an
+    out-of-memory error."""
     n = encoded.seq_len
+    read = result.shape[1]
     per_call = max(1, max_fold_queries // (n - t0))
     ordered = sorted(indices, key=lambda i: knockouts[i].first_layer)
     lo = 0
@@ -136,12 +154,13 @@ def _run_start(
             n_layers=decoder.n_layers,
             n_heads=decoder.n_heads,
             device=clean.hidden[0].device,
+            read_rows=read,
         )
         # Replacement values by folded index (the plan reorders the chunk).
         folded_values = {j: values[chunk[i]] for j, i in enumerate(plan.order) if chunk[i] in values}
         try:
-            last = run_fold(plan, decoder, encoded, clean, strategy, folded_values)
-            logits = decoder.unembed(decoder.final_norm(last)).float()
+            last = run_fold(plan, decoder, encoded, clean, strategy, folded_values)  # [v, R, d_model]
+            logits = decoder.unembed(decoder.final_norm(last)).float()  # [v, R, vocab]
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise  # one variant at a time is the smallest fold; the caller records the sample
