@@ -10,9 +10,12 @@ expands the image placeholder itself and reports token offsets and its text repl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 
@@ -41,6 +44,8 @@ class InputPipeline:
 
     #: Family options this pipeline understands (others are refused at load).
     option_names: tuple[str, ...] = ()
+    #: Per-token inputs besides ``input_ids`` and the value an appended (generated) token takes in each.
+    appended_token_values: Mapping[str, int] = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
 
     def __init__(
         self, model: nn.Module, processor: Any, template: PromptTemplate, options: Mapping[str, Any], *, family: str = ""
@@ -108,3 +113,37 @@ class InputPipeline:
     def image_layout(self, encoded: Encoded) -> ImageLayout:
         """The patch layout of this sample's image tokens (for related/other/padding groups)."""
         raise NotImplementedError(f"{type(self).__name__} does not map image tokens to patches")
+
+    def append_tokens(self, encoded: Encoded, tokens: Sequence[int]) -> Encoded:
+        """``encoded`` with ``tokens`` appended as the model would see them generated (teacher forcing).
+
+        Every per-token input grows by one value per token (:attr:`appended_token_values`: attention
+        mask 1, text token types); the text, offsets and question span stay the prompt's (the
+        appended tokens hold no prompt characters). A per-token input the pipeline does not know
+        is refused rather than guessed.
+
+        >>> longer = loaded.inputs.append_tokens(encoded, [319, 29889])   # doctest: +SKIP
+        >>> longer.seq_len - encoded.seq_len                               # doctest: +SKIP
+        2
+        """
+        if not tokens:
+            return encoded
+        n, extra = encoded.seq_len, len(tokens)
+        inputs = dict(encoded.inputs)
+        ids = torch.as_tensor(list(tokens), dtype=encoded.inputs["input_ids"].dtype, device=encoded.device)
+        for key, value in encoded.inputs.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape != (1, n):
+                continue
+            if key == "input_ids":
+                inputs[key] = torch.cat([value, ids[None]], dim=1)
+            elif key in self.appended_token_values:
+                fill = torch.full((1, extra), self.appended_token_values[key], dtype=value.dtype, device=value.device)
+                inputs[key] = torch.cat([value, fill], dim=1)
+            else:
+                raise ConfigError(f"{self.family}: cannot append answer tokens to the per-token input {key!r}")
+        return replace(
+            encoded,
+            inputs=inputs,
+            input_ids=torch.cat([encoded.input_ids, ids.cpu()]),
+            offsets=np.concatenate([encoded.offsets, np.zeros((extra, 2), dtype=encoded.offsets.dtype)]),
+        )

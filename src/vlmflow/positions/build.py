@@ -74,7 +74,40 @@ def build_position_groups(
     _option_groups(encoded, sample, positions, missing)
     if layout is not None:
         _patch_groups(layout, image_pos, sample, encoded.image_size, positions, missing, random_draw)
-    return PositionGroups(seq_len=seq_len, positions=positions, missing=missing)
+    _alias_groups(positions, missing)
+    # One image: one item of the image group (a family with several images gives one item each).
+    units = {Group.IMAGE: (positions[Group.IMAGE],)}
+    return PositionGroups(seq_len=seq_len, positions=positions, missing=missing, units=units)
+
+
+#: Named aliases for groups of the paper's code: (alias, how it is made, the groups it needs).
+_ALIASES: tuple[tuple[Group, str, tuple[Group, ...]], ...] = (
+    (Group.RELATED_IN_GRID, "&", (Group.RELATED, Group.IMAGE_GRID)),
+    (Group.GRID_WITHOUT_RELATED, "-", (Group.IMAGE_GRID, Group.RELATED)),
+    (Group.GRID_WITH_NEWLINES, "|", (Group.IMAGE_GRID, Group.IMAGE_NEWLINE)),
+    (Group.OTHER_WITH_NEWLINES, "|", (Group.OTHER, Group.IMAGE_NEWLINE)),
+)
+
+
+def _alias_groups(positions: dict[Group, tuple[int, ...]], missing: dict[Group, str]) -> None:
+    """The paper code's groups vlmflow names as aliases (``Group.QUESTION_WITHOUT_OPTIONS``, ...).
+
+    The question without its options drops whichever option words the question holds (all of it
+    when it names none, e.g. QueryAttr). The anyres aliases need the grid (and newline) groups, so
+    other families lack them, with the reason.
+    """
+    options = set(positions.get(Group.TRUE_OPTION, ())) | set(positions.get(Group.FALSE_OPTION, ()))
+    rest = np.setdiff1d(np.array(positions[Group.QUESTION]), np.array(sorted(options), dtype=int))
+    _put(positions, missing, Group.QUESTION_WITHOUT_OPTIONS, rest, "the question is nothing but its options")
+    for alias, op, (a, b) in _ALIASES:
+        lacking = [g for g in (a, b) if g not in positions]
+        if lacking:
+            reasons = "; ".join(f"{g.value}: {missing.get(g, 'not available')}" for g in lacking)
+            missing[alias] = f"needs {' and '.join(g.value for g in lacking)} ({reasons})"
+            continue
+        left, right = np.array(positions[a]), np.array(positions[b])
+        result = {"&": np.intersect1d, "-": np.setdiff1d, "|": np.union1d}[op](left, right)
+        _put(positions, missing, alias, result, f"{a.value} {op} {b.value} is empty")
 
 
 def _t(array: np.ndarray) -> tuple[int, ...]:
@@ -138,13 +171,16 @@ def _patch_groups(
         _put(positions, missing, group, image_pos[np.asarray(mask, dtype=bool)], f"no {group.value} tokens")
     _put(positions, missing, Group.PADDING, image_pos[padding], "no padding-only patches")
     boxes = sample.boxes
-    if not boxes:
-        reason = "the sample has no object boxes"
+    reason = "the sample has no object boxes" if not boxes else None
+    try:
+        for box in boxes:
+            box.check(image_size)
+    except SampleError as exc:  # a bad box fails the flows that need the boxes, not the sample
+        reason = exc.reason
+    if reason is not None:
         for group in (Group.RELATED, Group.OTHER, Group.OTHER_CONTENT, Group.RANDOM):
             missing[group] = reason
         return
-    for box in boxes:
-        box.check(image_size)
     related = layout.related(boxes) & ~excluded
     other = ~related & ~excluded
     _put(positions, missing, Group.RELATED, image_pos[related], f"no image patch overlaps the boxes {boxes}")
