@@ -14,6 +14,7 @@ the flows (:func:`~vlmflow.experiments.flows.knockout_rows`). Rows are ``flows``
 
 from __future__ import annotations
 
+from vlmflow.errors import SampleError
 from vlmflow.experiments.flows import baseline, clean_capture_start, knockout_plan, knockout_rows
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.settings import ControlSettings
@@ -26,7 +27,6 @@ def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: Contr
     """Tables for one sample (:meth:`ControlSettings.analyse`): its ``samples`` row and, when kept,
     ``controls`` rows for every draw."""
     settings = control.flow_settings
-    k = settings.window_for(loaded.n_layers)
     layout = loaded.inputs.image_layout(prepared.encoded)
     image_token_id = loaded.inputs.image_token_id
     plan, draw_of = [], []
@@ -34,10 +34,12 @@ def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: Contr
         groups = prepared.groups if draw == 0 else build_position_groups(
             prepared.encoded, image_token_id, layout, prepared.sample, random_draw=draw
         )
-        part = knockout_plan(loaded, prepared, groups, control.flows, k)
+        part, errors = knockout_plan(loaded, prepared, groups, control.flows, settings)
+        if errors:  # the control needs every draw: a missing group fails the sample
+            raise SampleError(errors[0].reason, stage=errors[0].stage)
         plan.extend(part)
         draw_of.extend([draw] * len(part))
-    capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
+    capture_from = clean_capture_start(loaded, prepared.encoded, [p.knockout for p in plan])
     clean, row = baseline(loaded, prepared, settings, capture_from)
     tables: dict[str, list[Row]] = {"samples": [row]}
     if row.kept:

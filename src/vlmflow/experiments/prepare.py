@@ -20,16 +20,22 @@ from vlmflow.experiments.answer_tokens import first_subtoken
 from vlmflow.inputs import Encoded
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
-from vlmflow.positions.groups import PositionGroups
+from vlmflow.positions.groups import Group, PositionGroups
+from vlmflow.positions.layout import PlacedImage
 
 
 @dataclass
 class PreparedSample:
-    """A sample ready for the engine: encoded inputs and position groups."""
+    """A sample ready for the engine: encoded inputs, position groups, and where its images are.
+
+    ``images`` holds each image's token positions and patch layout (what ``box:`` and ``grid:``
+    expressions map through); one per image of the prompt.
+    """
 
     sample: Sample
     encoded: Encoded
     groups: PositionGroups
+    images: tuple[PlacedImage, ...] = ()
 
 
 def open_image(sample: Sample, images_dir: Path) -> Image.Image:
@@ -108,4 +114,5 @@ def prepare_sample(
         raise SampleError(f"the model's processor rejects this sample: {type(exc).__name__}: {exc}", stage="encode") from exc
     layout = pipeline.image_layout(encoded)
     groups = build_position_groups(encoded, pipeline.image_token_id, layout, sample, random_draw=random_draw)
-    return PreparedSample(sample=sample, encoded=encoded, groups=groups)
+    images = (PlacedImage(groups[Group.IMAGE], layout, encoded.image_size),)
+    return PreparedSample(sample=sample, encoded=encoded, groups=groups, images=images)
