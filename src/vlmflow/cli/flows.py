@@ -50,7 +50,8 @@ def flows(
     summary = run.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
-        f"{summary['errors']} errors, {summary.get('flow_errors', 0)} flow errors, {summary['flow_rows']} flow rows"
+        f"{summary['errors']} errors, {summary.get('flow_errors', 0)} flow errors, "
+        f"{len(summary.get('route_errors', []))} configuration errors, {summary['flow_rows']} flow rows"
     )
     print_errors(summary)
     console.print(f"run directory: [bold]{run.path}[/]")
