@@ -34,10 +34,11 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from vlmflow.data.csvio import ReadResult, RowError
+from vlmflow.data.csvio import ReadResult, RowError, RowProblem, collect_samples
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Box, Sample, SceneObject, TaskType, parse_boxes
 from vlmflow.errors import ConfigError
 
@@ -56,10 +57,6 @@ ALIASES: Mapping[str, str] = {
 }
 #: Optional columns that become typed sample fields (the rest are kept in ``Sample.extra``).
 TYPED = ("true_option", "false_option", "options", "object", "box", "objects", "image_w", "image_h")
-
-
-class _RowProblem(ValueError):
-    pass
 
 
 def read_table(path: Path | str) -> ReadResult:
@@ -84,22 +81,14 @@ def read_table(path: Path | str) -> ReadResult:
             f"{str(path)!r} lacks the columns {missing}; a question table needs {', '.join(REQUIRED)} "
             f"(docs/data.md); it has {sorted(columns)}"
         )
-    samples: list[Sample] = []
     errors: list[RowError] = []
-    seen: dict[str, int] = {}
-    for line, raw in records:
-        try:
-            sample = _sample({_canonical(k): v for k, v in raw.items()})
-        except _RowProblem as exc:
-            errors.append(RowError(line, str(exc)))
-            continue
-        if sample.sample_id in seen:
-            errors.append(RowError(line, f"duplicate question_id {sample.sample_id!r} (first on line {seen[sample.sample_id]})"))
-            continue
-        seen[sample.sample_id] = line
-        samples.append(sample)
+    samples = collect_samples(((line, partial(_sample_of, raw)) for line, raw in records), errors)
     tasks = {s.task for s in samples}
     return ReadResult(samples=samples, errors=errors, task=tasks.pop() if len(tasks) == 1 else None)
+
+
+def _sample_of(raw: Mapping[str, Any]) -> Sample:
+    return _sample({_canonical(k): v for k, v in raw.items()})
 
 
 def _canonical(name: str) -> str:
@@ -146,11 +135,11 @@ def _text(value: Any) -> str:
 
 def _sample(row: dict[str, Any]) -> Sample:
     if "__error__" in row:
-        raise _RowProblem(row["__error__"])
+        raise RowProblem(row["__error__"])
     values = {c: _text(row.get(c)).strip() for c in REQUIRED}
     for column, value in values.items():
         if not value:
-            raise _RowProblem(f"empty {column}")
+            raise RowProblem(f"empty {column}")
     image_id = values["img_id"]
     if Path(image_id).suffix.lower() in IMAGE_EXTENSIONS:
         image_id = Path(image_id).stem
@@ -183,7 +172,7 @@ def _options(row: dict[str, Any], answer: str) -> tuple[str | None, str | None]:
         options = raw if isinstance(raw, list) else _list(_text(raw))
         options = [str(o).strip() for o in options if str(o).strip()]
         if answer not in options:
-            raise _RowProblem(f"options {options} do not include the answer {answer!r}")
+            raise RowProblem(f"options {options} do not include the answer {answer!r}")
         true_option = true_option or answer
         false_option = false_option or next((o for o in options if o != answer), None)
     return true_option, false_option
@@ -194,7 +183,7 @@ def _list(text: str) -> list[Any]:
         try:
             value = json.loads(text)
         except ValueError:
-            raise _RowProblem(f"options {text!r} are not a JSON list") from None
+            raise RowProblem(f"options {text!r} are not a JSON list") from None
         if isinstance(value, list):
             return value
     return text.split("|")
@@ -213,12 +202,12 @@ def _objects(row: dict[str, Any]) -> tuple[SceneObject, ...]:
             try:
                 items = json.loads(_text(raw))
             except ValueError:
-                raise _RowProblem(f"objects {_text(raw)!r} are not a JSON list") from None
+                raise RowProblem(f"objects {_text(raw)!r} are not a JSON list") from None
         if not isinstance(items, list):
-            raise _RowProblem("objects must be a JSON list of {\"name\": ..., \"box\": [x, y, w, h]}")
+            raise RowProblem("objects must be a JSON list of {\"name\": ..., \"box\": [x, y, w, h]}")
         for i, item in enumerate(items):
             if not isinstance(item, dict) or "name" not in item:
-                raise _RowProblem(f"objects[{i}] must be an object with a name (and a box)")
+                raise RowProblem(f"objects[{i}] must be an object with a name (and a box)")
             box = item.get("box")
             out.append(SceneObject(str(item["name"]), None, _one_box(_text(box), f"objects[{i}].box") if box else None))
     return tuple(out)
@@ -227,10 +216,10 @@ def _objects(row: dict[str, Any]) -> tuple[SceneObject, ...]:
 def _one_box(text: str, where: str) -> Box:
     boxes = parse_boxes(text)
     if boxes is None or len(boxes) != 1:
-        raise _RowProblem(f"{where} {text!r} is not one box x,y,w,h")
+        raise RowProblem(f"{where} {text!r} is not one box x,y,w,h")
     box = boxes[0]
     if not all(math.isfinite(v) for v in (box.x, box.y, box.w, box.h)):
-        raise _RowProblem(f"{where} {text!r} has a non-finite coordinate")
+        raise RowProblem(f"{where} {text!r} has a non-finite coordinate")
     return box
 
 
@@ -239,5 +228,5 @@ def _size(row: dict[str, Any]) -> tuple[int, int] | None:
     if not width and not height:
         return None
     if not (re.fullmatch(r"\d+", width) and re.fullmatch(r"\d+", height)) or int(width) <= 0 or int(height) <= 0:
-        raise _RowProblem(f"image_w, image_h {width!r}, {height!r} are not two positive integers")
+        raise RowProblem(f"image_w, image_h {width!r}, {height!r} are not two positive integers")
     return int(width), int(height)
