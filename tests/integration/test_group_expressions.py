@@ -10,43 +10,28 @@ whole view is that view's group; ``text:`` covers exactly the tokens that spell 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from conftest import make_scene_sample
-from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
-from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next
 from vlmflow.errors import SampleError
 from vlmflow.experiments.prepare import prepare_sample
-from vlmflow.loading import load_model
 from vlmflow.positions.expressions import Custom, parse_expression
 from vlmflow.positions.groups import Group
 from vlmflow.positions.resolve import Resolver
 
-BUILDERS = {
-    "next": lambda p: build_tiny_llava_next(TinyAnyresConfig(tokenizer="sentencepiece", layers=2), p),
-    "gemma3": lambda p: build_tiny_gemma3(TinyGemma3Config(), p),
-    "idefics3": lambda p: build_tiny_idefics3(TinyIdefics3Config(), p),
-}
-FAMILIES = ["llava", *BUILDERS]
+FAMILIES = ["llava", "next", "gemma3", "idefics3"]
 EXTRA = {"target": "square", "where": "6,8,12,12", "empty": ""}
 
 
 @pytest.fixture(scope="module")
-def prepared_of(tmp_path_factory, tiny_loaded):
+def prepared_of(tiny_family):
     """``prepared_of(family)`` -> ``(loaded, prepared)`` for the scene sample with extra data columns."""
     cache: dict[str, tuple] = {}
 
     def get(family: str) -> tuple:
         if family not in cache:
-            if family == "llava":
-                loaded = tiny_loaded("sp-gqa")
-            else:
-                path: Path = tmp_path_factory.mktemp(f"expr-{family}")
-                BUILDERS[family](path)
-                loaded = load_model(path, device="cpu", dtype="float32")
+            loaded = tiny_family(family)
             sample, image = make_scene_sample()
             cache[family] = (loaded, prepare_sample(loaded, replace(sample, extra=EXTRA), image))
         return cache[family]

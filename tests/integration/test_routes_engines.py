@@ -12,44 +12,31 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_scene_sample
-from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
-from support.tiny_paligemma import build_tiny_paligemma
 from vlmflow.experiments.flows import analyse_sample, stop_ids
 from vlmflow.experiments.metrics import answer_tokens
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings, Metric, WindowStyle
 from vlmflow.knockout.reference import reference_logits
 from vlmflow.knockout.spec import Knockout
-from vlmflow.loading import load_model
 from vlmflow.positions.edges import flow_edges
 from vlmflow.positions.groups import Group
 from vlmflow.positions.resolve import Resolver
 from vlmflow.positions.routes import Flow
 
-BUILDERS = {
-    "gemma3": lambda p: build_tiny_gemma3(TinyGemma3Config(), p),
-    "paligemma": lambda p: build_tiny_paligemma(path=p),
-}
-
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, tiny_loaded):
+def family(tiny_family):
+    """``family(name)`` -> ``(loaded, prepared)`` for the scene sample."""
     cache: dict[str, tuple] = {}
 
     def get(name: str) -> tuple:
         if name not in cache:
-            if name == "llava":
-                loaded = tiny_loaded("sp-gqa")
-            else:
-                path: Path = tmp_path_factory.mktemp(f"routes-{name}")
-                BUILDERS[name](path)
-                loaded = load_model(path, device="cpu", dtype="float32")
+            loaded = tiny_family(name)
             sample, image = make_scene_sample()
             cache[name] = (loaded, prepare_sample(loaded, sample, image))
         return cache[name]
