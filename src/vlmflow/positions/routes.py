@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vlmflow.errors import ConfigError
-from vlmflow.positions.expressions import Difference, Expr, ExprParser, Intersection, Union, as_expression
+from vlmflow.positions.expressions import Difference, Expr, Intersection, Union, as_expression
+from vlmflow.positions.grammar import ExprParser
 from vlmflow.positions.groups import Group
 
 __all__ = ["PAPER_FLOWS", "Flow", "Route", "parse_route"]
