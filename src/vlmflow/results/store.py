@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -69,6 +68,8 @@ from vlmflow.results.atomic import (
     new_token,
     write_parquet,
 )
+from vlmflow.results.batches import CommitError as CommitError  # raised by RunStore.commit
+from vlmflow.results.batches import check_batch, current_errors, drop_duplicate_keys, keys
 from vlmflow.results.identity import (
     canonical_spec,
     grown_spec,
@@ -90,10 +91,6 @@ PARTS_DIR = "parts"
 PARTS_METADATA_KEY = b"vlmflow.parts"
 #: A committed part: ``<number, 8+ digits>-<writer token>``; anything else under parts/ is ignored.
 _PART_RE = re.compile(r"^(\d{8,})-([A-Za-z0-9]+-p\d+-[0-9a-f]+)$")
-
-
-class CommitError(VlmflowError, ValueError):
-    """The store refuses a batch: it would duplicate rows or leave a sample half committed."""
 
 
 class StoreReadOnlyError(VlmflowError):
@@ -245,14 +242,8 @@ class RunStore:
         for name in ("flows", "controls"):
             files = self._sources(name)[0]
             if files:
-                keys = self._read_files(name, files, ["sample_id", "flow"])
-                computed.update(zip(keys.column("sample_id").to_pylist(), keys.column("flow").to_pylist(), strict=True))
-        ids, flows = errors.column("sample_id").to_pylist(), errors.column("flow").to_pylist()
-        keep = [
-            (flow == "" and sid not in samples) or (flow != "" and (sid, flow) not in computed)
-            for sid, flow in zip(ids, flows, strict=True)
-        ]
-        return errors.filter(pa.array(keep, pa.bool_()))
+                computed.update(keys(self._read_files(name, files, ["sample_id", "flow"]), ("sample_id", "flow")))
+        return current_errors(errors, samples, computed)
 
     def _read_files(self, table: str, files: Sequence[Path], columns: Sequence[str] | None = None) -> pa.Table:
         spec = table_spec(table)
@@ -271,7 +262,7 @@ class RunStore:
                 read_columns = list(dict.fromkeys([*spec.key, *read_columns]))
             # Files written before a column was added read back with its declared value.
             result = fill_added_columns(spec, dataset.to_table(columns=read_columns))
-        result = _drop_duplicate_keys(result, spec.key, table, keep_last=table == "errors")
+        result = drop_duplicate_keys(result, spec.key, table, keep_last=table == "errors")
         if columns is not None:
             result = result.select(list(columns))
         return result
@@ -390,66 +381,12 @@ class RunStore:
         """Sample ids the batch commits; raise CommitError for duplicates or half-committed samples."""
         if self._done is None:
             self.done_sample_ids()
-        assert self._done is not None
-        closing: set[str] = set()  # samples with their `samples` row or a whole-sample error here
-        with_samples: set[str] = set()
-        with_rows: set[str] = set()  # samples with rows in other tables (flows, lens, ...)
-        for name, table in built.items():
-            spec = table_spec(name)
-            ids = table.column("sample_id").to_pylist()
-            keys = _keys(table, spec.key)
-            if len(set(keys)) != len(keys):
-                seen: set[Any] = set()
-                for key in keys:
-                    if key in seen:
-                        shown = dict(zip(spec.key, _as_tuple(key), strict=True))
-                        raise CommitError(f"table {name!r}: key {shown} appears twice in one batch")
-                    seen.add(key)
-            if name == "samples":
-                closing.update(ids)
-                with_samples.update(ids)
-            elif name == "errors":
-                flows = table.column("flow").to_pylist()
-                closing.update(sid for sid, flow in zip(ids, flows, strict=True) if flow == "")
-            else:
-                with_rows.update(ids)
-        computed = self._computed
-        # A computed sample gets no second `samples` row and no whole-sample error; a sample that
-        # has only errors may be retried (its new `samples` row or error row replaces the error).
-        # Errors of single flows may come alone (a flow of a computed sample, a route of a task).
-        again = sorted(closing & computed)
-        if again:
-            raise CommitError(
-                f"sample(s) {again[:5]} already committed in {str(self.path)!r}; a sample is committed once "
-                "(skip the ids in done_sample_ids())"
-            )
-        orphans = sorted(with_rows - with_samples - computed)
-        if orphans:
-            raise CommitError(
-                f"sample(s) {orphans[:5]} have rows but no 'samples' or 'errors' row in this batch (nor a committed "
-                "'samples' row); commit all of a sample's rows in one batch, together with its samples/errors row"
-            )
-        extended = with_rows - with_samples
-        if extended:
-            self._check_extension(built, extended)
-        return closing
 
-    def _check_extension(self, built: Mapping[str, pa.Table], extended: set[str]) -> None:
-        """Rows added to computed samples must not repeat committed keys (errors may: they supersede)."""
-        for name, table in built.items():
-            if name == "errors":
-                continue
-            spec = table_spec(name)
+        def committed_keys(name: str) -> pa.Table | None:
             files = self._sources(name)[0]
-            if not files:
-                continue
-            committed = self._read_files(name, files, list(spec.key))
-            mask = pa.array([sid in extended for sid in committed.column("sample_id").to_pylist()], pa.bool_())
-            old = set(_keys(committed.filter(mask), spec.key))
-            for key in _keys(table, spec.key):
-                if key in old:
-                    shown = dict(zip(spec.key, _as_tuple(key), strict=True))
-                    raise CommitError(f"table {name!r}: key {shown} is already committed in {str(self.path)!r}")
+            return self._read_files(name, files, list(table_spec(name).key)) if files else None
+
+        return check_batch(built, self._computed, committed_keys, where=str(self.path))
 
     def _write_part(self, built: Mapping[str, pa.Table]) -> None:
         parts_dir = self.path / PARTS_DIR
@@ -558,30 +495,3 @@ class RunStore:
 def _part_order(name: str) -> tuple[int, str]:
     number, _, token = name.partition("-")
     return int(number), token
-
-
-def _as_tuple(key: Any) -> tuple[Any, ...]:
-    return key if isinstance(key, tuple) else (key,)
-
-
-def _keys(table: pa.Table, key: Sequence[str]) -> list[Any]:
-    """The key of every row: the value for a one-column key, else a tuple."""
-    if len(key) == 1:
-        return table.column(key[0]).to_pylist()
-    return list(zip(*(table.column(c).to_pylist() for c in key), strict=True))
-
-
-def _drop_duplicate_keys(table: pa.Table, key: tuple[str, ...], name: str, *, keep_last: bool = False) -> pa.Table:
-    """Keep one row of each key: the first (defensive: commits never produce duplicates), or the last
-    (``errors``: a retried error's new row supersedes the old one)."""
-    if table.num_rows == 0:
-        return table
-    how = "max" if keep_last else "min"
-    grouped = table.select(list(key)).append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    picked = grouped.group_by(list(key), use_threads=False).aggregate([("_row", how)])
-    if picked.num_rows == table.num_rows:
-        return table
-    if not keep_last:
-        log.warning("table %s: dropped %d duplicate rows", name, table.num_rows - picked.num_rows)
-    rows = np.sort(picked.column(f"_row_{how}").to_numpy())
-    return table.take(pa.array(rows))
