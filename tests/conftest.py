@@ -184,3 +184,47 @@ def tiny_prepared(tiny_loaded: Callable[..., object]) -> Callable[..., tuple]:
         return loaded, prepare_sample(loaded, sample, image)
 
     return get
+
+
+
+def _build_family(name: str, path: Path) -> None:
+    """Save a tiny random checkpoint of family ``name`` (besides LLaVA-1.5: anyres LLaVA-NeXT, Gemma-3
+    and PaliGemma with bidirectional image blocks, Idefics3 with tiles) to ``path``."""
+    if name == "next":
+        from support.tiny_next import TinyAnyresConfig, build_tiny_llava_next
+
+        build_tiny_llava_next(TinyAnyresConfig(tokenizer="sentencepiece", layers=2), path)
+    elif name == "gemma3":
+        from support.tiny_gemma3 import TinyGemma3Config, build_tiny_gemma3
+
+        build_tiny_gemma3(TinyGemma3Config(), path)
+    elif name == "idefics3":
+        from support.tiny_idefics3 import TinyIdefics3Config, build_tiny_idefics3
+
+        build_tiny_idefics3(TinyIdefics3Config(), path)
+    elif name == "paligemma":
+        from support.tiny_paligemma import build_tiny_paligemma
+
+        build_tiny_paligemma(path=path)
+    else:
+        raise ValueError(f"no tiny family {name!r}")
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory, tiny_loaded: Callable[..., object]) -> Callable[[str], object]:
+    """``tiny_family(name)`` -> a loaded tiny model of a family (``llava``: the ``sp-gqa`` LLaVA-1.5;
+    ``next``, ``gemma3``, ``idefics3``, ``paligemma``), built once per session."""
+    from vlmflow.loading import load_model
+
+    cache: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name == "llava":
+            return tiny_loaded("sp-gqa")
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{name}")
+            _build_family(name, path)
+            cache[name] = load_model(path, device="cpu", dtype="float32")
+        return cache[name]
+
+    return get

@@ -16,6 +16,7 @@ Importing ``vlmflow`` is cheap and has no side effects: the names below are load
 Names:
     run_flows, run_lens: run an experiment over a dataset into a run directory (:mod:`vlmflow.api`).
     load_run, Run: read a run directory back (tables as DataFrames, figures).
+    show_groups: one sample's position groups, their tokens and image patches (``vlmflow groups``).
     load_model: load a checkpoint with its processor and family adapter (:mod:`vlmflow.loading`).
     LoadSpec, FlowSettings, LensSettings: how to load a model and run an experiment, as typed
         objects (:mod:`vlmflow.load_spec`, :mod:`vlmflow.experiments.settings`).
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 _LAZY: dict[str, str] = {
     "run_flows": "vlmflow.api",
     "run_lens": "vlmflow.api",
+    "show_groups": "vlmflow.api",
     "load_run": "vlmflow.api",
     "Run": "vlmflow.api",
     "load_model": "vlmflow.loading",
@@ -40,9 +42,9 @@ _LAZY: dict[str, str] = {
     "FlowSettings": "vlmflow.experiments.settings",
     "LensSettings": "vlmflow.experiments.settings",
     "load_samples": "vlmflow.data.datasets",
-    "Flow": "vlmflow.positions.groups",
+    "Flow": "vlmflow.positions.routes",
     "Group": "vlmflow.positions.groups",
-    "PAPER_FLOWS": "vlmflow.positions.groups",
+    "PAPER_FLOWS": "vlmflow.positions.routes",
 }
 
 __all__ = [
@@ -60,15 +62,17 @@ __all__ = [
     "load_samples",
     "run_flows",
     "run_lens",
+    "show_groups",
 ]
 
 if TYPE_CHECKING:
-    from vlmflow.api import Run, load_run, run_flows, run_lens
+    from vlmflow.api import Run, load_run, run_flows, run_lens, show_groups
     from vlmflow.data.datasets import load_samples
     from vlmflow.experiments.settings import FlowSettings, LensSettings
     from vlmflow.load_spec import LoadSpec
     from vlmflow.loading import LoadedModel, load_model
-    from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
+    from vlmflow.positions.groups import Group
+    from vlmflow.positions.routes import PAPER_FLOWS, Flow
 
 
 def __getattr__(name: str) -> Any:

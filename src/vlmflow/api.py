@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vlmflow.errors import ConfigError
 from vlmflow.experiments.settings import FlowSettings, LensSettings
 from vlmflow.load_spec import LoadSpec, load_spec
-from vlmflow.positions.groups import Flow
+from vlmflow.positions.routes import Flow
 from vlmflow.settings import build, route_keywords, settings_keywords
 
 if TYPE_CHECKING:
@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from vlmflow.distributed import RayOptions
     from vlmflow.experiments.runner import Experiment, RunOutcome, RunSpec
     from vlmflow.loading import LoadedModel
+    from vlmflow.plots.groups import GroupsReport
     from vlmflow.results.store import RunStore
 
-__all__ = ["Run", "load_run", "run_flows", "run_lens"]
+__all__ = ["Run", "load_run", "run_flows", "run_lens", "show_groups"]
 
 #: ``progress(done, total, message)``, called after every sample.
 ProgressCallback = Callable[[int, int, str], None]
@@ -252,7 +253,7 @@ def run_flows(
         ConfigError: a bad value (the message names it and what is valid).
 
     >>> import vlmflow
-    >>> run = vlmflow.run_flows(model="tiny-llava", data="scenes/ChooseAttr.csv", window=3)   # doctest: +SKIP
+    >>> run = vlmflow.run_flows(model="tiny-llava", data="scenes/scenes_ChooseAttr.csv", window=3)   # doctest: +SKIP
     >>> run.curves().head()                                                                # doctest: +SKIP
     """
     from vlmflow.experiments.settings import FlowSettings
@@ -287,7 +288,7 @@ def run_lens(
     attention mass (``True`` for the default groups, or an ``AttentionSettings``). The other
     arguments are those of :func:`run_flows`. See ``docs/lens.md``.
 
-    >>> run = vlmflow.run_lens(model="tiny-llava", data="scenes/ChooseAttr.csv", groups=["question"])  # doctest: +SKIP
+    >>> run = vlmflow.run_lens(model="tiny-llava", data="scenes/scenes_ChooseAttr.csv", groups=["question"])  # doctest: +SKIP
     >>> run.plot()                                                                                  # doctest: +SKIP
     """
     from vlmflow.experiments.settings import LensSettings
@@ -297,6 +298,53 @@ def run_lens(
     model_spec, loaded = _model_spec(model, load_fields)
     outcome = _run(model_spec, loaded, data, images, limit, experiment, out, name, progress, ray)
     return Run(outcome.path)
+
+
+@settings_keywords(LoadSpec)
+def show_groups(
+    model: str | Path | LoadSpec | LoadedModel,
+    data: str | Path,
+    *,
+    sample: str | None = None,
+    groups: Sequence[Any] | None = None,
+    images: str | Path | None = None,
+    out: str | Path | None = None,
+    **keywords: Any,
+) -> GroupsReport:
+    """One sample's position groups: positions, tokens, and the image patches of image groups.
+
+    Args:
+        model: as for :func:`run_flows`.
+        data: as for :func:`run_flows`.
+        sample: the sample id (default: the first sample of ``data``).
+        groups: group expressions (text, :class:`~vlmflow.positions.groups.Group`, a callable from the
+            prepared sample to positions; default: every named group).
+        images: folder of the images (default: beside the data file).
+        out: write a PNG per image group there (the image with the group's patches outlined).
+
+    Returns:
+        A :class:`~vlmflow.plots.groups.GroupsReport`: ``report.table()`` is what
+        ``vlmflow groups`` prints, ``report["question"].positions`` a group's positions,
+        ``report.figure("related")`` a matplotlib Figure.
+
+    >>> report = vlmflow.show_groups("organism", "scenes/scenes_ChooseAttr.csv", groups=['text:"red"', "related"])  # doctest: +SKIP
+    >>> print(report.table())                                                                            # doctest: +SKIP
+    """
+    from vlmflow.experiments.prepare import open_image, prepare_sample
+    from vlmflow.experiments.runner import DataSpec, load_data
+    from vlmflow.loading import load_model
+    from vlmflow.plots.groups import group_report
+
+    model_spec, loaded = _model_spec(model, keywords)
+    samples, _, folder = load_data(DataSpec(str(data), str(images) if images is not None else None))
+    chosen = samples[0] if sample is None else next((s for s in samples if s.sample_id == str(sample)), None)
+    if chosen is None:
+        shown = ", ".join(s.sample_id for s in samples[:5])
+        raise ConfigError(f"no sample {sample!r} in {str(data)!r}; its samples begin {shown}")
+    loaded = loaded or load_model(model_spec)
+    image = open_image(chosen, folder)
+    prepared = prepare_sample(loaded, chosen, image, check_answer=False)
+    return group_report(loaded, prepared, groups, image=image, out=Path(out) if out is not None else None)
 
 
 # --- shared by the experiment functions and the CLI ------------------------------------------------------

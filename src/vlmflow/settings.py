@@ -5,8 +5,10 @@ A settings type is a frozen dataclass deriving from :class:`Settings` whose fiel
 
 * values are checked and parsed once, when the object is built (``Settings.__post_init__``): a
   string such as ``"image->last"`` becomes the field's type (here a ``Flow``) through the type's
-  ``parse``; bad values raise :class:`SettingError` naming the field, the value and what is valid;
-* a run's identity is the fields declared ``identity=True`` (:meth:`Settings.identity`);
+  ``parse`` (a mapping from a config file through its ``from_config``); bad values raise
+  :class:`SettingError` naming the field, the value and what is valid;
+* a run's identity is the fields declared ``identity=True`` (:meth:`Settings.identity`; ``"if-set"``
+  and ``"grows"``: see :func:`setting`);
 * the command line generates its options from them (:mod:`vlmflow.cli.options`);
 * the Python API routes keywords to them by name and shows them in its signatures
   (:func:`route_keywords`, :func:`settings_keywords`);
@@ -50,6 +52,7 @@ __all__ = [
     "Settings",
     "build",
     "declared",
+    "growing",
     "identity",
     "read_config",
     "read_value",
@@ -61,6 +64,8 @@ __all__ = [
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 _KEY = "vlmflow.setting"
+#: The identity kinds besides ``True``/``False`` (see :func:`setting`).
+Identity = Literal["inline", "if-set", "grows"]
 
 
 class SettingError(ConfigError):
@@ -92,7 +97,7 @@ class _Declaration:
     flags: tuple[str, ...] | None
     config: str | bool
     keyword: bool
-    identity: bool | Literal["inline"]
+    identity: bool | Identity
     choices: tuple[str, ...]
     minimum: int | None
     invert: bool
@@ -108,7 +113,7 @@ def setting(
     flags: Sequence[str] | None = (),
     config: str | bool = True,
     keyword: bool = True,
-    identity: bool | Literal["inline"] = True,
+    identity: bool | Identity = True,
     choices: Sequence[str] = (),
     minimum: int | None = None,
     invert: bool = False,
@@ -125,7 +130,9 @@ def setting(
         config: ``True``: a study-config key named ``key``; a string: that key; ``False``: none.
         keyword: accepted as a keyword by the API functions (``run_flows(dtype=...)``).
         identity: part of the run's identity (a run directory resumes only with equal identity);
-            ``"inline"`` for a nested settings field whose identity fields are merged into this one's.
+            ``"inline"`` for a nested settings field whose identity fields are merged into this one's;
+            ``"if-set"``: only when not the default (runs from before the field keep their identity);
+            ``"grows"``: a list a rerun may add items to (:func:`growing`).
         choices: the valid strings (a value outside them is refused, the message lists them).
         minimum: the least valid number (each item's, for a list).
         invert: the user-facing value is the negation of the field (a bool), e.g. the flag
@@ -248,9 +255,23 @@ def identity(settings: Any) -> dict[str, Any]:
         value = getattr(settings, d.attr)
         if d.identity == "inline":
             out.update(identity(value))
+        elif d.identity == "if-set" and value == d.default:
+            continue
         elif d.identity:
             out[d.attr] = d.encode(value) if d.encode is not None else _encode(value)
     return out
+
+
+def growing(settings: Any) -> tuple[str, ...]:
+    """Identity keys of ``settings`` that may grow between sessions of one run (``identity="grows"``).
+
+    >>> from vlmflow.experiments.settings import FlowSettings
+    >>> growing(FlowSettings())
+    ('flows',)
+    """
+    ds = declared(type(settings))
+    inline = [k for d in ds if d.identity == "inline" for k in growing(getattr(settings, d.attr))]
+    return (*inline, *(d.attr for d in ds if d.identity == "grows"))
 
 
 def build(
@@ -437,9 +458,9 @@ def _parse_item(d: Declared, value: Any, index: int | None) -> Any:
         parsed: Any = float(value) if item is float else value
     elif isinstance(value, item):
         parsed = value
-    elif isinstance(value, str) and hasattr(item, "parse"):
-        try:
-            parsed = item.parse(value)
+    elif (isinstance(value, str) and hasattr(item, "parse")) or (isinstance(value, Mapping) and hasattr(item, "from_config")):
+        try:  # text, or a mapping from a config file (a flow written as {route: ..., mode: ...})
+            parsed = item.parse(value) if isinstance(value, str) else item.from_config(value)
         except ConfigError as exc:
             raise SettingError(d.attr, f": {exc}", index) from None
     elif isinstance(value, str) and issubclass(item, Enum):

@@ -1,6 +1,8 @@
-"""The bad-input catalogue: every kind of bad sample becomes one error row (sample, stage, reason)
-naming the bad value, in the results and in the summary, and the run goes on; every bad
-configuration stops the run before any work, with a message naming the value and what is valid."""
+"""The bad-input catalogue: every kind of bad sample becomes one error row (sample, flow, stage,
+reason) naming the bad value, in the results and in the summary, and the run goes on: a problem of
+the whole sample is one row for the sample, a group one flow needs is one row for that (sample,
+flow) and the sample's other flows are computed. Every bad configuration stops the run before any
+work, with a message naming the value and what is valid."""
 
 from __future__ import annotations
 
@@ -75,20 +77,31 @@ def _object(box: Box) -> tuple[SceneObject, ...]:
     return (SceneObject("square", "1", box),)
 
 
-#: sample id -> (stage, regular expression the reason must match). The reason names the bad value.
+#: sample id -> (stage, regular expression the reason must match[, the flow that failed]). The reason
+#: names the bad value; without a flow the whole sample failed.
 CATALOGUE = {
     "missing-image": ("image", r"image file not found for image id 'no-such-image' in .* \(tried \.jpg, \.jpeg, \.png"),
     "corrupt-image": ("image", r"cannot read image 'corrupt\.png': cannot identify image file"),
     "truncated-image": ("image", r"cannot read image 'truncated\.png': .*truncated"),
     "wrong-size-image": ("image", r"image 'img1\.png' is 40x30 but the dataset records 80x60"),
     "placeholder-question": ("prompt", r"question 'Is the <image> red or blue\?' contains the image placeholder '<image>'"),
-    "box-outside": ("boxes", r"box \(x, y, w, h\) = \(50, 40, 5, 5\) lies outside the 40x30 image \(a box must overlap 0 <= x < 40, 0 <= y < 30\)"),
-    "box-zero-area": ("boxes", r"box \(x, y, w, h\) = \(6, 8, 0, 12\) has zero or negative area \(w and h must be > 0\)"),
-    "related-empty": ("groups", r"position group 'related' is not available for this sample: no image patch overlaps the boxes"),
+    "box-outside": (
+        "groups", r"'related' is not available for this sample: box \(x, y, w, h\) = \(50, 40, 5, 5\) lies outside the "
+        r"40x30 image \(a box must overlap 0 <= x < 40, 0 <= y < 30\)", "related->question",
+    ),
+    "box-zero-area": (
+        "groups", r"box \(x, y, w, h\) = \(6, 8, 0, 12\) has zero or negative area \(w and h must be > 0\)",
+        "related->question",
+    ),
+    "related-empty": (
+        "groups", r"position group 'related' is not available for this sample: no image patch overlaps the boxes",
+        "related->question",
+    ),
     "option-not-in-question": (
         "groups",
         r"position group 'true_option' is not available for this sample: true option 'green' does not occur in "
         r"the question 'Is the square red or blue\?'",
+        "true_option->last",
     ),
     "answer-no-token": ("answer", r"answer 'xyzzyq' tokenises to nothing the model can produce \(ids \[.*'<unk>'"),
     "nan-clean": ("forward", r"the clean forward produced non-finite logits \(\d+ NaN and 0 infinite of \d+ values; finite"),
@@ -141,14 +154,20 @@ def catalogue_run(tiny_loaded, tmp_path_factory):
 @pytest.mark.parametrize("sample_id", sorted(CATALOGUE))
 def test_a_bad_sample_becomes_one_error_row_naming_the_value(catalogue_run, sample_id):
     outcome, _ = catalogue_run
-    errors = RunStore.load(outcome.path).read("errors").set_index("sample_id")
-    stage, pattern = CATALOGUE[sample_id]
-    assert sample_id in errors.index, f"{sample_id} produced no error row"
-    row = errors.loc[sample_id]
+    store = RunStore.load(outcome.path)
+    errors = store.read("errors")
+    stage, pattern, *failed = CATALOGUE[sample_id]
+    flow = failed[0] if failed else ""
+    mine = errors[errors["sample_id"] == sample_id]
+    assert list(mine["flow"]) == [flow], f"{sample_id}: error rows {mine.to_dict('records')}"
+    row = mine.iloc[0]
     assert row["stage"] == stage, row["reason"]
     assert re.search(pattern, row["reason"]), row["reason"]
     listed = {r["sample_id"]: r for r in outcome.summary["error_rows"]}
-    assert listed[sample_id] == {"sample_id": sample_id, "stage": stage, "reason": row["reason"]}
+    assert listed[sample_id] == {"sample_id": sample_id, "flow": flow, "stage": stage, "reason": row["reason"]}
+    # A failed flow leaves the sample's other flow computed; a failed sample has no rows at all.
+    computed = set(store.read("flows").query("sample_id == @sample_id")["flow"])
+    assert computed == ({str(f) for f in FLOWS} - {flow} if flow else set())
 
 
 def test_a_malformed_csv_row_becomes_an_error_row(catalogue_run):
@@ -163,12 +182,14 @@ def test_the_run_goes_on_and_the_summary_counts_every_error(catalogue_run):
     outcome, _ = catalogue_run
     store = RunStore.load(outcome.path)
     samples, flows = store.read("samples"), store.read("flows")
-    assert list(samples["sample_id"]) == ["good"]
-    assert set(flows["sample_id"]) == {"good"} and len(flows) > 0
-    assert outcome.summary["samples"] == 1
-    assert outcome.summary["errors"] == len(CATALOGUE) + 1
+    per_flow = {sample_id for sample_id, entry in CATALOGUE.items() if len(entry) == 3}
+    assert set(samples["sample_id"]) == {"good", *per_flow}
+    assert set(flows["sample_id"]) == {"good", *per_flow} and len(flows) > 0
+    assert outcome.summary["samples"] == 1 + len(per_flow)
+    assert outcome.summary["errors"] == len(CATALOGUE) - len(per_flow) + 1
+    assert outcome.summary["flow_errors"] == len(per_flow)
     expected = {}
-    for stage, _ in [*CATALOGUE.values(), ("read", "")]:
+    for stage, *_ in [*CATALOGUE.values(), ("read", "")]:
         expected[stage] = expected.get(stage, 0) + 1
     assert outcome.summary["errors_by_stage"] == expected
     on_disk = json.loads((outcome.path / "summary.json").read_text())
@@ -310,8 +331,8 @@ def test_an_images_folder_without_any_of_the_images_is_refused(tiny_loaded, tmp_
     ("args", "message"),
     [
         (["--data", "gqa:NoSuchTask"], r"unknown GQA task 'NoSuchTask' in 'gqa:NoSuchTask'; valid: gqa:ChooseAttr"),
-        (["--data", "missing.csv"], r"data 'missing\.csv' is neither an existing CSV file nor a packaged task"),
-        (["--flow", "pixels->last"], r"--flow: unknown position group 'pixels'; valid: image, question"),
+        (["--data", "missing.csv"], r"data 'missing\.csv' is neither an existing data file \(CSV or JSONL\) nor a packaged task"),
+        (["--flow", "pixels->last"], r"--flow: flow 'pixels->last': unknown position group 'pixels' at character 1; expected one of: image, question"),
         (["--engine", "turbo"], r"--engine: unknown engine 'turbo'; valid: fast, reference"),
         (["--dtype", "float8"], r"--dtype: unknown dtype 'float8'; valid: auto, float32"),
         (["--window", "0"], r"--window must be >= 1, got 0"),

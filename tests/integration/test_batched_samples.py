@@ -45,7 +45,7 @@ QUESTIONS = [
 ]
 SIZES = [(60, 36), (36, 60), (40, 40), (70, 30), (30, 44)]  # anyres: different grids and token counts
 COLOURS = {"red": (220, 20, 20), "blue": (20, 40, 220)}
-FLOAT_COLUMNS = ("p_base", "p_blocked", "logprob_diff")
+FLOAT_COLUMNS = ("p_base", "p_blocked", "logprob_diff", "kl")
 
 
 def mixed_samples(folder: Path, n: int = 5) -> tuple[Path, list[tuple[Sample, Image.Image]]]:

@@ -66,7 +66,7 @@ def test_values_are_parsed_and_checked_in_the_type():
         ({"size": 0}, "size must be >= 1, got 0"),
         ({"size": True}, "size must be an integer, got True"),
         ({"colour": "green"}, "colour: unknown value 'green'; valid: red, blue"),
-        ({"flows": ["image->last", "pixels->last"]}, "flows[1]: unknown position group 'pixels'"),
+        ({"flows": ["image->last", "pixels->last"]}, "flows[1]: flow 'pixels->last': unknown position group 'pixels' at character 1"),
         ({"flows": "image->last"}, "flows must be a list, got 'image->last'"),
         ({"label": ""}, "label must be a non-empty string"),
         ({"fast_path": "no"}, "fast_path must be true or false, got 'no'"),
@@ -110,7 +110,7 @@ def test_a_field_declared_once_is_a_cli_option():
         assert flag in help_text
     assert "--seed" not in help_text and "How many." in help_text
     result = runner.invoke(app, ["--flow", "pixels->last"])
-    assert isinstance(result.exception, SettingError) and str(result.exception).startswith("--flow: unknown position group 'pixels'")
+    assert isinstance(result.exception, SettingError) and str(result.exception).startswith("--flow: flow 'pixels->last': unknown position group 'pixels' at character 1")
 
 
 def test_generated_options_may_not_clash_with_the_commands_own():
@@ -148,10 +148,38 @@ def test_a_field_declared_once_is_a_config_key():
         read_config(Throwaway, {"seed": 1}, "section")
     with pytest.raises(ConfigError, match=r"^section\.size must be >= 1, got 0$"):
         read_config(Throwaway, {"size": 0}, "section")
-    with pytest.raises(ConfigError, match=r"^section\.flows\[0\]: expected a flow written 'source->target'"):
+    with pytest.raises(ConfigError, match=r"^section\.flows\[0\]: flow 'image': found the end at character 6; expected '->' or '<->'"):
         read_config(Throwaway, {"flows": ["image"]}, "section")
     with pytest.raises(ConfigError, match=r"^inner\.groups\[0\]: unknown position group 'pixels'"):
         read_config(Throwaway, {"inner": {"groups": ["pixels"]}}, "")
     assert read_value(Throwaway, "colour", "blue", "x.colour") is Colour.BLUE
     with pytest.raises(ConfigError, match=r"^models\[2\]\.size must be an integer, got 'big'$"):
         read_value(Throwaway, "size", "big", "models[2].size")
+
+
+def test_identity_kinds_if_set_and_grows():
+    from vlmflow.experiments.runner import DataSpec, RunSpec
+    from vlmflow.experiments.settings import FlowSettings, Metric, WindowStyle
+    from vlmflow.load_spec import LoadSpec
+    from vlmflow.settings import growing
+
+    paper = FlowSettings()
+    assert "metric" not in paper.identity() and "window_style" not in paper.identity()  # runs written before: same identity
+    sequence = FlowSettings(metric="sequence", window_style="cumulative-up")
+    assert sequence.identity()["metric"] == "sequence" and sequence.identity()["window_style"] == "cumulative-up"
+    assert sequence.metric is Metric.SEQUENCE and sequence.window_style is WindowStyle.CUMULATIVE_UP
+    assert growing(paper) == ("flows",)
+    # The run directory's name leaves out what may grow: more flows find the same run.
+    one = RunSpec(LoadSpec("m"), DataSpec("gqa:ChooseAttr"), FlowSettings(flows=["image->last"]))
+    two = RunSpec(LoadSpec("m"), DataSpec("gqa:ChooseAttr"), FlowSettings(flows=["image->last", "question->last"]))
+    assert one.run_name() == two.run_name() and one.identity() != two.identity()
+    assert RunSpec(LoadSpec("m"), DataSpec("gqa:ChooseAttr"), sequence).run_name() != one.run_name()
+
+
+def test_keep_only_mode_marks_every_flow():
+    from vlmflow.experiments.settings import FlowSettings
+
+    settings = FlowSettings(flows=["image->last", "keep-only:question->last"], mode="keep-only")
+    assert [str(f) for f in settings.flows] == ["keep-only:image->last", "keep-only:question->last"]
+    assert "mode" not in settings.identity()  # the flows carry it
+    assert [str(f) for f in settings.with_flows(settings.flows[:1]).flows] == ["keep-only:image->last"]

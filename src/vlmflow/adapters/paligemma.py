@@ -52,6 +52,9 @@ register_template(PromptTemplate(name="paligemma", pattern="{image}answer en {qu
 class PaliGemmaInputs(InputPipeline):
     """PaliGemma inputs: 256 (or 1024) image tokens, then ``<bos>``, then the prompt; all of it the prefix."""
 
+    #: Generated tokens are the suffix (token type 1): causal, outside the bidirectional prefix.
+    appended_token_values = {"attention_mask": 1, "token_type_ids": 1}
+
     def configure(self) -> None:
         check_template_tokens(self.tokenizer, self.template)
         size = self.processor.image_processor.size

@@ -14,8 +14,11 @@ replacements. Several images fill the template's one ``{image}`` slot with one p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from torch import nn
 
@@ -55,6 +58,8 @@ class InputPipeline:
     #: Patch rules this family's :meth:`image_layout` implements (the first is the default). The
     #: paper's rule needs the family's mask preprocessing, so only the paper's families have it.
     patch_rules: tuple[str, ...] = ("overlap",)
+    #: Per-token inputs besides ``input_ids`` and the value an appended (generated) token takes in each.
+    appended_token_values: Mapping[str, int] = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
 
     def __init__(
         self, model: nn.Module, processor: Any, template: PromptTemplate, options: Mapping[str, Any], *, family: str = ""
@@ -194,4 +199,38 @@ class InputPipeline:
         return tuple(
             VisualBlock(self.image_layout(encoded, k), self.image_token_id, k, None, (k,), size)
             for k, size in enumerate(encoded.sizes)
+        )
+
+    def append_tokens(self, encoded: Encoded, tokens: Sequence[int]) -> Encoded:
+        """``encoded`` with ``tokens`` appended as the model would see them generated (teacher forcing).
+
+        Every per-token input grows by one value per token (:attr:`appended_token_values`: attention
+        mask 1, text token types); the text, offsets and question span stay the prompt's (the
+        appended tokens hold no prompt characters). A per-token input the pipeline does not know
+        is refused rather than guessed.
+
+        >>> longer = loaded.inputs.append_tokens(encoded, [319, 29889])   # doctest: +SKIP
+        >>> longer.seq_len - encoded.seq_len                               # doctest: +SKIP
+        2
+        """
+        if not tokens:
+            return encoded
+        n, extra = encoded.seq_len, len(tokens)
+        inputs = dict(encoded.inputs)
+        ids = torch.as_tensor(list(tokens), dtype=encoded.inputs["input_ids"].dtype, device=encoded.device)
+        for key, value in encoded.inputs.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape != (1, n):
+                continue
+            if key == "input_ids":
+                inputs[key] = torch.cat([value, ids[None]], dim=1)
+            elif key in self.appended_token_values:
+                fill = torch.full((1, extra), self.appended_token_values[key], dtype=value.dtype, device=value.device)
+                inputs[key] = torch.cat([value, fill], dim=1)
+            else:
+                raise ConfigError(f"{self.family}: cannot append answer tokens to the per-token input {key!r}")
+        return replace(
+            encoded,
+            inputs=inputs,
+            input_ids=torch.cat([encoded.input_ids, ids.cpu()]),
+            offsets=np.concatenate([encoded.offsets, np.zeros((extra, 2), dtype=encoded.offsets.dtype)]),
         )

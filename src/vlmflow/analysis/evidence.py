@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from vlmflow.analysis.stats import Bootstrap, Curve, bootstrap_curve, frame_curve, per_sample_matrix
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import Flow
 from vlmflow.results.tables import flows_of
 
 #: The answer and the false option in either case; their per-sample maximum is a lens curve of its own.

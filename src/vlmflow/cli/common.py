@@ -69,7 +69,8 @@ def print_errors(summary: Mapping[str, Any], shown: int = 3) -> None:
     stages = ", ".join(f"{stage} {count}" for stage, count in sorted(by_stage.items()))
     err_console.print(f"[yellow]errors by stage:[/] {stages}", highlight=False)
     for row in list(summary.get("error_rows") or [])[:shown]:
-        err_console.print(f"  {row['sample_id']} ({row['stage']}): {row['reason']}", highlight=False, markup=False)
+        where = f"{row['sample_id']}, {row['flow']}" if row.get("flow") else row["sample_id"]
+        err_console.print(f"  {where} ({row['stage']}): {row['reason']}", highlight=False, markup=False)
 
 
 # Options of every command that runs samples into a run directory (flows, lens, ...).

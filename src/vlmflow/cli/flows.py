@@ -11,6 +11,7 @@ from vlmflow.cli.common import (
     SHARD_SIZE_OPTION,
     WORKERS_OPTION,
     console,
+    err_console,
     print_errors,
     progress_bar,
     ray_options,
@@ -49,7 +50,8 @@ def flows(
     summary = run.summary
     console.print(
         f"[bold]{summary['samples']}[/] samples, {summary['correct']} correct, {summary['kept']} kept, "
-        f"{summary['errors']} errors"
+        f"{summary['errors']} errors, {summary.get('flow_errors', 0)} flow errors, "
+        f"{len(summary.get('route_errors', []))} configuration errors, {summary['flow_rows']} flow rows"
     )
     print_errors(summary)
     console.print(f"run directory: [bold]{run.path}[/]")
@@ -63,6 +65,17 @@ def flows(
 
         for path in write_flow_figures(run.path):
             console.print(f"figure: {path}")
+    raise typer.Exit(run_exit_code(summary))
+
+
+def run_exit_code(summary: dict) -> int:
+    """0 when flows were computed; 2 when a flow is a configuration error (no sample of a task can
+    resolve it; the other flows were computed); 1 when no sample is kept or every flow failed."""
+    if summary.get("route_errors"):
+        for message in summary["route_errors"]:
+            err_console.print(f"[bold red]configuration error:[/] {message}", highlight=False)
+        return 2
+    return 0 if summary.get("kept") and summary.get("flow_rows") else 1
 
 
 def register(app: typer.Typer) -> None:

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # One module per command group; each defines ``register(app)``.
-_COMMAND_MODULES = ("flows", "lens", "plot", "tiny", "gqa", "organism", "demo", "validate", "study", "models")
+_COMMAND_MODULES = ("flows", "lens", "groups", "plot", "tiny", "gqa", "organism", "demo", "validate", "study", "models")
 
 
 def _register_all() -> None:

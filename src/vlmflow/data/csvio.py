@@ -28,8 +28,9 @@ import csv
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from vlmflow.data.sample import Box, Sample, SceneObject, TaskType
@@ -137,8 +138,33 @@ class ReadResult:
     task: TaskType | None = None
 
 
-class _RowProblem(ValueError):
-    pass
+class RowProblem(ValueError):
+    """Why one row cannot be read (raised by a row parser, recorded as a :class:`RowError`)."""
+
+
+def collect_samples(rows: Iterable[tuple[int, Callable[[], Sample]]], errors: list[RowError]) -> list[Sample]:
+    """The samples of ``rows`` (``(line, parse)`` pairs), in order; a row whose ``parse`` raises
+    :class:`RowProblem`, or whose ``question_id`` an earlier row has, is appended to ``errors`` instead.
+
+    >>> errors = []
+    >>> q1 = lambda: Sample("q1", "i", "Q?", "a")
+    >>> [s.sample_id for s in collect_samples([(2, q1), (3, q1)], errors)], errors
+    (['q1'], [RowError(line=3, reason="duplicate question_id 'q1' (first on line 2)")])
+    """
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for line, parse in rows:
+        try:
+            sample = parse()
+        except RowProblem as exc:
+            errors.append(RowError(line, str(exc)))
+            continue
+        if sample.sample_id in seen:
+            errors.append(RowError(line, f"duplicate question_id {sample.sample_id!r} (first on line {seen[sample.sample_id]})"))
+            continue
+        seen[sample.sample_id] = line
+        samples.append(sample)
+    return samples
 
 
 def read_task_csv(path: Path | str, task: TaskType | None = None) -> ReadResult:
@@ -177,22 +203,12 @@ def read_task_csv(path: Path | str, task: TaskType | None = None) -> ReadResult:
     missing = [c for c in _required_columns(task) if c not in header]
     if missing:
         raise ConfigError(f"{str(path)!r} lacks the {task.value} columns {missing}; it has {header}")
-    samples: list[Sample] = []
-    seen: dict[str, int] = {}
-    for line, row in rows:
+    def parse(row: list[str]) -> Sample:
         if len(row) != len(header):
-            errors.append(RowError(line, f"expected {len(header)} fields, found {len(row)}"))
-            continue
-        try:
-            sample = _parse_row(dict(zip(header, row, strict=True)), task)
-        except _RowProblem as exc:
-            errors.append(RowError(line, str(exc)))
-            continue
-        if sample.sample_id in seen:
-            errors.append(RowError(line, f"duplicate question_id {sample.sample_id!r} (first on line {seen[sample.sample_id]})"))
-            continue
-        seen[sample.sample_id] = line
-        samples.append(sample)
+            raise RowProblem(f"expected {len(header)} fields, found {len(row)}")
+        return _parse_row(dict(zip(header, row, strict=True)), task)
+
+    samples = collect_samples(((line, partial(parse, row)) for line, row in rows), errors)
     errors.sort(key=lambda e: e.line)
     return ReadResult(samples=samples, errors=errors, task=task)
 
@@ -257,10 +273,10 @@ def _infer_task(path: Path, header: list[str], rows: list[tuple[int, list[str]]]
 def _parse_row(row: dict[str, str], task: TaskType) -> Sample:
     qid = row["question_id"].strip()
     if not qid:
-        raise _RowProblem("empty question_id")
+        raise RowProblem("empty question_id")
     for column in ("img_id", "question", "answer"):
         if not row[column].strip():
-            raise _RowProblem(f"empty {column}")
+            raise RowProblem(f"empty {column}")
     width, height = (_positive_int(row, c) for c in ("image_w", "image_h"))
     objects = []
     for k, prefix in enumerate(object_prefixes(task)):
@@ -275,11 +291,11 @@ def _parse_row(row: dict[str, str], task: TaskType) -> Sample:
     images = tuple(i.strip() for i in row.get("images", "").split(IMAGE_SEPARATOR) if i.strip())
     frames = row.get("frames", "").strip() or None
     if images and frames:
-        raise _RowProblem("a sample shows several images or a video, not both (images and frames are both set)")
+        raise RowProblem("a sample shows several images or a video, not both (images and frames are both set)")
     fps_text = row.get("fps", "").strip()
     fps = float(_number(fps_text, "fps")) if fps_text else None
     if fps is not None and fps <= 0:
-        raise _RowProblem(f"fps {fps_text!r} is not positive")
+        raise RowProblem(f"fps {fps_text!r} is not positive")
     return Sample(
         sample_id=qid,
         image_id=row["img_id"].strip(),
@@ -300,7 +316,7 @@ def _parse_row(row: dict[str, str], task: TaskType) -> Sample:
 def _positive_int(row: dict[str, str], column: str) -> int:
     text = row[column].strip()
     if not re.fullmatch(r"\d+", text) or int(text) <= 0:
-        raise _RowProblem(f"{column} {text!r} is not a positive integer")
+        raise RowProblem(f"{column} {text!r} is not a positive integer")
     return int(text)
 
 
@@ -311,9 +327,9 @@ def _number(text: str, column: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise _RowProblem(f"{column} {text!r} is not a number") from None
+        raise RowProblem(f"{column} {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise _RowProblem(f"{column} {text!r} is not finite")
+        raise RowProblem(f"{column} {text!r} is not finite")
     return value
 
 
@@ -322,7 +338,7 @@ def _parse_object(row: dict[str, str], prefix: str, *, required: bool) -> SceneO
     name = row.get(name_col, "").strip()
     if not name or name == _ABSENT:
         if required:
-            raise _RowProblem(f"empty {name_col}")
+            raise RowProblem(f"empty {name_col}")
         return None
     object_id = row.get(id_col, "").strip()
     box_cols = {k: f"{prefix} {k}" for k in "xywh"}
@@ -330,10 +346,10 @@ def _parse_object(row: dict[str, str], prefix: str, *, required: bool) -> SceneO
     absent = [k for k, t in texts.items() if t in ("", _ABSENT)]
     if len(absent) == 4:
         if required:
-            raise _RowProblem(f"{prefix} {name!r} has no box")
+            raise RowProblem(f"{prefix} {name!r} has no box")
         return SceneObject(name, object_id if object_id not in ("", _ABSENT) else None, None)
     if absent:
-        raise _RowProblem(f"{prefix} box lacks {', '.join(box_cols[k] for k in absent)}")
+        raise RowProblem(f"{prefix} box lacks {', '.join(box_cols[k] for k in absent)}")
     # Only the syntax is checked here: a box outside its image is a problem of that sample's
     # patch groups (Box.check raises SampleError there), not a malformed row.
     box = Box(*(_number(texts[k], box_cols[k]) for k in "xywh"))
@@ -343,7 +359,7 @@ def _parse_object(row: dict[str, str], prefix: str, *, required: bool) -> SceneO
     elif re.fullmatch(r"\d+", image_text):
         image = int(image_text)
     else:
-        raise _RowProblem(f"{prefix} image {image_text!r} is not an image or frame index (0, 1, ...)")
+        raise RowProblem(f"{prefix} image {image_text!r} is not an image or frame index (0, 1, ...)")
     return SceneObject(name, object_id if object_id not in ("", _ABSENT) else None, box, image=image)
 
 

@@ -1,18 +1,22 @@
-"""Resolve a user's data spec to samples: a task CSV path, or ``gqa:TASK`` for a packaged file.
+"""Resolve a user's data spec to samples: a data file, or ``gqa:TASK`` for a packaged file.
 
 The six task files released with the paper ship inside the package (``vlmflow/resources/gqa/``);
-``gqa:ChooseAttr`` (any case) names one of them. Anything else is read as a path to a CSV in the
-released layout (:mod:`vlmflow.data.csvio`).
+``gqa:ChooseAttr`` (any case) names one of them. A path is read in one of two layouts
+(``docs/data.md``): a CSV whose header holds the released files' object box columns is read in the
+released layout (:mod:`vlmflow.data.csvio`); any other CSV, and a ``.jsonl`` file, as a minimal
+question table (:mod:`vlmflow.data.table`).
 """
 
 from __future__ import annotations
 
+import csv
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from vlmflow.data.csvio import ReadResult, read_task_csv
 from vlmflow.data.sample import TaskType
+from vlmflow.data.table import read_table
 from vlmflow.errors import ConfigError
 
 GQA_SCHEME = "gqa:"
@@ -66,8 +70,22 @@ def load_samples(spec: str | Path) -> tuple[ReadResult, str]:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(
-            f"data {text!r} is neither an existing CSV file nor a packaged task; valid packaged tasks: "
-            f"{', '.join(released_specs())}"
+            f"data {text!r} is neither an existing data file (CSV or JSONL) nor a packaged task; valid packaged "
+            f"tasks: {', '.join(released_specs())}"
         )
-    result = read_task_csv(path)
-    return result, result.task.value if result.task else ""
+    result = read_task_csv(path) if is_released_layout(path) else read_table(path)
+    tasks = {s.task_name for s in result.samples}
+    return result, tasks.pop() if len(tasks) == 1 else ""
+
+
+#: Columns only the released GQA files have: one object's box (the layouts of all six tasks hold one).
+_RELEASED_MARKERS = ("central object x", "object1 x")
+
+
+def is_released_layout(path: Path) -> bool:
+    """Whether a data file is a CSV in the released GQA layout (its header names the object box columns)."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return False
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    return any(marker in (h.strip() for h in header) for marker in _RELEASED_MARKERS)

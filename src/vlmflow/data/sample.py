@@ -7,7 +7,9 @@ and the scene objects the question is about, each with a bounding box in origina
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -89,6 +91,43 @@ class Box:
             )
 
 
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_FOUR_NUMBERS = re.compile(rf"\s*\[?\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]?\s*")
+
+
+def parse_boxes(text: str) -> tuple[Box, ...] | None:
+    """Boxes written in a data cell: ``x,y,w,h``, ``[x, y, w, h]`` or a JSON list of such lists.
+
+    Returns ``None`` when the text is not boxes (e.g. a phrase).
+
+    >>> parse_boxes("10, 20, 30, 40"), parse_boxes("[[1,2,3,4],[5,6,7,8.5]]")[1], parse_boxes("red ball")
+    ((Box(x=10, y=20, w=30, h=40),), Box(x=5, y=6, w=7, h=8.5), None)
+    """
+    match = _FOUR_NUMBERS.fullmatch(text)
+    if match:
+        return (Box(*(_num(v) for v in match.groups())),)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(b, list) and len(b) == 4 and all(_is_number(v) for v in b) for b in value)
+    ):
+        return tuple(Box(*(_num(str(v)) for v in b)) for b in value)
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and re.fullmatch(r"[+-]?\d+", text.strip()) else value
+
+
 @dataclass(frozen=True)
 class SceneObject:
     """An object the question refers to. ``box`` is ``None`` when the object is not in the image
@@ -153,9 +192,38 @@ class Sample:
         return tuple(o.box for o in self.objects if o.box is not None)
 
     @property
+    def task_name(self) -> str:
+        """The task's name: a GQA task type's, else the data's ``task`` column ('' when neither).
+
+        >>> Sample("q1", "i", "Why?", "because", extra={"task": "captioning"}).task_name
+        'captioning'
+        """
+        return self.task.value if self.task else str(self.extra.get("task", "")).strip()
+
+    @property
     def object_name(self) -> str | None:
         """Name of the first (central) object, if any."""
         return self.objects[0].name if self.objects else None
+
+    def column(self, name: str) -> str | None:
+        """The sample's raw value in data column ``name`` (what ``col:NAME`` reads), or ``None``.
+
+        Columns kept verbatim (``extra``) first, then the typed ones under their column names
+        (``question``, ``answer``, ``true option``/``true_option``, ``false option``, ``img_id``, ...).
+
+        >>> Sample("q1", "i", "Is it red?", "red", true_option="red", extra={"colour": "red"}).column("true option")
+        'red'
+        """
+        if name in self.extra:
+            return self.extra[name]
+        key = name.strip().lower().replace(" ", "_")
+        typed = {
+            "question_id": self.sample_id, "sample_id": self.sample_id, "img_id": self.image_id,
+            "image_id": self.image_id, "question": self.question, "answer": self.answer,
+            "true_option": self.true_option, "false_option": self.false_option,
+            "task": self.task.value if self.task else None, "object_name": self.object_name,
+        }
+        return typed.get(key)
 
 
 def find_image(images_dir: Path, image_id: str) -> Path:

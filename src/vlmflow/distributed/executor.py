@@ -28,14 +28,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vlmflow.data.sample import Sample
 from vlmflow.distributed.cluster import Placement, RayOptions, connected, plan_placement, shard_size_for
 from vlmflow.distributed.worker import ProgressTracker, ShardResult, ShardWorker
 from vlmflow.errors import VlmflowError
+from vlmflow.experiments.pending import Work
 from vlmflow.experiments.runner import (
     ProgressCallback,
     RunOutcome,
     RunSpec,
+    check_data,
     finish_run,
     load_data,
     open_run,
@@ -144,6 +145,7 @@ class RayExecutor:
         ``out`` must be reachable at the same path from every node.
         """
         data = load_data(spec.data)  # bad data fails here, before any replica starts
+        check_data(spec.experiment, data[0])
         ray = self._connect()
         placement = plan_placement(ray.cluster_resources(), self.options, spec.model.device)
         model = _replica_model(spec.model, placement)
@@ -171,7 +173,7 @@ class RayExecutor:
         if shards:
             self._dispatch(spec, str(run.path.resolve()), str(run.images.resolve()), shards, progress)
         done = run.store.done_sample_ids()
-        missing = [s.sample_id for s in run.todo if s.sample_id not in done]
+        missing = [w.sample.sample_id for w in run.todo if w.sample.sample_id not in done]
         if missing:
             raise RayRunError(
                 f"{len(missing)} samples were not committed (e.g. {missing[:5]}); rerun the same command to resume"
@@ -184,7 +186,7 @@ class RayExecutor:
         spec: RunSpec,
         run_dir: str,
         images: str,
-        shards: Sequence[Sequence[Sample]],
+        shards: Sequence[Sequence[Work]],
         progress: ProgressCallback | None,
     ) -> None:
         ray = self._ray

@@ -24,6 +24,7 @@ from typing import Any
 
 from vlmflow.data.sample import Sample
 from vlmflow.errors import VlmflowError
+from vlmflow.experiments.pending import Work, pending
 from vlmflow.experiments.runner import RunSpec, iter_samples, stored_spec
 from vlmflow.experiments.settings import Engine
 from vlmflow.load_spec import LoadSpec
@@ -102,15 +103,15 @@ class ShardWorker:
         shard: int,
         spec: RunSpec,
         run_dir: str,
-        samples: Sequence[Sample],
+        samples: Sequence[Work | Sample],
         images: str,
         *,
         recheck: bool = False,
         on_commit: CommitCallback | None = None,
     ) -> ShardResult:
-        """Compute ``samples`` of ``spec`` into ``run_dir`` (an absolute path every node sees).
+        """Compute the work items ``samples`` of ``spec`` into ``run_dir`` (an absolute path every node sees).
 
-        Samples already committed are skipped when this replica opens the directory for the first
+        Items no longer pending are skipped when this replica opens the directory for the first
         time or when ``recheck`` is set (see the module docstring).
         """
         from vlmflow.results.store import RunStore
@@ -119,14 +120,14 @@ class ShardWorker:
         fresh = store is None
         if store is None:
             # Identity check: a replica whose model resolves differently (dtype, checkpoint) refuses.
-            store = RunStore.open(run_dir, self.stored_spec(spec))
+            store = RunStore.open(run_dir, self.stored_spec(spec), growing=spec.growing_keys())
             self._stores[run_dir] = store
         result = ShardResult(shard=shard, pid=os.getpid(), host=socket.gethostname())
-        todo = list(samples)
+        todo = [item if isinstance(item, Work) else Work(item) for item in samples]
         if fresh or recheck:
-            done = store.done_sample_ids()
-            result.skipped = [s.sample_id for s in todo if s.sample_id in done]
-            todo = [s for s in todo if s.sample_id not in done]
+            still = {w.sample.sample_id for w in pending(store, [w.sample for w in todo], spec.experiment)}
+            result.skipped = [w.sample.sample_id for w in todo if w.sample.sample_id not in still]
+            todo = [w for w in todo if w.sample.sample_id in still]
             if result.skipped:
                 log.info("shard %d: %d samples already committed, skipped", shard, len(result.skipped))
         for tables in iter_samples(self.loaded, todo, Path(images), spec.experiment):

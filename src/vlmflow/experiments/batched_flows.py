@@ -22,50 +22,56 @@ from vlmflow.errors import SampleError
 from vlmflow.experiments.controls import control_plan
 from vlmflow.experiments.engines import ENGINES
 from vlmflow.experiments.flows import (
+    Point,
     SampleResult,
     clean_capture_start,
+    flow_tables,
     knockout_plan,
     rows_of_logits,
     sample_row,
 )
 from vlmflow.experiments.prepare import PreparedSample
-from vlmflow.experiments.settings import ControlSettings, FlowSettings
+from vlmflow.experiments.settings import ControlSettings, FlowSettings, Metric
 from vlmflow.knockout.clean import clean_runs
 from vlmflow.knockout.fast import FoldRequest
-from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
-from vlmflow.positions.groups import Flow
-from vlmflow.results.tables import ControlRow, Row
+from vlmflow.results.tables import ControlRow, ErrorRow, Row
 
 __all__ = ["analyse_samples", "control_tables_batch", "flow_tables_batch", "knockout_results"]
 
-#: ``(flow, centre, knockout)`` per knockout of one sample, as :func:`~vlmflow.experiments.flows.knockout_plan` makes them.
-Plan = list[tuple[Flow, int, Knockout]]
+#: The knockout points of one sample, as :func:`~vlmflow.experiments.flows.knockout_plan` makes them.
+Plan = list[Point]
 Tables = dict[str, list[Row]]
 
 
 @dataclass(frozen=True)
 class _Live:
-    """A sample whose plan was made: its index in the batch, its prepared inputs and plan."""
+    """A sample whose plan was made: its index in the batch, its prepared inputs, plan and flow errors."""
 
     index: int
     prepared: PreparedSample
     plan: Plan
+    errors: list[ErrorRow]
 
 
 def knockout_results(
-    loaded: LoadedModel, prepared: Sequence[PreparedSample], plans: Sequence[Plan | SampleError], settings: FlowSettings
+    loaded: LoadedModel,
+    prepared: Sequence[PreparedSample],
+    plans: Sequence[tuple[Plan, list[ErrorRow]] | SampleError],
+    settings: FlowSettings,
 ) -> list[SampleResult | SampleError]:
-    """Per sample, its :class:`SampleResult` (samples row, and flows rows when kept) or its error.
+    """Per sample, its :class:`SampleResult` (samples row, and flows rows and flow errors when kept) or its error.
 
-    ``plans[i]`` is sample ``i``'s knockouts (or the :class:`SampleError` making them raised).
+    ``plans[i]`` is sample ``i``'s knockouts and the ``errors`` rows of its flows that could not be
+    planned (or the :class:`SampleError` making them raised). The first-token metric only (the
+    sequence metric runs sample by sample).
 
     >>> results = knockout_results(loaded, prepared, [knockout_plan(...) for ...], FlowSettings())   # doctest: +SKIP
     """
     out: list[SampleResult | SampleError | None] = [p if isinstance(p, SampleError) else None for p in plans]
-    live = [_Live(i, prepared[i], p) for i, p in enumerate(plans) if not isinstance(p, SampleError)]
+    live = [_Live(i, prepared[i], *p) for i, p in enumerate(plans) if not isinstance(p, SampleError)]
     if live:
-        captures = [clean_capture_start(loaded, item.prepared, [k for _, _, k in item.plan]) for item in live]
+        captures = [clean_capture_start(loaded, item.prepared.encoded, [p.knockout for p in item.plan]) for item in live]
         cleans = clean_runs(
             loaded.decoder,
             [item.prepared.encoded for item in live],
@@ -82,8 +88,10 @@ def knockout_results(
                 continue
             out[item.index] = result
             if result.sample.kept:
-                kept.append((item, result))
-        requests = [FoldRequest(item.prepared.encoded, result.clean, [k for _, _, k in item.plan]) for item, result in kept]
+                result.errors = list(item.errors)
+                if item.plan:
+                    kept.append((item, result))
+        requests = [FoldRequest(item.prepared.encoded, result.clean, [p.knockout for p in item.plan]) for item, result in kept]
         logits = ENGINES[settings.engine].knockout_logits_batch(loaded, requests, settings.max_fold_queries) if kept else []
         for (item, result), found in zip(kept, logits, strict=True):
             try:
@@ -95,9 +103,9 @@ def knockout_results(
     return [o for o in out if o is not None]
 
 
-def _plan_or_error(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> Plan | SampleError:
+def _plan_or_error(loaded: LoadedModel, prepared: PreparedSample, settings: FlowSettings) -> tuple[Plan, list[ErrorRow]] | SampleError:
     try:
-        return knockout_plan(loaded, prepared, prepared.groups, settings.flows, settings.window_for(loaded.n_layers))
+        return knockout_plan(loaded, prepared, prepared.groups, settings.flows, settings)
     except SampleError as exc:
         return exc
 
@@ -114,24 +122,38 @@ def analyse_samples(
 
 def flow_tables_batch(loaded: LoadedModel, prepared: Sequence[PreparedSample], settings: FlowSettings) -> list[Tables | SampleError]:
     """Per sample, its ``samples`` and ``flows`` rows (:meth:`FlowSettings.analyse_batch`), or its error."""
-    return [
-        r if isinstance(r, SampleError) else {"samples": [r.sample], "flows": r.rows}
-        for r in analyse_samples(loaded, prepared, settings)
-    ]
+    out: list[Tables | SampleError] = []
+    if settings.metric is Metric.SEQUENCE:  # its teacher-forced clean run and knockouts go sample by sample
+        for item in prepared:
+            try:
+                out.append(flow_tables(loaded, item, settings))
+            except SampleError as exc:
+                out.append(exc)
+        return out
+    for r in analyse_samples(loaded, prepared, settings):
+        if isinstance(r, SampleError):
+            out.append(r)
+            continue
+        tables: Tables = {"samples": [r.sample], "flows": list(r.rows)}
+        if r.errors:
+            tables["errors"] = list(r.errors)
+        out.append(tables)
+    return out
 
 
 def control_tables_batch(
     loaded: LoadedModel, prepared: Sequence[PreparedSample], control: ControlSettings
 ) -> list[Tables | SampleError]:
     """Per sample, its ``samples`` and ``controls`` rows (:meth:`ControlSettings.analyse_batch`), or its error."""
-    plans: list[Plan | SampleError] = []
+    plans: list[tuple[Plan, list[ErrorRow]] | SampleError] = []
     draws: list[list[int]] = []
     for item in prepared:
         try:
             plan, draw_of = control_plan(loaded, item, control)
+            plans.append((plan, []))
         except SampleError as exc:
-            plan, draw_of = exc, []
-        plans.append(plan)
+            plans.append(exc)
+            draw_of = []
         draws.append(draw_of)
     out: list[Tables | SampleError] = []
     for result, draw_of in zip(knockout_results(loaded, prepared, plans, control.flow_settings), draws, strict=True):

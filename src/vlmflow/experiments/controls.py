@@ -14,30 +14,32 @@ the flows (:func:`~vlmflow.experiments.flows.knockout_rows`). Rows are ``flows``
 
 from __future__ import annotations
 
-from vlmflow.experiments.flows import baseline, clean_capture_start, knockout_plan, knockout_rows
+from vlmflow.errors import SampleError
+from vlmflow.experiments.flows import Point, baseline, clean_capture_start, knockout_plan, knockout_rows
 from vlmflow.experiments.prepare import PreparedSample
 from vlmflow.experiments.settings import ControlSettings
-from vlmflow.knockout.spec import Knockout
 from vlmflow.loading import LoadedModel
 from vlmflow.positions.build import build_position_groups
-from vlmflow.positions.groups import Flow
 from vlmflow.results.tables import ControlRow, Row
 
 
-def control_plan(loaded: LoadedModel, prepared: PreparedSample, control: ControlSettings) -> tuple[list[tuple[Flow, int, Knockout]], list[int]]:
-    """Every draw's ``(flow, centre, knockout)``, and the draw index of each.
+def control_plan(loaded: LoadedModel, prepared: PreparedSample, control: ControlSettings) -> tuple[list[Point], list[int]]:
+    """Every draw's knockout points, and the draw index of each.
 
     Raises:
-        SampleError: a control flow's group is missing for this sample (or blocks nothing).
+        SampleError: a control flow's group is missing for this sample (or blocks nothing): the
+            control needs every draw, so a missing group fails the sample.
     """
-    k = control.flow_settings.window_for(loaded.n_layers)
+    settings = control.flow_settings
     blocks = loaded.inputs.visual_blocks(prepared.encoded)
     plan, draw_of = [], []
     for draw in range(control.draws):
         groups = prepared.groups if draw == 0 else build_position_groups(
             prepared.encoded, blocks, prepared.sample, random_draw=draw
         )
-        part = knockout_plan(loaded, prepared, groups, control.flows, k)
+        part, errors = knockout_plan(loaded, prepared, groups, control.flows, settings)
+        if errors:
+            raise SampleError(errors[0].reason, stage=errors[0].stage)
         plan.extend(part)
         draw_of.extend([draw] * len(part))
     return plan, draw_of
@@ -48,7 +50,7 @@ def control_tables(loaded: LoadedModel, prepared: PreparedSample, control: Contr
     ``controls`` rows for every draw."""
     settings = control.flow_settings
     plan, draw_of = control_plan(loaded, prepared, control)
-    capture_from = clean_capture_start(loaded, prepared, [knockout for _, _, knockout in plan])
+    capture_from = clean_capture_start(loaded, prepared.encoded, [p.knockout for p in plan])
     clean, row = baseline(loaded, prepared, settings, capture_from)
     tables: dict[str, list[Row]] = {"samples": [row]}
     if row.kept:

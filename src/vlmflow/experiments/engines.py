@@ -30,12 +30,20 @@ class KnockoutEngine(Protocol):
     """What an engine does for the experiments and for the self-test."""
 
     def knockout_logits(
-        self, loaded: LoadedModel, encoded: Encoded, clean: CleanRun, knockouts: Sequence[Knockout], max_fold_queries: int | None
+        self,
+        loaded: LoadedModel,
+        encoded: Encoded,
+        clean: CleanRun,
+        knockouts: Sequence[Knockout],
+        max_fold_queries: int | None,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """Float32 logits ``[len(knockouts), vocab]`` of the last position under each knockout.
 
         ``clean`` is the sample's clean run (kept from the first position any knockout changes);
-        ``max_fold_queries`` bounds the fast engine's folds (``None``: its default).
+        ``max_fold_queries`` bounds the fast engine's folds (``None``: its default). ``rows=R``: the
+        logits of the last ``R`` positions, ``[len(knockouts), R, vocab]`` (a teacher-forced answer;
+        ``clean`` then kept ``R`` rows).
         """
         ...
 
@@ -58,10 +66,16 @@ class _Fast:
     """Exact and batched: knockouts folded together, recomputing only the positions they can change."""
 
     def knockout_logits(
-        self, loaded: LoadedModel, encoded: Encoded, clean: CleanRun, knockouts: Sequence[Knockout], max_fold_queries: int | None
+        self,
+        loaded: LoadedModel,
+        encoded: Encoded,
+        clean: CleanRun,
+        knockouts: Sequence[Knockout],
+        max_fold_queries: int | None,
+        rows: int | None = None,
     ) -> torch.Tensor:
         bound = {} if max_fold_queries is None else {"max_fold_queries": max_fold_queries}
-        return fast_logits(loaded.decoder, encoded, clean, knockouts, **bound)
+        return fast_logits(loaded.decoder, encoded, clean, knockouts, rows=rows, **bound)
 
     def knockout_logits_batch(
         self, loaded: LoadedModel, requests: Sequence[FoldRequest], max_fold_queries: int | None
@@ -84,9 +98,15 @@ class _Reference:
     """One full hooked forward per knockout (the path the fast engine is tested against)."""
 
     def knockout_logits(
-        self, loaded: LoadedModel, encoded: Encoded, clean: CleanRun, knockouts: Sequence[Knockout], max_fold_queries: int | None
+        self,
+        loaded: LoadedModel,
+        encoded: Encoded,
+        clean: CleanRun,
+        knockouts: Sequence[Knockout],
+        max_fold_queries: int | None,
+        rows: int | None = None,
     ) -> torch.Tensor:
-        return reference_logits(loaded.decoder, encoded, knockouts)
+        return reference_logits(loaded.decoder, encoded, knockouts, rows=rows)
 
     def knockout_logits_batch(
         self, loaded: LoadedModel, requests: Sequence[FoldRequest], max_fold_queries: int | None

@@ -19,17 +19,23 @@ from vlmflow.errors import SampleError
 from vlmflow.experiments.answer_tokens import first_subtoken
 from vlmflow.inputs import DEFAULT_FPS, Encoded, Video, Visuals
 from vlmflow.loading import LoadedModel
-from vlmflow.positions.build import build_position_groups
+from vlmflow.positions.build import build_position_groups, placed_images
 from vlmflow.positions.groups import PositionGroups
+from vlmflow.positions.layout import PlacedImage
 
 
 @dataclass
 class PreparedSample:
-    """A sample ready for the engine: encoded inputs and position groups."""
+    """A sample ready for the engine: encoded inputs, position groups, and where its images are.
+
+    ``images`` holds each image's token positions and patch layout (what ``box:`` and ``grid:``
+    expressions map through); one per image of the prompt.
+    """
 
     sample: Sample
     encoded: Encoded
     groups: PositionGroups
+    images: tuple[PlacedImage, ...] = ()
 
 
 def open_visuals(sample: Sample, images_dir: Path) -> Image.Image | Visuals:
@@ -133,5 +139,6 @@ def prepare_sample(
         encoded = pipeline.encode(sample.question, image)
     except (ValueError, TypeError) as exc:  # the processor rejects this input (e.g. an image it cannot resize)
         raise SampleError(f"the model's processor rejects this sample: {type(exc).__name__}: {exc}", stage="encode") from exc
-    groups = build_position_groups(encoded, pipeline.visual_blocks(encoded), sample, random_draw=random_draw)
-    return PreparedSample(sample=sample, encoded=encoded, groups=groups)
+    blocks = pipeline.visual_blocks(encoded)
+    groups = build_position_groups(encoded, blocks, sample, random_draw=random_draw)
+    return PreparedSample(sample=sample, encoded=encoded, groups=groups, images=placed_images(encoded, blocks))

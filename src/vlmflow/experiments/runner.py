@@ -14,7 +14,7 @@ import logging
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -25,19 +25,38 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_frames, find_image
 from vlmflow.errors import ConfigError, SampleError
-from vlmflow.experiments.batching import batched_tables, error_tables, free_memory, memory_error_tables
+from vlmflow.experiments.batching import batched_tables, free_memory, memory_error_tables
+from vlmflow.experiments.pending import Work, work_tables
 from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
+from vlmflow.experiments.run_dir import MAX_SUMMARY_ERRORS, OpenRun, finish_run, open_run, summarise
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
 from vlmflow.results.tables import ErrorRow, Row
 
+__all__ = [
+    "MAX_SUMMARY_ERRORS",
+    "DataSpec",
+    "Experiment",
+    "ModelSpec",
+    "OpenRun",
+    "RunOutcome",
+    "RunSpec",
+    "check_data",
+    "check_model",
+    "finish_run",
+    "iter_samples",
+    "load_data",
+    "open_run",
+    "run_to_store",
+    "stored_spec",
+    "summarise",
+]
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SEED = 0
-#: summary.json lists at most this many error rows (all of them are in errors.parquet).
-MAX_SUMMARY_ERRORS = 100
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
 
 
@@ -72,6 +91,10 @@ class Experiment(Protocol):
         """Tables to commit for one sample (always including its ``samples`` row)."""
         ...
 
+    # Optional: ``tables`` (names written even when empty), ``check_model(loaded)`` (refuse what the
+    # model cannot run), ``retry_errors``, and ``flows`` with ``with_flows(flows)`` for a flow set
+    # that may grow between sessions (see vlmflow.experiments.pending).
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -101,10 +124,20 @@ class RunSpec:
             "settings": self.experiment.identity(),
         }
 
+    def growing_keys(self) -> tuple[tuple[str, ...], ...]:
+        """Identity keys (paths into :meth:`identity`) whose stored value may grow between sessions."""
+        from vlmflow.settings import Settings, growing
+
+        return tuple(("settings", key) for key in growing(self.experiment)) if isinstance(self.experiment, Settings) else ()
+
     def run_name(self) -> str:
+        """The run directory's name: ``--name``, else model, data and a hash of the identity (without
+        what may grow, so a rerun with more flows finds the same directory)."""
         if self.name:
             return self.name
-        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        from vlmflow.results.identity import without_keys
+
+        blob = json.dumps(without_keys(self.identity(), self.growing_keys()), sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{_slug(self.model.name)}-{_slug(self.data.data)}-{digest}"
 
@@ -211,39 +244,72 @@ def _check_some_image_exists(samples: list[Sample], images: Path) -> None:
 
 def iter_samples(
     loaded: LoadedModel,
-    samples: list[Sample],
+    work: Sequence[Work | Sample],
     images: Path,
     experiment: Experiment,
 ) -> Iterator[dict[str, list[Row]]]:
-    """Yield, per sample and in data order, the tables to commit (the experiment's tables, or an ``errors`` row).
+    """Yield, per work item (:class:`~vlmflow.experiments.pending.Work`, or a whole sample), the tables
+    to commit: the experiment's tables, or an ``errors`` row. An item that extends a computed sample
+    yields only the rows it adds; a failure there is an error of each flow it was to add.
 
-    An experiment with ``analyse_batch`` computes its samples ``batch_size`` at a time
+    An experiment with ``analyse_batch`` computes whole samples ``batch_size`` at a time
     (:mod:`vlmflow.experiments.batching`; ``None``: chosen from the free accelerator memory, 1 on
-    CPU); the tables still come one sample at a time.
+    CPU); the tables still come one sample at a time. Extensions of computed samples (added flows)
+    go one at a time.
     """
+    items = [item if isinstance(item, Work) else Work(item) for item in work]
 
     def prepare(sample: Sample) -> PreparedSample:
         return prepare_sample(loaded, sample, open_visuals(sample, images))
 
     size = getattr(experiment, "batch_size", 1)
-    if hasattr(experiment, "analyse_batch") and (size is None or size > 1):
-        yield from batched_tables(loaded, samples, prepare, experiment, size)
+    whole = [item for item in items if not item.extends and item.experiment is None]
+    if hasattr(experiment, "analyse_batch") and (size is None or size > 1) and len(whole) == len(items):
+        yield from batched_tables(loaded, [item.sample for item in items], prepare, experiment, size)
         return
-    for sample in samples:
+    for item in items:
+        sample = item.sample
+        current = item.experiment or experiment
         out_of_memory: BaseException | None = None
         try:
-            tables = experiment.analyse(loaded, prepare(sample))
+            tables = work_tables(item, current.analyse(loaded, prepare(sample)))
         except SampleError as exc:
-            yield error_tables(sample.sample_id, exc)
+            log.warning("sample %s skipped at %s: %s", sample.sample_id, exc.stage, exc.reason)
+            yield {"errors": _failed(item, current, exc.stage, exc.reason)}
             continue
         except torch.OutOfMemoryError as exc:  # the engine already retried with smaller folds
             out_of_memory = exc
         if out_of_memory is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
             free_memory()
-            yield memory_error_tables(sample.sample_id, out_of_memory)
+            reason = memory_error_tables(sample.sample_id, out_of_memory)["errors"][0].reason
+            yield {"errors": _failed(item, current, "memory", reason)}
             continue
         yield tables
+
+
+def _failed(item: Work, experiment: Experiment, stage: str, reason: str) -> list[ErrorRow]:
+    """The error rows of a failed work item: the sample's, or, for an extension, one per flow it was to add."""
+    sid = item.sample.sample_id
+    if not item.extends:
+        return [ErrorRow(sample_id=sid, stage=stage, reason=reason)]
+    return [ErrorRow(sample_id=sid, stage=stage, reason=reason, flow=str(f)) for f in getattr(experiment, "flows", ())]
+
+
+def check_data(experiment: Experiment, samples: Sequence[Sample]) -> None:
+    """Refuse, before the model is loaded, flows no sample of the data can resolve (see
+    :mod:`vlmflow.experiments.route_check`; flows only some tasks cannot resolve are recorded later)."""
+    if hasattr(experiment, "with_flows"):
+        from vlmflow.experiments.route_check import check_routes
+
+        check_routes(samples, getattr(experiment, "flows", ()))
+
+
+def check_model(experiment: Experiment, loaded: LoadedModel) -> None:
+    """Refuse, before any sample, settings the loaded model cannot run (a window larger than its depth, ...)."""
+    check = getattr(experiment, "check_model", None)
+    if check is not None:
+        check(loaded)
 
 
 def run_to_store(
@@ -268,7 +334,9 @@ def run_to_store(
     from vlmflow.experiments.selftest import run_self_test
 
     data = load_data(spec.data)
+    check_data(spec.experiment, data[0])  # before the model loads
     loaded = loaded or load_model(spec.model)
+    check_model(spec.experiment, loaded)
     report = run_self_test(loaded, spec.experiment.engine) if self_test else None
     torch.manual_seed(SEED)
     run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
@@ -284,17 +352,6 @@ def run_to_store(
     return finish_run(run, time.perf_counter() - started, computed=count)
 
 
-@dataclass
-class OpenRun:
-    """A run directory opened for computing: its store and the samples still to do."""
-
-    path: Path
-    store: Any  # RunStore (imported lazily)
-    todo: list[Sample]
-    images: Path
-    total: int
-
-
 def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What ``spec.json`` holds for ``spec`` run on ``loaded``: its identity plus provenance.
 
@@ -303,71 +360,3 @@ def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any]
     record = provenance(loaded)
     record["self_test"] = dict(self_test) if self_test is not None else None
     return {**spec.identity(loaded), "provenance": record}
-
-
-def open_run(
-    spec: RunSpec,
-    out: Path | str,
-    stored: dict[str, Any],
-    data: tuple[list[Sample], list[ErrorRow], Path],
-) -> OpenRun:
-    """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
-
-    ``data`` is :func:`load_data`'s result. Commits the read errors not yet committed and returns
-    the samples not yet done, in data order. Any executor (this process, a Ray cluster) starts here.
-    """
-    from vlmflow.results.store import RunStore
-
-    samples, read_errors, images = data
-    path = Path(out) / spec.run_name()
-    store = RunStore.open(path, stored)
-    done = store.done_sample_ids()
-    fresh_read_errors = [e for e in read_errors if e.sample_id not in done]
-    if fresh_read_errors:
-        store.commit({"errors": fresh_read_errors})
-    todo = [s for s in samples if s.sample_id not in done]
-    log.info("%s: %d samples, %d already done", path, len(samples), len(samples) - len(todo))
-    return OpenRun(path=path, store=store, todo=todo, images=images, total=len(samples))
-
-
-def finish_run(run: OpenRun, elapsed: float, computed: int) -> RunOutcome:
-    """Summarise and consolidate the run directory (idempotent); the end of every executor."""
-    summary = summarise(run.store, elapsed, computed=computed)
-    run.store.finalize(summary)
-    return RunOutcome(path=run.path, summary=summary)
-
-
-def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
-    """Counts and accuracy of a run directory (all committed samples, not only this session's)."""
-    samples = store.read("samples")
-    errors = store.read("errors")
-    flows = store.read("flows") if "flows" in store.tables() else None
-    n = len(samples)
-    summary: dict[str, Any] = {
-        "samples": n,
-        "correct": int(samples["correct"].sum()) if n else 0,
-        "kept": int(samples["kept"].sum()) if n else 0,
-        "errors": len(errors),
-        "flow_rows": 0 if flows is None else len(flows),
-        "accuracy": float(samples["correct"].mean()) if n else None,
-        "computed_this_session": computed,
-        "seconds_this_session": round(elapsed, 3),
-    }
-    if len(errors):
-        summary["errors_by_stage"] = {str(k): int(v) for k, v in errors["stage"].value_counts().items()}
-        listed = errors.sort_values("sample_id").head(MAX_SUMMARY_ERRORS)
-        summary["error_rows"] = [
-            {"sample_id": str(r.sample_id), "stage": str(r.stage), "reason": str(r.reason)} for r in listed.itertuples()
-        ]
-    if flows is not None and len(flows):
-        kept_ids = set(samples.loc[samples["kept"], "sample_id"])
-        kept = flows[flows["sample_id"].isin(kept_ids)]
-        per_flow: dict[str, Mapping[str, Any]] = {}
-        for flow, frame in kept.groupby("flow"):
-            curve = frame.groupby("layer")["rel_change"].mean()
-            per_flow[str(flow)] = {
-                "min_mean_rel_change": float(curve.min()),
-                "layer_of_min": int(curve.idxmin()),
-            }
-        summary["flows"] = per_flow
-    return summary

@@ -26,8 +26,9 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.errors import ConfigError
-from vlmflow.experiments.windows import default_window
-from vlmflow.positions.groups import PAPER_FLOWS, Flow, Group
+from vlmflow.experiments.windows import WindowStyle, default_window
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import PAPER_FLOWS, Flow
 from vlmflow.settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -46,7 +47,10 @@ __all__ = [
     "Engine",
     "FlowSettings",
     "LensSettings",
+    "Metric",
+    "Mode",
     "Readout",
+    "WindowStyle",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,12 +101,77 @@ class Readout(StrEnum):
             raise ConfigError(f"unknown readout {text!r}; valid: {', '.join(r.value for r in cls)}") from None
 
 
+class Metric(StrEnum):
+    """What a knockout's effect is measured on (values are what users type).
+
+    Every ``flows`` row records ``p_base``, ``p_blocked`` and ``rel_change`` of its metric, and the
+    KL divergence of the next-token distribution whatever the metric.
+    """
+
+    FIRST_TOKEN = "first-token"  # the paper's: probability of the first answer token at the last position
+    SEQUENCE = "sequence"  # length-normalised probability of the whole greedy answer, teacher-forced (FG-TRACER)
+    KL = "kl"  # KL divergence of the next-token distribution, clean || knocked out (nats)
+
+    @property
+    def column(self) -> str:
+        """The ``flows`` column that holds this metric's effect (what figures plot)."""
+        return "kl" if self is Metric.KL else "rel_change"
+
+    @property
+    def axis_label(self) -> str:
+        """Label of a figure's effect axis."""
+        return {
+            Metric.FIRST_TOKEN: "Change in probability (%)",
+            Metric.SEQUENCE: "Change in answer probability, length-normalised (%)",
+            Metric.KL: "KL divergence, next token (nats)",
+        }[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Metric:
+        """``"first-token"``/``"sequence"``/``"kl"`` (any case, ``_`` for ``-``) -> :class:`Metric`.
+
+        >>> Metric.parse("First_Token")
+        <Metric.FIRST_TOKEN: 'first-token'>
+        """
+        try:
+            return cls(text.strip().lower().replace("_", "-"))
+        except ValueError:
+            raise ConfigError(f"unknown metric {text!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
+class Mode(StrEnum):
+    """How a flow's routes are applied (values are what users type)."""
+
+    KNOCKOUT = "knockout"  # block the routes' edges (the paper's)
+    KEEP_ONLY = "keep-only"  # the targets may read only the routes' sources and themselves
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        """``"knockout"``/``"keep-only"`` (any case, ``_`` for ``-``) -> :class:`Mode`.
+
+        >>> Mode.parse("keep_only")
+        <Mode.KEEP_ONLY: 'keep-only'>
+        """
+        try:
+            return cls(text.strip().lower().replace("_", "-"))
+        except ValueError:
+            raise ConfigError(f"unknown mode {text!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
 def _keep_all() -> Any:
     return setting(False, help="Keep wrongly answered samples too (the paper drops them).")
 
 
 def _max_new_tokens() -> Any:
     return setting(12, minimum=1, help="Greedy tokens for the baseline answer.")
+
+
+def _retry_errors() -> Any:
+    return setting(
+        False,
+        identity=False,  # which samples are (re)computed, not what
+        help="Recompute what the run recorded as errors (samples, and single flows of a sample).",
+    )
 
 
 def _check_distinct(what: str, values: tuple[Any, ...]) -> None:
@@ -115,14 +184,36 @@ class FlowSettings(Settings):
     """How to run the flow experiment (implements the runner's experiment protocol).
 
     >>> FlowSettings(window=9).flows[0]
-    Flow(source=<Group.QUESTION: 'question'>, target=<Group.LAST: 'last'>)
+    Flow.parse('question->last')
     """
 
     flows: tuple[Flow, ...] = setting(
-        PAPER_FLOWS, flags=("--flow", "-f"), help="Flow 'source->target' (repeatable). Default: the paper's six flows."
+        PAPER_FLOWS,
+        flags=("--flow", "-f"),
+        identity="grows",  # a rerun with more flows computes only the new ones
+        help="Flow 'SOURCE->TARGET' of group expressions, e.g. 'text:\"red\"->last' (repeatable; docs/routes.md). "
+        "Default: the paper's six flows.",
     )
     window: int | None = setting(
         None, flags=("--window", "-k"), minimum=1, help="Layers per window. Default: 7 for 32 layers, 9 for 40."
+    )
+    window_style: WindowStyle = setting(
+        WindowStyle.CENTRED,
+        identity="if-set",
+        help="Layers each point blocks: centred (the paper's), start, cumulative-up (0..l), "
+        "cumulative-down (l..L-1) or inverse (outside the centred window).",
+    )
+    metric: Metric = setting(
+        Metric.FIRST_TOKEN,
+        identity="if-set",
+        help="first-token (the paper's), sequence (the whole greedy answer, length-normalised, teacher-forced) "
+        "or kl (next-token KL divergence).",
+    )
+    mode: Mode = setting(
+        Mode.KNOCKOUT,
+        identity=False,  # recorded in the flows (a keep-only flow reads 'keep-only:...')
+        help="knockout (block the routes) or keep-only (the targets read only the sources and themselves), "
+        "for every flow not marked 'keep-only:' itself.",
     )
     keep_all: bool = _keep_all()
     engine: Engine = setting(Engine.FAST, help="fast (exact, batched) or reference (one forward per window).")
@@ -142,18 +233,40 @@ class FlowSettings(Settings):
         help="Samples computed together (their clean passes and folded knockouts share each layer call). "
         "Default: 1 on CPU; on CUDA as many as fit the free memory.",
     )
+    retry_errors: bool = _retry_errors()
 
     name = "flows"
+    #: Written even when empty.
+    tables = ("flows",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.flows:
             raise ConfigError("no flows given; pass at least one flow such as 'image->last'")
+        if self.mode is Mode.KEEP_ONLY and not all(f.keep_only for f in self.flows):
+            object.__setattr__(self, "flows", tuple(f.with_mode(True) for f in self.flows))
         _check_distinct("flows", self.flows)
 
     def window_for(self, n_layers: int) -> int:
         """The window size for a model of ``n_layers`` (the paper's rule unless ``window`` is set)."""
         return self.window if self.window is not None else default_window(n_layers)
+
+    def check_depth(self, n_layers: int) -> None:
+        """Refuse a window or a flow's fixed layer range that does not fit ``n_layers``, naming the valid range."""
+        from vlmflow.experiments.windows import check_layer_range, check_window
+
+        check_window(self.window_style, self.window_for(n_layers), n_layers)
+        for flow in self.flows:
+            if flow.layers is not None:
+                check_layer_range(flow.layers, n_layers, f"flow {flow}: layer range")
+
+    def check_model(self, loaded: LoadedModel) -> None:
+        """Before any sample: refuse settings the loaded model cannot run (see :meth:`check_depth`)."""
+        self.check_depth(loaded.n_layers)
+
+    def with_flows(self, flows: tuple[Flow, ...]) -> FlowSettings:
+        """The same settings for ``flows`` only (a rerun computing the flows a sample lacks)."""
+        return replace(self, flows=flows, mode=Mode.KNOCKOUT)
 
     def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
         """Tables for one sample: its ``samples`` row and its ``flows`` rows."""
@@ -177,7 +290,7 @@ class ControlSettings(Settings):
     flows become the control flows ``random->TARGET``.
 
     >>> ControlSettings(draws=3, flow_settings=FlowSettings(window=5)).flow_settings.flows
-    (Flow(source=<Group.RANDOM: 'random'>, target=<Group.QUESTION: 'question'>),)
+    (Flow.parse('random->question'),)
     """
 
     targets: tuple[Group, ...] = setting(
@@ -201,6 +314,7 @@ class ControlSettings(Settings):
     )
 
     name = "controls"
+    tables = ("controls",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,6 +342,14 @@ class ControlSettings(Settings):
         from vlmflow.experiments.batched_flows import control_tables_batch
 
         return control_tables_batch(loaded, prepared, self)
+
+    @property
+    def retry_errors(self) -> bool:
+        return self.flow_settings.retry_errors
+
+    def check_model(self, loaded: LoadedModel) -> None:
+        """Before any sample: refuse a window the loaded model cannot run."""
+        self.flow_settings.check_depth(loaded.n_layers)
 
     def analyse(self, loaded: LoadedModel, prepared: PreparedSample) -> Tables:
         """Tables for one sample: its ``samples`` row and, when kept, ``controls`` rows for every draw."""
@@ -306,8 +428,10 @@ class LensSettings(Settings):
     attention: AttentionSettings | None = setting(
         None, flags=("--attention/--no-attention",), help="Also record group-to-group attention mass per layer."
     )
+    retry_errors: bool = _retry_errors()
 
     name = "lens"
+    tables = ("lens", "lens_top")
     #: The engine of the runner's start-up self-test (the lens knocks nothing out itself).
     engine = Engine.FAST
 

@@ -45,6 +45,8 @@ class CleanRun:
             produced), when generation was asked for.
         additions: what the model adds to its hidden states between decoder layers (DeepStack),
             ``None`` for a plain stack of layers; the fast engine adds the same to recomputed rows.
+        row_logits: ``[R, vocab]`` float32 logits of the last ``R`` positions, when the run was asked
+            to keep ``read_rows=R > 1`` (a teacher-forced answer); ``logits`` is their last row.
     """
 
     logits: torch.Tensor
@@ -54,6 +56,18 @@ class CleanRun:
     values: list[torch.Tensor]
     generated: torch.Tensor | None = None
     additions: ResidualAdditions | None = None
+    row_logits: torch.Tensor | None = None
+
+    def read_rows_logits(self, rows: int) -> torch.Tensor:
+        """The clean logits of the last ``rows`` positions, ``[rows, vocab]``.
+
+        Raises:
+            ValueError: the clean run kept fewer rows.
+        """
+        kept = self.logits[None] if self.row_logits is None else self.row_logits
+        if rows > kept.shape[0]:
+            raise ValueError(f"the clean run kept the logits of {kept.shape[0]} rows, {rows} are asked for (clean_run(read_rows=...))")
+        return kept[kept.shape[0] - rows :]
 
 
 def stop_ids_of(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
@@ -77,17 +91,24 @@ def clean_run(
     capture_from: int,
     max_new_tokens: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
+    read_rows: int = 1,
 ) -> CleanRun:
     """One clean prefill (plus greedy decoding when ``max_new_tokens > 0``, stopping at ``eos_token_id``)
     that keeps, per layer, the hidden states at positions ``>= capture_from`` and the keys/values of
-    all positions: :func:`clean_runs` for one sample.
+    all positions: :func:`clean_runs` for one sample. ``read_rows=R > 1`` also keeps the logits of the
+    last ``R`` positions (``row_logits``; only without generation).
 
     >>> clean = clean_run(decoder, encoded, capture_from=40, max_new_tokens=12)   # doctest: +SKIP
     >>> clean.hidden[0].shape                                                     # doctest: +SKIP
     torch.Size([22, 4096])
     """
     return clean_runs(
-        decoder, [encoded], capture_from=[capture_from], max_new_tokens=max_new_tokens, stop_ids=stop_ids_of(eos_token_id)
+        decoder,
+        [encoded],
+        capture_from=[capture_from],
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids_of(eos_token_id),
+        read_rows=[read_rows],
     )[0]
 
 
@@ -99,13 +120,15 @@ def clean_runs(
     capture_from: Sequence[int],
     max_new_tokens: int = 0,
     stop_ids: Collection[int] = (),
+    read_rows: Sequence[int] | None = None,
 ) -> list[CleanRun]:
     """The clean runs of several samples, computed together: one call per decoder layer for all of them.
 
     Each sample's result is the one it gets alone (its prompt's queries never read another's keys
     or a padding key); ``capture_from[b]`` is sample ``b``'s first kept position. With
     ``max_new_tokens > 0`` each sample's answer is decoded greedily until it produces a token in
-    ``stop_ids`` or reaches ``max_new_tokens`` tokens.
+    ``stop_ids`` or reaches ``max_new_tokens`` tokens. ``read_rows[b] = R > 1`` also keeps the logits
+    of sample ``b``'s last ``R`` positions (``row_logits``; only without generation).
 
     >>> runs = clean_runs(decoder, [a, b], capture_from=[600, 590], max_new_tokens=3)   # doctest: +SKIP
     >>> [run.generated.tolist() for run in runs]                                       # doctest: +SKIP
@@ -114,9 +137,12 @@ def clean_runs(
     if len(encodeds) != len(capture_from) or not encodeds:
         raise ValueError(f"clean_runs needs one capture_from per sample, got {len(capture_from)} for {len(encodeds)} samples")
     lengths = [e.seq_len for e in encodeds]
-    for start, n in zip(capture_from, lengths, strict=True):
+    reads = [1] * len(encodeds) if read_rows is None else list(read_rows)
+    for start, n, read in zip(capture_from, lengths, reads, strict=True):
         if not 0 <= start < n:
             raise ValueError(f"capture_from {start} is outside the prompt's {n} positions")
+        if read != 1 and (max_new_tokens > 0 or not 1 <= read <= n):
+            raise ValueError(f"read_rows must be 1..{n} and needs max_new_tokens=0, got {read} with {max_new_tokens}")
     n_max, extra = max(lengths), max(0, max_new_tokens - 1)
     device, impl, dtype = decoder.device, decoder.attention_implementation, decoder.dtype
     positions = [decoder.position_ids(e) for e in encodeds]  # [..., 1, n_b]
@@ -159,6 +185,8 @@ def clean_runs(
             values=[cache.values[layer][b : b + 1, :, :n] for layer in range(decoder.n_layers)],
             generated=generated[b],
             additions=additions[b],
+            # [R, vocab] logits of the last R positions (one row: it is `logits`)
+            row_logits=final_logits(decoder, hidden[b, n - reads[b] : n]) if reads[b] > 1 else None,
         )
         for b, n in enumerate(lengths)
     ]

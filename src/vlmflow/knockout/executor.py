@@ -7,7 +7,8 @@ each, one after another), so the layer's weights are read once for all of them. 
 the folded hidden states ``[V, S, d_model]``, starts each variant where its plan says (from the
 clean run's states, or from its parent's), adds what the model adds between layers (the clean run's
 :class:`~vlmflow.adapters.additions.ResidualAdditions`, e.g. Qwen3-VL's DeepStack features at image
-positions) to the recomputed rows, and returns each variant's final hidden state at the last position.
+positions) to the recomputed rows, and returns each variant's final hidden states at the rows the
+plan reads (the last position, or the last ``R`` positions of a teacher-forced answer).
 
 Nothing inside the layer loop reads a value back from the device: what decides the shape of a call
 (active variants, open windows, promises) are host values computed before the loop
@@ -73,9 +74,10 @@ class FoldState:
         return self.job.plan
 
     def position_ids(self, decoder: DecoderMap, k: int, last_rows: bool) -> torch.Tensor:
-        """Position ids of the ``k`` active variants' rows (``[..., 1, k*S]``) or of their last rows (``[..., 1, k]``)."""
+        """Position ids of the ``k`` active variants' rows (``[..., 1, k*S]``) or of their last ``R`` rows
+        (``[..., 1, k*R]``)."""
         if (k, last_rows) not in self.positions:
-            rows = self.masks.rows[-1:] if last_rows else self.masks.rows
+            rows = self.masks.rows[-self.plan.read_rows :] if last_rows else self.masks.rows
             self.positions[(k, last_rows)] = decoder.select_positions(self.job.positions, rows.repeat(k))
         return self.positions[(k, last_rows)]
 
@@ -89,7 +91,8 @@ def run_fold(
     strategy: FoldAttention,
     ablation_values: Mapping[int, AblationValues] | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[V, d_model]`` at the last position under each variant, in the caller's order.
+    """Final hidden states ``[V, R, d_model]`` at the last ``R = plan.read_rows`` positions under each
+    variant, in the caller's order.
 
     One plan alone (:func:`run_folds`); raises :class:`SampleError` for a knockout that leaves a row
     with no key. The caller runs this inside ``strategy.session(decoder)``.
@@ -106,7 +109,8 @@ def run_fold(
 
 @torch.no_grad()
 def run_folds(jobs: Sequence[FoldJob], decoder: DecoderMap, strategy: FoldAttention) -> list[torch.Tensor | SampleError]:
-    """Per job, the final hidden states ``[V, d_model]`` at the last position in the caller's order,
+    """Per job, the final hidden states ``[V, R, d_model]`` at the last ``R = plan.read_rows`` positions in
+    the caller's order,
     or the :class:`SampleError` that job's knockouts raise; all jobs computed together.
 
     Jobs with ablations run alone (their hooks expect one fold's rows); a strategy that does not
@@ -184,8 +188,9 @@ def fold_layers(states: Sequence[FoldState], decoder: DecoderMap, strategy: Fold
             part = out[0, offset : offset + segment.rows]
             offset += segment.rows
             rows = state.masks.rows  # [S] sequence positions of the fold's rows
-            if facts.last_rows_only:
-                state.hidden[: facts.active, -1] = _added(state.job.clean, layer, part[:, None], rows[-1:])[:, 0]
+            if facts.last_rows_only:  # [k*R, d_model]: the last R rows of each variant
+                read = facts.read_rows
+                state.hidden[: facts.active, -read:] = _added(state.job.clean, layer, part.view(facts.active, read, -1), rows[-read:])
             else:
                 state.hidden[: facts.active] = _added(state.job.clean, layer, part.view(facts.active, state.plan.suffix, -1), rows)
 
@@ -209,8 +214,10 @@ def _segment(state: FoldState, facts: LayerFacts, decoder: DecoderMap) -> tuple[
         state.broken_promise |= ~allowed[..., : plan.t0].all()
     prefix = (clean.keys[layer][..., : plan.t0, :], clean.values[layer][..., : plan.t0, :])  # [1, kv, t0, D]
     x = state.hidden[:k].reshape(1, k * plan.suffix, -1)
-    if facts.last_rows_only:  # only each variant's last row: its own keys come from all rows (below)
-        allowed, x = allowed[:, :, -1:], x[:, plan.suffix - 1 :: plan.suffix]
+    if facts.last_rows_only:  # only each variant's last R rows: their own keys come from all rows (below)
+        read = facts.read_rows
+        allowed = allowed[:, :, -read:]  # [k, H|1, R, n]
+        x = x.view(1, k, plan.suffix, -1)[:, :, plan.suffix - read :].reshape(1, k * read, -1)  # [1, k*R, d]
     segment = Segment(allowed, prefix, None, plan.suffix, facts.prefix_visible)
     return segment, x, state.position_ids(decoder, k, facts.last_rows_only)
 
@@ -246,8 +253,8 @@ def finish_folds(states: Sequence[FoldState]) -> list[torch.Tensor | SampleError
         device = state.hidden.device
         caller_order = torch.empty(n_var, dtype=torch.long, device=device)
         caller_order[torch.tensor(plan.order, device=device)] = torch.arange(n_var, device=device)
-        # [V, d_model]: the rows are permuted here, before the unembedding, not the [V, vocab] logits after it.
-        results.append(state.hidden[caller_order, -1])
+        # [V, R, d_model]: the rows are permuted here, before the unembedding, not the [V, R, vocab] logits after it.
+        results.append(state.hidden[caller_order, -plan.read_rows :])
     return results
 
 

@@ -70,11 +70,21 @@ DEFAULT_FOLD_QUERIES = 1024
 
 @dataclass(frozen=True)
 class FoldRequest:
-    """One sample's knockouts for :func:`fast_logits_batch`: its encoded prompt, clean run and interventions."""
+    """One sample's knockouts for :func:`fast_logits_batch`: its encoded prompt, clean run and interventions.
+
+    ``rows``: ``None`` for the last position's logits ``[K, vocab]``; ``R`` for the last ``R`` positions'
+    ``[K, R, vocab]`` (the clean run must have kept ``R`` rows, ``clean_run(..., read_rows=R)``).
+    """
 
     encoded: Encoded
     clean: CleanRun
     knockouts: Sequence[Intervention]
+    rows: int | None = None
+
+    @property
+    def read(self) -> int:
+        """``R``, the trailing rows read (1 for the last position)."""
+        return 1 if self.rows is None else self.rows
 
 
 @torch.no_grad()
@@ -86,8 +96,14 @@ def fast_logits(
     *,
     max_fold_queries: int = DEFAULT_FOLD_QUERIES,
     strategy: FoldAttention | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Last-position logits ``[len(knockouts), vocab]`` (float32) under each knockout, exactly.
+
+    ``rows=R`` reads the last ``R`` positions instead: ``[len(knockouts), R, vocab]`` (the logits of
+    a teacher-forced answer of ``R`` tokens appended to the prompt). A position before a knockout's
+    first affected position keeps its clean logits, taken from ``clean.row_logits`` (the clean run
+    must have kept ``R`` rows: ``clean_run(..., read_rows=R)``).
 
     Knockouts (and ablations) with the same first affected position (:func:`affected_starts`) run
     folded together; ``max_fold_queries`` bounds the query rows of one fold (more variants are split
@@ -104,7 +120,7 @@ def fast_logits(
     torch.Size([192, 32064])
     """
     (out,) = fast_logits_batch(
-        decoder, [FoldRequest(encoded, clean, knockouts)], max_fold_queries=max_fold_queries, strategy=strategy
+        decoder, [FoldRequest(encoded, clean, knockouts, rows)], max_fold_queries=max_fold_queries, strategy=strategy
     )
     if isinstance(out, SampleError):
         raise out
@@ -135,16 +151,20 @@ def fast_logits_batch(
     with strategy.session(decoder):
         for call in batch.calls(max_fold_queries):
             batch.run(call)
-    return [batch.errors.get(r, batch.results[r]) for r in range(len(requests))]
+    # [K, vocab] for a request of the last position, [K, R, vocab] for one of R rows
+    logits = [result[:, 0] if request.rows is None else result for request, result in zip(requests, batch.results, strict=True)]
+    return [batch.errors.get(r, logits[r]) for r in range(len(requests))]
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """Variants ``indices`` of request ``request`` (all with first affected position ``t0``), folded together."""
+    """Variants ``indices`` of request ``request`` (all with first affected position ``t0``), folded together;
+    the fold reads the last ``read`` rows (rows before ``t0`` keep their clean logits)."""
 
     request: int
     t0: int
     indices: tuple[int, ...]
+    read: int = 1
 
 
 class _Batch:
@@ -154,7 +174,8 @@ class _Batch:
         self.decoder, self.requests, self.strategy = decoder, requests, strategy
         self.patterns: list[AttentionPattern] = []
         self.values: list[dict[int, AblationValues]] = []
-        self.results: list[torch.Tensor] = []
+        self.results: list[torch.Tensor] = []  # per request [K, R, vocab]
+        self.clean_rows: list[torch.Tensor] = []  # per request [R, vocab]
         self.errors: dict[int, SampleError] = {}
         self.max_jobs: int | None = None  # lowered for the rest of the batch after an out-of-memory error
         for request in requests:
@@ -165,11 +186,16 @@ class _Batch:
             found = replacement_values(decoder, request.encoded, [knockouts[i] for i in ablations])
             self.values.append(dict(zip(ablations, found, strict=True)))
             self.patterns.append(decoder.attention_pattern(request.encoded))
-            logits = torch.empty(len(knockouts), request.clean.logits.shape[-1], dtype=torch.float32)
+            n, read = request.encoded.seq_len, request.read
+            if not 1 <= read <= n:
+                raise ValueError(f"rows must be 1..{n} (the sequence length), got {request.rows}")
+            clean_rows = request.clean.read_rows_logits(read).cpu()  # [R, vocab]
+            logits = torch.empty(len(knockouts), read, clean_rows.shape[-1], dtype=torch.float32)
             for i, knockout in enumerate(knockouts):
                 if knockout.is_empty:
-                    logits[i] = request.clean.logits.cpu()
+                    logits[i] = clean_rows
             self.results.append(logits)
+            self.clean_rows.append(clean_rows)
 
     def chunks(self, request: int, max_fold_queries: int) -> list[_Chunk]:
         """The request's folds: per first affected position, chunks of at most ``max_fold_queries`` rows."""
@@ -184,7 +210,8 @@ class _Batch:
         for t0, indices in by_start.items():
             per_call = max(1, max_fold_queries // (n - t0))
             ordered = sorted(indices, key=lambda i: r.knockouts[i].first_layer)
-            out += [_Chunk(request, t0, tuple(ordered[lo : lo + per_call])) for lo in range(0, len(ordered), per_call)]
+            read = min(r.read, n - t0)  # rows before t0 are untouched by these knockouts
+            out += [_Chunk(request, t0, tuple(ordered[lo : lo + per_call]), read) for lo in range(0, len(ordered), per_call)]
         return out
 
     def calls(self, max_fold_queries: int) -> list[list[_Chunk]]:
@@ -224,17 +251,21 @@ class _Batch:
                 chunk = call[0]
                 half = len(chunk.indices) // 2
                 log.warning("out of memory folding %d knockouts; retrying %d at a time", len(chunk.indices), half)
-                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[:half])])
-                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[half:])])
+                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[:half], chunk.read)])
+                self.run([_Chunk(chunk.request, chunk.t0, chunk.indices[half:], chunk.read)])
             return
         for chunk, outcome in zip(call, outcomes, strict=True):
             if isinstance(outcome, SampleError):
                 self.errors[chunk.request] = outcome
             else:
-                self.results[chunk.request][list(chunk.indices)] = outcome
+                result, index = self.results[chunk.request], list(chunk.indices)
+                untouched = result.shape[1] - chunk.read
+                result[index, untouched:] = outcome
+                if untouched:
+                    result[index, :untouched] = self.clean_rows[chunk.request][:untouched]
 
     def _compute(self, call: list[_Chunk]) -> list[torch.Tensor | SampleError]:
-        """Run one call: per chunk its CPU float32 logits ``[len(indices), vocab]`` (or its error)."""
+        """Run one call: per chunk its CPU float32 logits ``[len(indices), read, vocab]`` (or its error)."""
         jobs = []
         for chunk in call:
             request = self.requests[chunk.request]
@@ -245,6 +276,7 @@ class _Batch:
                 n=request.encoded.seq_len,
                 n_layers=self.decoder.n_layers,
                 n_heads=self.decoder.n_heads,
+                read_rows=chunk.read,
             )
             values = self.values[chunk.request]
             # Replacement values by folded index (the plan reorders the chunk).
@@ -252,9 +284,11 @@ class _Batch:
             jobs.append(FoldJob(plan, request.clean, self.decoder.position_ids(request.encoded), folded))
         outcomes = run_folds(jobs, self.decoder, self.strategy)
         states = [o for o in outcomes if not isinstance(o, SampleError)]
-        # One unembedding for every job of the call (its weight is read once): [sum V, vocab].
-        logits = final_logits(self.decoder, torch.cat(states)).cpu().split([len(o) for o in states]) if states else ()
-        parts = iter(logits)
+        # One unembedding for every job of the call (its weight is read once): [sum V*R, vocab].
+        d_model = states[0].shape[-1] if states else 0
+        flat = final_logits(self.decoder, torch.cat([o.reshape(-1, d_model) for o in states])).cpu() if states else None
+        sizes = [o.shape[0] * o.shape[1] for o in states]
+        parts = iter([] if flat is None else [p.view(o.shape[0], o.shape[1], -1) for p, o in zip(flat.split(sizes), states, strict=True)])
         return [o if isinstance(o, SampleError) else next(parts) for o in outcomes]
 
 

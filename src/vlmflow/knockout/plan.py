@@ -12,8 +12,9 @@ says everything about such a run that does not need the model:
 * per layer (:meth:`FoldPlan.step`), **how many variants are active** (a prefix of the order: starts
   never decrease), which ones start there, and **which attention edges** each active variant may use
   (the clean pattern minus the edges its window blocks there);
-* **which rows each layer computes**: every row, except in the top layer, where only the last row
-  of each variant is read (when every variant is a knockout).
+* **which rows each layer computes**: every row, except in the top layer, where only the rows that
+  are read come out: the last ``read_rows`` rows of each variant (when every variant is a knockout;
+  one row for the next-token logits, several for a teacher-forced answer).
 
 Unit tests check plans without a model; :mod:`vlmflow.knockout.executor` runs them.
 """
@@ -53,7 +54,8 @@ class FoldPlan:
         blocked: ``[V, S, n]`` bool, the edges each variant blocks where its window is open.
         in_window: ``[V, n_layers]`` bool, whether variant ``v``'s window is open in a layer.
         heads: ``[V, H]`` bool, the heads each variant's edges apply to (``None``: all heads).
-        last_rows_only: the top layer computes only each variant's last row.
+        last_rows_only: the top layer computes only the rows read of each variant.
+        read_rows: ``R``, the trailing rows of each variant whose outputs are read (``1 <= R <= S``).
 
     >>> from vlmflow.adapters.pattern import CausalPattern
     >>> edges = (((5,), (1, 2)),)
@@ -74,6 +76,7 @@ class FoldPlan:
     in_window: torch.Tensor
     heads: torch.Tensor | None
     last_rows_only: bool
+    read_rows: int = 1
 
     @property
     def suffix(self) -> int:
@@ -120,6 +123,7 @@ class FoldPlan:
             window_open=any(now),
             prefix_visible=self.host_masks.base_sees_prefix(layer) and not cut,
             last_rows_only=self.last_rows_only and layer == self.n_layers - 1,
+            read_rows=self.read_rows,
         )
 
     def step(self, layer: int) -> LayerStep:
@@ -151,7 +155,9 @@ class LayerFacts:
         window_open: some active variant's window is open here (else every one keeps the clean pattern).
         prefix_visible: every active row may read every prefix key (``< t0``): no open window cuts
             one and the clean pattern hides none.
-        last_rows_only: only each variant's last row is computed (its output is all that is read).
+        last_rows_only: only each variant's last ``read_rows`` rows are computed (their outputs are all
+            that is read).
+        read_rows: ``R``, the trailing rows of each variant that are read.
     """
 
     layer: int
@@ -160,6 +166,7 @@ class LayerFacts:
     window_open: bool
     prefix_visible: bool
     last_rows_only: bool
+    read_rows: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,10 +224,13 @@ def plan_fold(
     n_layers: int,
     n_heads: int | None = None,
     device: torch.device | str = "cpu",
+    read_rows: int = 1,
 ) -> FoldPlan:
     """The :class:`FoldPlan` of ``variants`` (all with first affected position ``t0``).
 
-    ``n_heads`` is needed only when some knockout names heads.
+    ``n_heads`` is needed only when some knockout names heads. ``read_rows``: how many trailing rows
+    of each variant are read (``1``: the last position's next-token logits; ``R``: the logits of a
+    teacher-forced answer of ``R`` tokens); at most the ``n - t0`` rows the fold computes.
 
     >>> from vlmflow.adapters.pattern import CausalPattern
     >>> e = (((5,), (1, 2)),)
@@ -228,6 +238,8 @@ def plan_fold(
     >>> plan.order, plan.starts, plan.parents
     ((1, 0), (0, 2), (None, 0))
     """
+    if not 1 <= read_rows <= n - t0:
+        raise ValueError(f"a fold of rows {t0}..{n - 1} can read 1..{n - t0} trailing rows, not {read_rows}")
     order, starts, parents = branch_plan(variants)
     folded = tuple(variants[i] for i in order)
     rows = torch.arange(t0, n, device=device)
@@ -249,7 +261,8 @@ def plan_fold(
         in_window=in_window,
         heads=head_selection(folded, n_heads, rows.device),
         # Ablations replace module outputs row by row; their top layer keeps every row.
-        last_rows_only=n - t0 > 1 and all(isinstance(v, Knockout) for v in folded),
+        last_rows_only=n - t0 > read_rows and all(isinstance(v, Knockout) for v in folded),
+        read_rows=read_rows,
     )
 
 

@@ -94,21 +94,31 @@ def attention_knockout(decoder: DecoderMap, encoded: Encoded, knockout: Knockout
 
 
 @torch.no_grad()
-def reference_logits(decoder: DecoderMap, encoded: Encoded, knockouts: Sequence[Knockout]) -> torch.Tensor:
+def reference_logits(
+    decoder: DecoderMap, encoded: Encoded, knockouts: Sequence[Knockout], *, rows: int | None = None
+) -> torch.Tensor:
     """Last-position logits ``[len(knockouts), vocab]`` (float32), one full forward per knockout.
+
+    ``rows=R``: the logits of the last ``R`` positions, ``[len(knockouts), R, vocab]``.
 
     >>> reference_logits(decoder, encoded, knockouts).shape   # doctest: +SKIP
     torch.Size([6, 32064])
     """
+    read = 1 if rows is None else rows
     out = []
     for knockout in knockouts:
         with attention_knockout(decoder, encoded, knockout):
-            logits = decoder.model(**encoded.inputs, logits_to_keep=1).logits
-        out.append(logits[0, -1].float())
-    return torch.stack(out) if out else torch.empty(0)
+            logits = decoder.model(**encoded.inputs, logits_to_keep=read).logits
+        out.append(logits[0, -read:].float())  # [R, vocab]
+    if not out:
+        return torch.empty(0)
+    stacked = torch.stack(out)  # [V, R, vocab]
+    return stacked[:, 0] if rows is None else stacked
 
 
 @torch.no_grad()
-def clean_logits(decoder: DecoderMap, encoded: Encoded) -> torch.Tensor:
-    """Last-position logits ``[vocab]`` (float32) of the unmodified model."""
-    return decoder.model(**encoded.inputs, logits_to_keep=1).logits[0, -1].float()
+def clean_logits(decoder: DecoderMap, encoded: Encoded, *, rows: int | None = None) -> torch.Tensor:
+    """Last-position logits ``[vocab]`` (float32) of the unmodified model; ``rows=R``: ``[R, vocab]``."""
+    read = 1 if rows is None else rows
+    logits = decoder.model(**encoded.inputs, logits_to_keep=read).logits[0, -read:].float()
+    return logits[0] if rows is None else logits

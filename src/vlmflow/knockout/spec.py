@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from vlmflow.errors import ConfigError
-from vlmflow.positions.groups import Flow, PositionGroups
+from vlmflow.positions.edges import flow_edges
+from vlmflow.positions.groups import PositionGroups
+from vlmflow.positions.resolve import Resolver
+from vlmflow.positions.routes import Flow
 
 Edge = tuple[tuple[int, ...], tuple[int, ...]]  # (target positions, source positions)
 
@@ -47,8 +50,11 @@ class Knockout:
         layers: Iterable[int],
         heads: Iterable[int] | None = None,
     ) -> Knockout:
-        """The knockout of one or more flows of a sample (raises if a group is unavailable)."""
-        edges = tuple((groups[f.target], groups[f.source]) for f in flows)
+        """The knockout of one or more flows of a sample from its groups alone (raises if a group is
+        unavailable); flows whose expressions read the prompt or the images need the prepared sample:
+        :func:`vlmflow.positions.edges.flow_edges`."""
+        resolver = Resolver(None, groups)
+        edges = tuple(edge for f in flows for edge in flow_edges(f, resolver))
         return cls(edges=edges, layers=tuple(sorted(set(layers))), heads=None if heads is None else tuple(sorted(set(heads))))
 
     @property

@@ -43,7 +43,7 @@ from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import PLANTED_ALIAS
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
-from vlmflow.positions.groups import PAPER_FLOWS
+from vlmflow.positions.routes import PAPER_FLOWS
 from vlmflow.validation.routes import PlantedRoutes, band_names, routes_for_model
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,13 @@ Flows are drawn in the paper's three panels (:func:`flow_panels`): the flows int
 the whole image into the question, and parts of the image (related / other patches) into the
 question; flows into any other group get a panel per target. A run holding several tasks gets one
 row of panels per task in :func:`plot_flows`, and one file per task from :func:`write_flow_figures`.
-By default the x axis spans every layer of the model and the y axis has its usual ticks. With
-``paper_axes=True`` (``vlmflow plot --paper-axes``) the figure is drawn on the paper's axes, and says
-so in its title: only y ticks <= 0 are kept, and the x axis ends at layer 31 as in the original
-plotting script (``xlim(0, 31)``), which cut the 40-layer LLaVA-1.5-13b at layer 31.
+Figures name the window style (what a point's layers are) and the metric (what its value is): the y
+axis is the relative change of the metric's probability, or the KL divergence for the ``kl`` metric;
+keep-only flows get a panel of their own. By default the x axis spans every layer of the model and
+the y axis has its usual ticks. With ``paper_axes=True`` (``vlmflow plot --paper-axes``) the figure
+is drawn on the paper's axes, and says so in its title: only y ticks <= 0 are kept, and the x axis
+ends at layer 31 as in the original plotting script (``xlim(0, 31)``), which cut the 40-layer
+LLaVA-1.5-13b at layer 31.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import Flow
 from vlmflow.results.tables import flows_of
 
 if TYPE_CHECKING:
@@ -40,14 +44,46 @@ PAPER_LAST_LAYER = 31
 PANEL_LAST = "Flows to the last position"
 PANEL_IMAGE_QUESTION = "Whole image to question"
 PANEL_PARTS_QUESTION = "Image parts to question"
+PANEL_KEEP_ONLY = "Keep-only pathways"
+
+#: The x axis of each window style (``flows.window_style``): what the point at layer l knocks out.
+STYLE_AXIS = {
+    "centred": "Layer (centre of the knocked-out window)",
+    "start": "Layer (first of the knocked-out window)",
+    "cumulative-up": "Layer l (layers 0..l knocked out)",
+    "cumulative-down": "Layer l (layers l..L-1 knocked out)",
+    "inverse": "Layer (centre of the window kept; every other layer knocked out)",
+    "fixed": "First layer of the flow's fixed range",
+}
 
 
 def _panel_of(flow: Flow) -> str:
+    if flow.keep_only:
+        return PANEL_KEEP_ONLY
     if flow.target == Group.LAST:
         return PANEL_LAST
     if flow.target == Group.QUESTION:
         return PANEL_IMAGE_QUESTION if flow.source == Group.IMAGE else PANEL_PARTS_QUESTION
-    return f"Flows to {flow.target.value}"
+    return f"Flows to {flow.target}"
+
+
+def effect_column(flows: pd.DataFrame) -> tuple[str, str]:
+    """The column a figure plots and its axis label, from the rows' ``metric``.
+
+    >>> effect_column(pd.DataFrame({"metric": ["kl"]}))
+    ('kl', 'KL divergence, next token (nats)')
+    """
+    from vlmflow.experiments.settings import Metric
+
+    metrics = set(flows["metric"]) if "metric" in flows.columns and len(flows) else {Metric.FIRST_TOKEN.value}
+    metric = Metric(metrics.pop()) if len(metrics) == 1 else Metric.FIRST_TOKEN
+    return metric.column, metric.axis_label
+
+
+def style_label(flows: pd.DataFrame) -> str:
+    """The x-axis label of the rows' window style(s)."""
+    styles = sorted(set(flows["window_style"])) if "window_style" in flows.columns and len(flows) else ["centred"]
+    return " / ".join(STYLE_AXIS.get(style, style) for style in styles)
 
 
 def flow_panels(flows: Sequence[str | Flow]) -> list[tuple[str, list[str]]]:
@@ -59,7 +95,7 @@ def flow_panels(flows: Sequence[str | Flow]) -> list[tuple[str, list[str]]]:
      ('Whole image to question', ['image->question']),
      ('Image parts to question', ['related->question', 'other->question'])]
     """
-    order = [PANEL_LAST, PANEL_IMAGE_QUESTION, PANEL_PARTS_QUESTION]
+    order = [PANEL_LAST, PANEL_IMAGE_QUESTION, PANEL_PARTS_QUESTION, PANEL_KEEP_ONLY]
     panels: dict[str, list[str]] = {}
     for flow in flows_of(str(item) for item in flows).values():
         panels.setdefault(_panel_of(flow), []).append(str(flow))
@@ -73,7 +109,7 @@ def flow_colors(flows: Sequence[str]) -> dict[str, str]:
     >>> flow_colors(["image->question", "related->question"])
     {'image->question': 'C3', 'related->question': 'C4'}
     """
-    from vlmflow.positions.groups import PAPER_FLOWS
+    from vlmflow.positions.routes import PAPER_FLOWS
 
     paper = [str(f) for f in PAPER_FLOWS]
     colors, extra = {}, len(paper)
@@ -87,16 +123,18 @@ def flow_colors(flows: Sequence[str]) -> dict[str, str]:
 
 
 def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None) -> list[str]:
-    """Draw the flow curves (mean relative change of the answer probability, %) on ``ax``; return the flows drawn.
+    """Draw the flow curves (mean effect of the metric: relative change of its probability in %, or the
+    KL divergence) on ``ax``; return the flows drawn.
 
     ``flows`` is the ``flows`` table (one row per sample, flow and layer).
     """
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
-    table = curves(flows[flows["flow"].isin(order)], "flow", "rel_change")
+    column, axis_label = effect_column(flows)
+    table = curves(flows[flows["flow"].isin(order)], "flow", column)
     labels = {name: flow.label for name, flow in flows_of(order).items()}
     drawn = draw_curves(ax, table, "flow", order, labels=labels, colors=flow_colors(order))
     ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.set_ylabel("Change in probability (%)")
+    ax.set_ylabel(axis_label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if drawn:
         ax.legend(loc="lower left", fontsize="small", frameon=False)
@@ -156,18 +194,25 @@ def plot_flows(
             if col:
                 ax.set_ylabel("")
             if row == len(tasks) - 1:
-                ax.set_xlabel("Layer (centre of the knocked-out window)" + (f", cut at {PAPER_LAST_LAYER}" if cut else ""))
+                ax.set_xlabel(style_label(frame) + (f", cut at {PAPER_LAST_LAYER}" if cut else ""))
         if paper_axes:
             paper_y_ticks(axes[row][0])
     if title is None:
-        windows = sorted({int(w) for w in flows["window"]}) if "window" in flows.columns and len(flows) else []
+        windows = sorted({int(w) for w in flows["window"] if int(w) > 0}) if "window" in flows.columns and len(flows) else []
         k = f"window of {'/'.join(map(str, windows))} layers, " if windows else ""
-        title = f"Attention knockout: {k}{flows['sample_id'].nunique()} samples, {last_layer + 1} layers"
+        title = f"Attention knockout ({_style_names(flows)}): {k}{flows['sample_id'].nunique()} samples, {last_layer + 1} layers"
     if paper_axes:
         shown = f"layers {PAPER_LAST_LAYER + 1}-{last_layer} cut, " if cut else ""
         title += f"\npaper's axes: {shown}y ticks ≤ 0"
     fig.suptitle(title, fontsize="medium")
     return fig
+
+
+def _style_names(flows: pd.DataFrame) -> str:
+    """The rows' window styles, e.g. ``centred`` or ``cumulative-up``."""
+    if "window_style" not in flows.columns or not len(flows):
+        return "centred"
+    return "/".join(sorted(set(flows["window_style"])))
 
 
 def kept_flows(store: RunStore) -> pd.DataFrame:
@@ -219,8 +264,11 @@ def write_flow_figures(
         frame = flows if task == "" else flows[flows["task"].astype(str) == task]
         if frame.empty:
             continue
-        window = "/".join(str(w) for w in sorted({int(w) for w in frame["window"]}))
-        title = f"{model}: {task + ', ' if task else ''}{frame['sample_id'].nunique()} samples, window {window}"
+        window = "/".join(str(w) for w in sorted({int(w) for w in frame["window"] if int(w) > 0})) or "-"
+        title = (
+            f"{model}: {task + ', ' if task else ''}{frame['sample_id'].nunique()} samples, "
+            f"{_style_names(frame)} window {window}"
+        )
         order = [f for f in flow_order if f in set(frame["flow"])] if flow_order else None
         fig = plot_flows(frame, title=title, flow_order=order, paper_axes=paper_axes)
         if decorate is not None:

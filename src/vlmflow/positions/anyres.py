@@ -204,6 +204,11 @@ class AnyresGrid:
     def newlines(self) -> np.ndarray:
         return self._pack(np.zeros(self.grid.shape, dtype=bool), True)
 
+    def token_grid(self) -> np.ndarray:
+        """Int ``shape``: the index (in the grid's token order) of each patch token, newlines skipped."""
+        rows, cols = self.shape
+        return np.arange(rows)[:, None] * (cols + 1) + np.arange(cols)[None, :]
+
 
 @dataclass(frozen=True, eq=False)
 class AnyresLayout:
@@ -245,6 +250,16 @@ class AnyresLayout:
     def grid_tokens(self) -> np.ndarray:
         """Bool ``(n_tokens,)``: patch tokens of the high-resolution grid (newlines excluded)."""
         return ~self.base_tokens() & ~self.newline_tokens()
+
+    def views(self) -> dict[str, np.ndarray]:
+        """``"base"``: the base view's patch grid; ``"hd"``: the high-resolution grid as the model packs
+        it (after un-padding and any downscaling; newlines skipped). Int arrays of image-token indices.
+
+        >>> g = anyres_geometry((500, 375), view_size=336, patch_size=14, pinpoints=LLAVA_NEXT_PINPOINTS)
+        >>> {name: grid.shape for name, grid in g.views().items()}
+        {'base': (24, 24), 'hd': (36, 48)}
+        """
+        return {"base": self.base.token_grid(), "hd": self.base.n_tokens + self.grid.token_grid()}
 
 
 def anyres_geometry(

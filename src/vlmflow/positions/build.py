@@ -24,7 +24,7 @@ from vlmflow.data.sample import Sample
 from vlmflow.errors import SampleError
 from vlmflow.inputs import Encoded
 from vlmflow.positions.groups import Group, PositionGroups
-from vlmflow.positions.layout import ImageLayout, VisualBlock
+from vlmflow.positions.layout import ImageLayout, PlacedImage, VisualBlock
 from vlmflow.positions.text import find_word, tokens_in_span
 
 
@@ -85,7 +85,22 @@ def build_position_groups(
     _option_groups(encoded, sample, positions, missing)
     if patch_groups:
         _patch_groups(blocks, block_pos, sample, positions, missing, random_draw)
+    _alias_groups(positions, missing)
     return PositionGroups(seq_len=seq_len, positions=positions, missing=missing, units=units)
+
+
+def placed_images(encoded: Encoded, blocks: Sequence[VisualBlock]) -> tuple[PlacedImage, ...]:
+    """Where each visual block (image, or frame of a video) sits in the sequence, with its layout:
+    what ``box:`` and ``grid:`` expressions map through.
+
+    >>> [len(p.positions) for p in placed_images(encoded, loaded.inputs.visual_blocks(encoded))]   # doctest: +SKIP
+    [576]
+    """
+    ids = encoded.input_ids.numpy()
+    image_pos = np.flatnonzero(np.isin(ids, sorted({int(b.token_id) for b in blocks})))
+    return tuple(
+        PlacedImage(_t(pos), block.layout, block.size) for block, pos in zip(blocks, _split_blocks(ids, image_pos, blocks), strict=True)
+    )
 
 
 def _split_blocks(ids: np.ndarray, image_pos: np.ndarray, blocks: Sequence[VisualBlock]) -> list[np.ndarray]:
@@ -136,6 +151,36 @@ def _unit_items(
     return units
 
 
+#: Named aliases for groups of the paper's code: (alias, how it is made, the groups it needs).
+_ALIASES: tuple[tuple[Group, str, tuple[Group, ...]], ...] = (
+    (Group.RELATED_IN_GRID, "&", (Group.RELATED, Group.IMAGE_GRID)),
+    (Group.GRID_WITHOUT_RELATED, "-", (Group.IMAGE_GRID, Group.RELATED)),
+    (Group.GRID_WITH_NEWLINES, "|", (Group.IMAGE_GRID, Group.IMAGE_NEWLINE)),
+    (Group.OTHER_WITH_NEWLINES, "|", (Group.OTHER, Group.IMAGE_NEWLINE)),
+)
+
+
+def _alias_groups(positions: dict[Group, tuple[int, ...]], missing: dict[Group, str]) -> None:
+    """The paper code's groups vlmflow names as aliases (``Group.QUESTION_WITHOUT_OPTIONS``, ...).
+
+    The question without its options drops whichever option words the question holds (all of it
+    when it names none, e.g. QueryAttr). The anyres aliases need the grid (and newline) groups, so
+    other families lack them, with the reason.
+    """
+    options = set(positions.get(Group.TRUE_OPTION, ())) | set(positions.get(Group.FALSE_OPTION, ()))
+    rest = np.setdiff1d(np.array(positions[Group.QUESTION]), np.array(sorted(options), dtype=int))
+    _put(positions, missing, Group.QUESTION_WITHOUT_OPTIONS, rest, "the question is nothing but its options")
+    for alias, op, (a, b) in _ALIASES:
+        lacking = [g for g in (a, b) if g not in positions]
+        if lacking:
+            reasons = "; ".join(f"{g.value}: {missing.get(g, 'not available')}" for g in lacking)
+            missing[alias] = f"needs {' and '.join(g.value for g in lacking)} ({reasons})"
+            continue
+        left, right = np.array(positions[a]), np.array(positions[b])
+        result = {"&": np.intersect1d, "-": np.setdiff1d, "|": np.union1d}[op](left, right)
+        _put(positions, missing, alias, result, f"{a.value} {op} {b.value} is empty")
+
+
 def _t(array: np.ndarray) -> tuple[int, ...]:
     return tuple(int(x) for x in np.unique(array))
 
@@ -184,13 +229,19 @@ def _patch_groups(
     image_pos = np.concatenate(list(block_pos))
     n_sources = 1 + max((s for b in blocks for s in b.sources), default=0)
     boxes = sample.boxes
-    for obj in sample.objects:
-        if obj.box is not None and not 0 <= obj.image < n_sources:
-            raise SampleError(
-                f"object {obj.name!r} has its box in image or frame {obj.image}, but the sample shows {n_sources} "
-                f"(valid: 0..{n_sources - 1})",
-                stage="boxes",
-            )
+    reason = "the sample has no object boxes" if not boxes else None
+    try:  # a bad box fails the flows that need the boxes, not the sample
+        for obj in sample.objects:
+            if obj.box is not None and not 0 <= obj.image < n_sources:
+                raise SampleError(
+                    f"object {obj.name!r} has its box in image or frame {obj.image}, but the sample shows {n_sources} "
+                    f"(valid: 0..{n_sources - 1})",
+                    stage="boxes",
+                )
+            if obj.box is not None:
+                obj.box.check(next(b.size for b in blocks if obj.image in b.sources))
+    except SampleError as exc:
+        reason = exc.reason
     parts: dict[str, list[np.ndarray]] = {"excluded": [], "padding": [], "related": []}
     for block in blocks:
         layout = block.layout
@@ -201,9 +252,7 @@ def _patch_groups(
         )
         parts["excluded"].append(excluded)
         parts["padding"].append(layout.padding() & ~excluded)
-        mine = [obj.box for obj in sample.objects if obj.box is not None and obj.image in block.sources]
-        for box in mine:
-            box.check(block.size)
+        mine = [] if reason else [obj.box for obj in sample.objects if obj.box is not None and obj.image in block.sources]
         parts["related"].append(layout.related(mine) & ~excluded if mine else np.zeros(layout.n_tokens, dtype=bool))
     excluded = np.concatenate(parts["excluded"])
     padding = np.concatenate(parts["padding"])
@@ -211,8 +260,7 @@ def _patch_groups(
         mask = np.concatenate([_subgroup(block.layout, group) for block in blocks])
         _put(positions, missing, group, image_pos[mask], f"no {group.value} tokens")
     _put(positions, missing, Group.PADDING, image_pos[padding], "no padding-only patches")
-    if not boxes:
-        reason = "the sample has no object boxes"
+    if reason is not None:
         for group in (Group.RELATED, Group.OTHER, Group.OTHER_CONTENT, Group.RANDOM):
             missing[group] = reason
         return

@@ -1,13 +1,12 @@
-"""Position groups and flows: the vocabulary of every knockout.
+"""Named position groups: the vocabulary of every knockout.
 
 A :class:`Group` names a set of positions in one sample's language-model sequence (all image
-tokens, the question tokens, the last position, ...). A :class:`Flow` ``source->target`` is the
-information moving from ``source`` positions to ``target`` positions; *knocking it out* means the
-target positions (attention query rows) may not attend to the source positions (key columns).
-:class:`PositionGroups` holds where each group sits for one sample.
+tokens, the question tokens, the last position, ...). :class:`PositionGroups` holds where each
+group sits for one sample, and its *items* (a whole image per image, a position otherwise).
 
-Strings from users become :class:`Flow` objects once, at the edge (CLI, config) with
-:meth:`Flow.parse`; past that point nothing is parsed.
+Groups combine into expressions (:mod:`vlmflow.positions.expressions`) and routes
+(:mod:`vlmflow.positions.routes`: :class:`~vlmflow.positions.routes.Flow`, also importable from
+here); strings from users become those typed objects once, at the edge (CLI, config).
 """
 
 from __future__ import annotations
@@ -40,6 +39,12 @@ class Group(StrEnum):
     RANDOM = "random"  # size-matched random control: as many non-related patches as RELATED
     FRAME = "frame"  # video: the tokens of every frame; items: whole frames, in time order
     TILE = "tile"  # InternVL, Idefics3: the tokens of every tile (thumbnail / global view excluded); items: whole tiles
+    # Named aliases for groups of the paper's code (its names in parentheses):
+    QUESTION_WITHOUT_OPTIONS = "question_without_options"  # QUESTION minus the option words ("Question without Options")
+    RELATED_IN_GRID = "related_in_grid"  # anyres: RELATED & IMAGE_GRID ("Image Central Object in HD Patch")
+    GRID_WITHOUT_RELATED = "grid_without_related"  # anyres: IMAGE_GRID - RELATED ("HD Patch Without Central Object")
+    GRID_WITH_NEWLINES = "grid_with_newlines"  # anyres: IMAGE_GRID | IMAGE_NEWLINE ("Image HD Patch", newlines included)
+    OTHER_WITH_NEWLINES = "other_with_newlines"  # anyres: OTHER | IMAGE_NEWLINE ("Image Without Central Object with pad")
 
     @classmethod
     def parse(cls, text: str) -> Group:
@@ -54,49 +59,6 @@ class Group(StrEnum):
         except ValueError:
             valid = ", ".join(g.value for g in cls)
             raise ConfigError(f"unknown position group {text!r}; valid: {valid}") from None
-
-
-@dataclass(frozen=True, order=True)
-class Flow:
-    """Information moving from ``source`` to ``target``; knocked out as "target may not attend to source".
-
-    >>> f = Flow.parse("image->question")
-    >>> f.source, f.target
-    (<Group.IMAGE: 'image'>, <Group.QUESTION: 'question'>)
-    >>> str(f), f.label
-    ('image->question', 'image ↛ question')
-    """
-
-    source: Group
-    target: Group
-
-    def __str__(self) -> str:
-        return f"{self.source.value}->{self.target.value}"
-
-    @property
-    def label(self) -> str:
-        """Human-readable label with the paper's "does not flow to" arrow."""
-        return f"{self.source.value} ↛ {self.target.value}"
-
-    @classmethod
-    def parse(cls, text: str) -> Flow:
-        """Parse ``"source->target"``. Used at the edges only: the CLI, configs, and reading a ``flow``
-        column back (:func:`vlmflow.results.tables.flows_of`)."""
-        source, sep, target = text.partition("->")
-        if not sep or not source.strip() or not target.strip():
-            raise ConfigError(f"expected a flow written 'source->target' (e.g. 'image->last'), got {text!r}")
-        return cls(Group.parse(source), Group.parse(target))
-
-
-#: The six flows of the paper, in the order of its figures.
-PAPER_FLOWS: tuple[Flow, ...] = (
-    Flow(Group.QUESTION, Group.LAST),
-    Flow(Group.IMAGE, Group.LAST),
-    Flow(Group.LAST, Group.LAST),
-    Flow(Group.IMAGE, Group.QUESTION),
-    Flow(Group.RELATED, Group.QUESTION),
-    Flow(Group.OTHER, Group.QUESTION),
-)
 
 
 #: Groups whose items (``GROUP[i]``) are whole units (an image, a frame, a tile), not positions.
@@ -147,18 +109,6 @@ class PositionGroups:
                     f"the items of group {group.value!r} do not partition its positions in sequence order", stage="groups"
                 )
 
-    def items(self, group: Group) -> tuple[tuple[int, ...], ...]:
-        """The items of ``group`` in sequence order: its units (whole images, frames, tiles) where it has
-        them, else one position each.
-
-        >>> g = PositionGroups(6, {Group.IMAGE: (1, 2, 3, 4), Group.LAST: (5,)}, units={Group.IMAGE: ((1, 2), (3, 4))})
-        >>> g.items(Group.IMAGE), g.items(Group.LAST)
-        (((1, 2), (3, 4)), ((5,),))
-        """
-        if group in self.units:
-            return tuple(self.units[group])
-        return tuple((p,) for p in self[group])
-
     def __getitem__(self, group: Group) -> tuple[int, ...]:
         if group in self.positions:
             return self.positions[group]
@@ -169,6 +119,26 @@ class PositionGroups:
     def __contains__(self, group: object) -> bool:
         return group in self.positions
 
+    def items(self, group: Group) -> tuple[tuple[int, ...], ...]:
+        """The items of ``group`` in sequence order (see the class docstring).
+
+        >>> g = PositionGroups(6, {Group.IMAGE: (1, 2, 3, 4)}, units={Group.IMAGE: ((1, 2), (3, 4))})
+        >>> g.items(Group.IMAGE)[-1], PositionGroups(6, {Group.LAST: (5,)}).items(Group.LAST)
+        ((3, 4), ((5,),))
+        """
+        if group in self.units:
+            return self.units[group]
+        return tuple((p,) for p in self[group])
+
     def sizes(self) -> dict[str, int]:
         """Number of positions per available group, keyed by group name."""
         return {g.value: len(p) for g, p in self.positions.items()}
+
+
+def __getattr__(name: str) -> object:
+    # Flow and PAPER_FLOWS moved to vlmflow.positions.routes; importing them from here still works.
+    if name in ("Flow", "PAPER_FLOWS", "Route"):
+        from vlmflow.positions import routes
+
+        return getattr(routes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,6 +74,20 @@ class ImageLayout:
     def padding(self) -> np.ndarray:
         return np.asarray(self.geometry.padding_tokens(), dtype=bool)
 
+    def views(self) -> dict[str, np.ndarray]:
+        """The patch grids of this image by name (``"base"``; anyres and tiling families also ``"hd"``):
+        int ``(rows, cols)`` arrays of image-token indices, what ``grid:VIEW:R0:R1,C0:C1`` addresses.
+
+        A geometry names its views with a ``views()`` method; one without it has none (a ``grid:``
+        expression then fails for that sample, naming the family).
+
+        >>> from vlmflow.positions.patches import llava_geometry
+        >>> ImageLayout(16, llava_geometry((64, 64), mode="resize", view_size=64, patch_size=16)).views()["base"].tolist()[0]
+        [0, 1, 2, 3]
+        """
+        views = getattr(self.geometry, "views", None)
+        return dict(views()) if callable(views) else {}
+
 
 @dataclass(frozen=True)
 class VisualBlock:
@@ -100,4 +114,20 @@ class VisualBlock:
     image: int
     frame: int | None
     sources: tuple[int, ...]
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PlacedImage:
+    """One image (or one frame of a video) of a prompt where the sequence holds it: its token
+    positions and patch layout.
+
+    Attributes:
+        positions: sequence positions of the image's tokens, in image-token order (``layout``'s order).
+        layout: where those tokens' patches are (``None``: the family maps no patches).
+        size: ``(width, height)`` of the original image (boxes are in its pixels).
+    """
+
+    positions: tuple[int, ...]
+    layout: ImageLayout | None
     size: tuple[int, int]

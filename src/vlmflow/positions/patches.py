@@ -239,6 +239,17 @@ class GridPart:
     def newlines(self) -> np.ndarray:
         return self._select(np.zeros(self.grid.shape, dtype=bool), True)
 
+    def token_grid(self) -> np.ndarray:
+        """Int ``(rows, cols)``: the index (in this part's token order) of the token of each kept patch.
+
+        >>> GridPart(PatchGrid(View(Axis.identity(4), Axis.identity(4)), 2), newline_after_row=True).token_grid().tolist()
+        [[0, 1], [3, 4]]
+        """
+        r0, r1 = self.rows or (0, self.grid.shape[0])
+        c0, c1 = self.cols or (0, self.grid.shape[1])
+        width = (c1 - c0) + (1 if self.newline_after_row else 0)
+        return np.arange(r1 - r0)[:, None] * width + np.arange(c1 - c0)[None, :]
+
 
 @dataclass(frozen=True, eq=False)
 class TokenLayout:
@@ -266,6 +277,18 @@ class TokenLayout:
     def newline_tokens(self) -> np.ndarray:
         """Bool ``(n_tokens,)``: the token is a row-end newline token, not a patch."""
         return np.concatenate([part.newlines() for part in self.parts])
+
+    def views(self) -> dict[str, np.ndarray]:
+        """The patch grids the tokens come from, by name: int ``(rows, cols)`` arrays of image-token
+        indices (``grid:`` expressions address their rows and columns). One part: ``"base"``;
+        several: ``"part0"``, ``"part1"``, ...
+
+        >>> llava_geometry((40, 30), mode="pad", view_size=28, patch_size=7).views()["base"].shape
+        (4, 4)
+        """
+        offsets = np.cumsum([0] + [part.n_tokens for part in self.parts])
+        grids = [part.token_grid() + offsets[i] for i, part in enumerate(self.parts)]
+        return {"base": grids[0]} if len(grids) == 1 else {f"part{i}": g for i, g in enumerate(grids)}
 
 
 def llava_view(image_size: tuple[int, int], *, mode: PreprocessMode, view_size: int) -> View:

@@ -88,6 +88,21 @@ class SplitLayout(TokenLayout):
     def n_tiles(self) -> int:
         return self.rows * self.cols
 
+    def views(self) -> dict[str, np.ndarray]:
+        """``"base"``: the global view's token grid; ``"hd"`` (with tiles): the tiles' token grids put
+        side by side as the tiles lie in the image. Int arrays of image-token indices.
+
+        >>> g = split_geometry((500, 375), longest_edge=1456, tile_size=364, patch_size=14, scale_factor=2)
+        >>> {name: grid.shape for name, grid in g.views().items()}
+        {'base': (13, 13), 'hd': (39, 52)}
+        """
+        offsets = np.cumsum([0] + [part.n_tokens for part in self.parts])
+        grids = [part.token_grid() + offsets[i] for i, part in enumerate(self.parts)]
+        out = {"base": grids[-1]}
+        if self.n_tiles:
+            out["hd"] = np.block([[grids[r * self.cols + c] for c in range(self.cols)] for r in range(self.rows)])
+        return out
+
     def global_tokens(self) -> np.ndarray:
         """Bool ``(n_tokens,)``: the token belongs to the global (whole-image) view."""
         sizes = [part.n_tokens for part in self.parts]

@@ -24,7 +24,8 @@ from vlmflow.analysis.evidence import ControlComparison
 from vlmflow.analysis.stats import Curve
 from vlmflow.plots.common import FIGURE_FORMATS, draw_curves
 from vlmflow.plots.common import save_figure as write_figure
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import Flow
 
 FORMATS = FIGURE_FORMATS
 

@@ -12,7 +12,8 @@ import yaml
 
 from vlmflow.analysis.claims import CLAIMS, Status
 from vlmflow.analysis.stats import CurveSummary, format_bands
-from vlmflow.positions.groups import Flow, Group
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import Flow
 from vlmflow.report.figures import plot_control, plot_cross_model, save_figure
 from vlmflow.report.markup import _badge, _conditions, _data_uri, _e, _fmt, _pairs, _Raw, _table
 from vlmflow.study.analysis import CellAnalysis, StudyAnalysis

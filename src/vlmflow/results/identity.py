@@ -8,7 +8,7 @@ with the same identity.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,43 @@ def identity_of(spec: Mapping[str, Any]) -> dict[str, Any]:
     {'model': 'm'}
     """
     return {k: v for k, v in spec.items() if k != PROVENANCE_KEY}
+
+
+def without_keys(identity: Mapping[str, Any], keys: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A deep copy of ``identity`` without the values at the key paths ``keys``.
+
+    >>> without_keys({"settings": {"flows": ["a"], "window": 3}}, [("settings", "flows")])
+    {'settings': {'window': 3}}
+    """
+    out = json.loads(json.dumps(identity, default=_json_default))
+    for path in keys:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+def grown_spec(stored: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """``stored`` with the items of ``new``'s lists at the key paths ``keys`` it lacks appended.
+
+    >>> grown_spec({"s": {"flows": ["a", "b"]}}, {"s": {"flows": ["b", "c"]}}, [("s", "flows")])
+    {'s': {'flows': ['a', 'b', 'c']}}
+    """
+    out = json.loads(json.dumps(stored, default=_json_default))
+    for path in keys:
+        old_node: Any = out
+        new_node: Any = new
+        for key in path[:-1]:
+            old_node = old_node.get(key) if isinstance(old_node, dict) else None
+            new_node = new_node.get(key) if isinstance(new_node, Mapping) else None
+        if not isinstance(old_node, dict) or not isinstance(new_node, Mapping):
+            continue
+        old, added = old_node.get(path[-1]), new_node.get(path[-1])
+        if isinstance(old, list) and isinstance(added, list):
+            old_node[path[-1]] = old + [v for v in added if v not in old]
+    return out
 
 
 def spec_differences(old: Any, new: Any, prefix: str = "") -> list[str]:

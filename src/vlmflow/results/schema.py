@@ -44,6 +44,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vlmflow.errors import ConfigError, VlmflowError
 
@@ -55,19 +56,33 @@ _SCALARS: dict[Any, pa.DataType] = {str: pa.string(), bool: pa.bool_(), float: p
 _SEQUENCES = (Sequence, list, tuple)
 
 
+class _Original:
+    def __repr__(self) -> str:
+        return "ORIGINAL"
+
+
+#: The ``added`` of a column that tables had from the start (no value to fill in for older files).
+ORIGINAL: Any = _Original()
+
+
 class RowError(VlmflowError, ValueError):
     """A row does not fit its table (a row of another table, or a wrongly typed value)."""
 
 
-def column(doc: str) -> Any:
+def column(doc: str, *, added: Any = dataclasses.MISSING) -> Any:
     """Declare a column of a row class: the field's annotation gives its type, ``doc`` its description.
 
     The field has no default: every column of every row is always given (columns are not nullable).
+    A column added to a table that runs already hold declares ``added``: the value rows written
+    before it existed read back with (files without the column are filled with it when read), also
+    the field's default.
 
     >>> column("Decoder layer, 0-based.").metadata["doc"]
     'Decoder layer, 0-based.'
+    >>> column("Metric of the row.", added="first-token").default
+    'first-token'
     """
-    return dataclasses.field(metadata={"doc": doc})
+    return dataclasses.field(default=added, metadata={"doc": doc})
 
 
 def column_doc(field: pa.Field) -> str:
@@ -75,7 +90,7 @@ def column_doc(field: pa.Field) -> str:
 
     >>> from vlmflow.results.tables import TABLES
     >>> column_doc(TABLES["flows"].schema.field("rel_change"))[:30]
-    'Relative change of the answer '
+    'Relative change of that probab'
     """
     return (field.metadata or {}).get(b"doc", b"").decode()
 
@@ -89,12 +104,14 @@ class Column:
         type: its Arrow type.
         doc: one-line description.
         text_of: for a column of objects stored as text (``Flow``), their class; else ``None``.
+        added: the value of rows written before the column was added (:data:`ORIGINAL`: an original column).
     """
 
     name: str
     type: pa.DataType
     doc: str
     text_of: type | None = None
+    added: Any = None  # set from the row class: ORIGINAL or the declared value
 
     @property
     def field(self) -> pa.Field:
@@ -133,7 +150,7 @@ def row_columns(row: type) -> tuple[Column, ...]:
 
     >>> from vlmflow.results.tables import ErrorRow
     >>> [c.name for c in row_columns(ErrorRow)]
-    ['sample_id', 'stage', 'reason']
+    ['sample_id', 'stage', 'reason', 'flow']
     """
     if not dataclasses.is_dataclass(row):
         raise ConfigError(f"a row class must be a dataclass, got {row!r}")
@@ -144,8 +161,29 @@ def row_columns(row: type) -> tuple[Column, ...]:
         if not doc:
             raise ConfigError(f"{row.__name__}.{f.name}: declare it with column('one-line description')")
         type_, text_of = _arrow_type(hints[f.name], f"{row.__name__}.{f.name}")
-        columns.append(Column(f.name, type_, doc, text_of))
+        added = ORIGINAL if f.default is dataclasses.MISSING else f.default
+        columns.append(Column(f.name, type_, doc, text_of, added))
     return tuple(columns)
+
+
+def fill_added_columns(spec: TableSpec, table: pa.Table) -> pa.Table:
+    """``table`` read with ``spec.schema`` from files some of which predate columns ``spec`` added:
+    the nulls those files leave in an added column become its ``added`` value.
+
+    >>> from vlmflow.results.tables import TABLES
+    >>> old = pa.table({"sample_id": ["q1"], "stage": ["image"], "reason": ["no file"], "flow": pa.nulls(1, pa.string())})
+    >>> fill_added_columns(TABLES["errors"], old).column("flow").to_pylist()
+    ['']
+    """
+    arrays = []
+    for name in table.column_names:
+        array = table.column(name)
+        col = next((c for c in spec.columns if c.name == name), None)
+        if col is not None and col.added is not ORIGINAL and array.null_count:
+            array = pc.fill_null(array, pa.scalar(col.added, type=col.type))
+        arrays.append(array)
+    fields = [spec.schema.field(name) if name in spec.schema.names else table.schema.field(name) for name in table.column_names]
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,15 @@ How it stays correct when the process is killed at any instant:
   :meth:`RunStore.read` reads it plus the parts it does not list, and :meth:`RunStore.finalize`
   folds those parts in. Rerunning finalize, or resuming and committing after it, stays exact. Once
   a run is finalized and no worker is running, ``parts/`` may be deleted to save space.
-* The store refuses a batch that would duplicate rows: a sample id already committed (in
-  ``samples`` or ``errors``), a key twice in one batch, or rows of a sample whose ``samples`` or
-  ``errors`` row is not in the same batch (so a sample is either entirely committed or not at all).
+* The store refuses a batch that would duplicate rows: a sample whose ``samples`` row (or, for a
+  new error, any row) is already committed, a key twice in one batch or already committed, or rows
+  of a sample that has neither its ``samples``/``errors`` row in the batch nor a committed ``samples``
+  row (so a sample is either entirely committed or not at all). Two kinds of later batches are
+  allowed: a **retry** (a ``samples`` row, or a new ``errors`` row, for a sample that has only errors)
+  and an **extension** (rows of more flows, and their errors, for a sample already computed).
+* ``errors`` shows the current errors: of the rows of one key (sample, flow) the last committed
+  one, and none of a sample later computed (it has a ``samples`` row) or a flow later computed (it
+  has rows in ``flows``). The rows of errors that were retried stay in ``parts/``.
 
 Several processes may commit into one run directory (also on a shared filesystem): each store
 instance has a unique token (host, pid, random) that is part of every name it creates, so names
@@ -47,7 +53,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -63,7 +68,18 @@ from vlmflow.results.atomic import (
     new_token,
     write_parquet,
 )
-from vlmflow.results.identity import canonical_spec, identity_of, json_bytes, read_spec, spec_differences
+from vlmflow.results.batches import CommitError as CommitError  # raised by RunStore.commit
+from vlmflow.results.batches import check_batch, current_errors, drop_duplicate_keys, keys
+from vlmflow.results.identity import (
+    canonical_spec,
+    grown_spec,
+    identity_of,
+    json_bytes,
+    read_spec,
+    spec_differences,
+    without_keys,
+)
+from vlmflow.results.schema import fill_added_columns
 from vlmflow.results.tables import TABLES, Row, build_table, empty_table, table_spec
 
 log = logging.getLogger(__name__)
@@ -75,10 +91,6 @@ PARTS_DIR = "parts"
 PARTS_METADATA_KEY = b"vlmflow.parts"
 #: A committed part: ``<number, 8+ digits>-<writer token>``; anything else under parts/ is ignored.
 _PART_RE = re.compile(r"^(\d{8,})-([A-Za-z0-9]+-p\d+-[0-9a-f]+)$")
-
-
-class CommitError(VlmflowError, ValueError):
-    """The store refuses a batch: it would duplicate rows or leave a sample half committed."""
 
 
 class StoreReadOnlyError(VlmflowError):
@@ -113,18 +125,24 @@ class RunStore:
         self._parts: dict[str, _Part] = {}  # cache of committed parts (immutable once visible)
         self._consolidated: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
         self._done: set[str] | None = None  # sample ids known to be committed (lazy)
+        self._computed: set[str] = set()  # of those, the ones with a `samples` row
 
     # --- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path | str, spec: Mapping[str, Any], *, fsync: bool = True) -> RunStore:
+    def open(
+        cls, path: Path | str, spec: Mapping[str, Any], *, fsync: bool = True, growing: Sequence[Sequence[str]] = ()
+    ) -> RunStore:
         """Create the run directory for ``spec``, or reopen it to resume the same spec.
 
         ``spec`` must be JSON-serialisable (paths and enums are stored as strings). Its key
         ``"provenance"`` (versions, times, host) is recorded but not compared; everything else is
         the run's identity and must equal the stored one, otherwise :class:`ConfigError` names the
-        differing keys. ``fsync=False`` skips the fsyncs (faster; a commit is still atomic with
-        respect to the process being killed, but not to a power cut) -- meant for tests.
+        differing keys. ``growing`` are key paths of the identity holding lists that may grow (a
+        run's flows): they are not compared, and items the new spec adds are appended to the stored
+        list (``spec.json`` is rewritten). ``fsync=False`` skips the fsyncs (faster; a commit is
+        still atomic with respect to the process being killed, but not to a power cut) -- meant for
+        tests.
 
         >>> store = RunStore.open("runs/demo", {"model": "tiny", "window": 7})  # doctest: +SKIP
         >>> RunStore.open("runs/demo", {"model": "tiny", "window": 9})          # doctest: +SKIP
@@ -148,7 +166,7 @@ class RunStore:
             if not create_exclusive(spec_path, json_bytes(canonical), fsync=fsync):
                 log.info("%s was created by another process meanwhile; comparing", spec_path)
         stored = read_spec(spec_path)
-        diffs = spec_differences(identity_of(stored), identity_of(canonical))
+        diffs = spec_differences(without_keys(identity_of(stored), growing), without_keys(identity_of(canonical), growing))
         if diffs:
             shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
             raise ConfigError(
@@ -157,6 +175,11 @@ class RunStore:
             )
         if stored != canonical:
             log.info("resuming %s (provenance differs from the stored one; identity matches)", path)
+        grown = grown_spec(stored, canonical, growing)
+        if grown != stored:
+            log.info("%s: the run's %s grow", path, ", ".join(".".join(k) for k in growing))
+            atomic_write_bytes(spec_path, json_bytes(grown), fsync=fsync)
+            stored = grown
         store = cls(path, stored, fsync=fsync)
         (path / PARTS_DIR).mkdir(exist_ok=True)
         store._remove_stale_temp()
@@ -205,7 +228,22 @@ class RunStore:
         12
         """
         files, _ = self._sources(table)
-        return self._read_files(table, files, columns)
+        if table != "errors":
+            return self._read_files(table, files, columns)
+        current = self._current_errors(self._read_files(table, files))
+        return current.select(list(columns)) if columns is not None else current
+
+    def _current_errors(self, errors: pa.Table) -> pa.Table:
+        """The errors not resolved by a later computation (see the module docstring)."""
+        if errors.num_rows == 0:
+            return errors
+        samples = set(self._read_files("samples", self._sources("samples")[0], ["sample_id"]).column("sample_id").to_pylist())
+        computed: set[tuple[str, str]] = set()
+        for name in ("flows", "controls"):
+            files = self._sources(name)[0]
+            if files:
+                computed.update(keys(self._read_files(name, files, ["sample_id", "flow"]), ("sample_id", "flow")))
+        return current_errors(errors, samples, computed)
 
     def _read_files(self, table: str, files: Sequence[Path], columns: Sequence[str] | None = None) -> pa.Table:
         spec = table_spec(table)
@@ -222,8 +260,9 @@ class RunStore:
             read_columns = list(columns) if columns is not None else None
             if read_columns is not None:
                 read_columns = list(dict.fromkeys([*spec.key, *read_columns]))
-            result = dataset.to_table(columns=read_columns)
-        result = _drop_duplicate_keys(result, spec.key, table)
+            # Files written before a column was added read back with its declared value.
+            result = fill_added_columns(spec, dataset.to_table(columns=read_columns))
+        result = drop_duplicate_keys(result, spec.key, table, keep_last=table == "errors")
         if columns is not None:
             result = result.select(list(columns))
         return result
@@ -238,16 +277,48 @@ class RunStore:
         return self.read_arrow(table, columns).to_pandas()
 
     def done_sample_ids(self) -> set[str]:
-        """Ids of samples with a committed ``samples`` or ``errors`` row (re-read from disk).
+        """Ids of samples with a committed ``samples`` row or a whole-sample ``errors`` row (re-read from disk).
 
         >>> "q1" in store.done_sample_ids()  # doctest: +SKIP
         True
         """
-        done: set[str] = set()
-        for name in ("samples", "errors"):
-            done.update(self.read_arrow(name, columns=["sample_id"]).column("sample_id").to_pylist())
-        self._done = set(done)
+        computed = self._committed_samples()
+        done = computed | self.error_sample_ids()
+        self._done, self._computed = set(done), computed
         return done
+
+    def error_sample_ids(self) -> set[str]:
+        """Ids of samples whose current record is a whole-sample error (they have no ``samples`` row).
+
+        >>> store.error_sample_ids()  # doctest: +SKIP
+        {'q7'}
+        """
+        errors = self.read_arrow("errors", columns=["sample_id", "flow"])
+        return {sid for sid, flow in zip(errors.column("sample_id").to_pylist(), errors.column("flow").to_pylist(), strict=True) if flow == ""}
+
+    def flow_keys(self, table: str = "flows") -> dict[str, set[str]]:
+        """Per sample, the flows with committed rows in ``table`` and, separately, those recorded as errors.
+
+        Returns ``{sample_id: {flow, ...}}`` of ``table``; see :meth:`flow_errors` for the errors.
+        """
+        out: dict[str, set[str]] = {}
+        if table in self.tables():
+            keys = self.read_arrow(table, columns=["sample_id", "flow"])
+            for sid, flow in zip(keys.column("sample_id").to_pylist(), keys.column("flow").to_pylist(), strict=True):
+                out.setdefault(sid, set()).add(flow)
+        return out
+
+    def flow_errors(self) -> dict[str, set[str]]:
+        """Per sample, the flows whose current record is an error (the sample's other flows were computed)."""
+        out: dict[str, set[str]] = {}
+        errors = self.read_arrow("errors", columns=["sample_id", "flow"])
+        for sid, flow in zip(errors.column("sample_id").to_pylist(), errors.column("flow").to_pylist(), strict=True):
+            if flow:
+                out.setdefault(sid, set()).add(flow)
+        return out
+
+    def _committed_samples(self) -> set[str]:
+        return set(self.read_arrow("samples", columns=["sample_id"]).column("sample_id").to_pylist())
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -272,27 +343,29 @@ class RunStore:
         self._write_part(built)
         assert self._done is not None
         self._done |= batch_ids
+        self._computed |= set(built["samples"].column("sample_id").to_pylist()) if "samples" in built else set()
 
-    def finalize(self, summary: Mapping[str, Any] | None = None) -> None:
+    def finalize(self, summary: Mapping[str, Any] | None = None, *, tables: Sequence[str] = ()) -> None:
         """Write consolidated ``<table>.parquet`` files and ``summary.json`` (each atomically).
 
         Idempotent; after a later resume and commit, finalize again folds the new parts in.
-        ``samples`` and ``errors`` are always written (possibly empty).
+        ``samples``, ``errors`` and ``tables`` (the experiment's) are always written (possibly empty).
 
         >>> store.finalize({"samples": 12})  # doctest: +SKIP
         """
         if not self._writable:
             raise StoreReadOnlyError(f"run directory {str(self.path)!r} was opened read-only (RunStore.load)")
         self._scan_parts()
-        names = set(self.tables()) | {name for name, spec in TABLES.items() if spec.core}
+        names = set(self.tables()) | {name for name, spec in TABLES.items() if spec.core} | {table_spec(t).name for t in tables}
         for name in sorted(names):
             target = self.path / f"{name}.parquet"
             covered = self._covered(name)
             fresh = [p for p in self._parts_with(name) if p not in covered]
-            if target.is_file() and not fresh:
+            if target.is_file() and not fresh and name != "errors":  # errors: resolved by other tables' rows too
                 continue
             files, sources = self._sources(name)
-            table = self._read_files(name, files)
+            # errors: the current ones (retried and resolved errors stay only in parts/)
+            table = self.read_arrow(name) if name == "errors" else self._read_files(name, files)
             all_covered = sorted(sources, key=_part_order)
             metadata = dict(table.schema.metadata or {})
             metadata[PARTS_METADATA_KEY] = json.dumps(all_covered).encode()
@@ -308,39 +381,12 @@ class RunStore:
         """Sample ids the batch commits; raise CommitError for duplicates or half-committed samples."""
         if self._done is None:
             self.done_sample_ids()
-        assert self._done is not None
-        closing: set[str] = set()
-        mentioned: set[str] = set()
-        for name, table in built.items():
-            spec = table_spec(name)
-            ids = table.column("sample_id").to_pylist()
-            if len(spec.key) == 1:
-                keys: list[Any] = ids
-            else:
-                keys = list(zip(*(table.column(c).to_pylist() for c in spec.key), strict=True))
-            if len(set(keys)) != len(keys):
-                seen: set[Any] = set()
-                for key in keys:
-                    if key in seen:
-                        shown = dict(zip(spec.key, _as_tuple(key), strict=True))
-                        raise CommitError(f"table {name!r}: key {shown} appears twice in one batch")
-                    seen.add(key)
-            mentioned.update(ids)
-            if name in ("samples", "errors"):
-                closing.update(ids)
-        again = sorted(mentioned & self._done)
-        if again:
-            raise CommitError(
-                f"sample(s) {again[:5]} already committed in {str(self.path)!r}; a sample is committed once "
-                "(skip the ids in done_sample_ids())"
-            )
-        orphans = sorted(mentioned - closing)
-        if orphans:
-            raise CommitError(
-                f"sample(s) {orphans[:5]} have rows but no 'samples' or 'errors' row in this batch; commit all of a "
-                "sample's rows in one batch, together with its samples/errors row"
-            )
-        return mentioned
+
+        def committed_keys(name: str) -> pa.Table | None:
+            files = self._sources(name)[0]
+            return self._read_files(name, files, list(table_spec(name).key)) if files else None
+
+        return check_batch(built, self._computed, committed_keys, where=str(self.path))
 
     def _write_part(self, built: Mapping[str, pa.Table]) -> None:
         parts_dir = self.path / PARTS_DIR
@@ -449,20 +495,3 @@ class RunStore:
 def _part_order(name: str) -> tuple[int, str]:
     number, _, token = name.partition("-")
     return int(number), token
-
-
-def _as_tuple(key: Any) -> tuple[Any, ...]:
-    return key if isinstance(key, tuple) else (key,)
-
-
-def _drop_duplicate_keys(table: pa.Table, key: tuple[str, ...], name: str) -> pa.Table:
-    """Keep the first row of each key (defensive: commits never produce duplicates)."""
-    if table.num_rows == 0:
-        return table
-    grouped = table.select(list(key)).append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    firsts = grouped.group_by(list(key), use_threads=False).aggregate([("_row", "min")])
-    if firsts.num_rows == table.num_rows:
-        return table
-    log.warning("table %s: dropped %d duplicate rows", name, table.num_rows - firsts.num_rows)
-    rows = np.sort(firsts.column("_row_min").to_numpy())
-    return table.take(pa.array(rows))

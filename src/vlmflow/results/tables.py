@@ -12,7 +12,7 @@ To add a table: declare its row class here (each column with a one-line ``column
 >>> row = ErrorRow(sample_id="q1", stage="image", reason="no file")
 >>> table = build_table("errors", [row])
 >>> table.num_rows, table.column_names
-(1, ['sample_id', 'stage', 'reason'])
+(1, ['sample_id', 'stage', 'reason', 'flow'])
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from vlmflow.errors import ConfigError
-from vlmflow.positions.groups import Flow
-from vlmflow.results.schema import Int32, Int64, TableSpec, arrow_table, column, column_doc
+from vlmflow.positions.routes import Flow
+from vlmflow.results.schema import ORIGINAL, Int32, Int64, TableSpec, arrow_table, column
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -55,11 +55,19 @@ class SampleRow:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ErrorRow:
-    """A row of ``errors``: a sample (or data-file line) that could not be computed, and why."""
+    """A row of ``errors``: a sample, one flow of a sample, or a data-file line that could not be computed, and why."""
 
-    sample_id: str = column("Sample identifier ('line:N' for a malformed line of the data file).")
-    stage: str = column("Where it failed: read, image, prepare, groups, forward, knockout, ...")
+    sample_id: str = column(
+        "Sample identifier ('line:N' for a malformed line of the data file, 'task:NAME' for a flow no sample "
+        "of task NAME can resolve)."
+    )
+    stage: str = column("Where it failed: read, image, prepare, groups, route, forward, knockout, ...")
     reason: str = column("Human-readable reason.")
+    flow: str = column(
+        "The flow that failed for this sample ('' when the whole sample failed); the sample's other flows "
+        "were computed.",
+        added="",
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,27 +77,51 @@ class FlowRow:
     sample_id: str = column(_SAMPLE_ID)
     task: str = column("Task name of the sample (e.g. 'ChooseAttr'); '' when unknown.")
     flow: Flow = column("Knocked-out flow 'source->target' (targets may not attend to sources).")
-    layer: Int32 = column("Centre layer of the window, 0-based; the figure's x axis.")
+    layer: Int32 = column(
+        "The sweep point, 0-based; the figure's x axis: the window's centre (centred, inverse styles), its "
+        "first layer (start), its last (cumulative-up) or first (cumulative-down); A of a fixed range @A-B."
+    )
     layers_blocked: Sequence[Int32] = column(
-        "Layers actually knocked out (0-based, ascending); the window is clipped at both ends."
+        "Layers actually knocked out (0-based, ascending); a centred window is clipped at both ends."
     )
-    window: Int32 = column("Requested window size k (layers); edge windows block fewer layers.")
+    window: Int32 = column(
+        "Requested window size k (layers) of the centred, start and inverse styles; 0 for the cumulative "
+        "styles (no size); B - A + 1 for a fixed range @A-B."
+    )
     p_base: float = column(
-        "Probability of the baseline's first answer token at the last position, softmax over the "
-        "full vocabulary, no knockout (0..1)."
+        "Without knockout, the probability the metric reads (0..1): first-token and kl: the baseline's "
+        "first answer token at the last position, softmax over the full vocabulary; sequence: the "
+        "greedy answer's length-normalised probability (geometric mean over its tokens)."
     )
-    p_blocked: float = column("Probability of the same token with the knockout applied (0..1).")
+    p_blocked: float = column("The same probability with the knockout applied (0..1).")
     rel_change: float = column(
-        "Relative change of the answer probability in percent: 100 * (p_blocked - p_base) / p_base "
+        "Relative change of that probability in percent: 100 * (p_blocked - p_base) / p_base "
         "(the paper's metric; >= -100, unbounded above)."
     )
     logprob_diff: float = column("log(p_blocked) - log(p_base), natural log (nats).")
-    answer_changed: bool = column("True when the greedy token under knockout differs from the baseline token.")
+    answer_changed: bool = column(
+        "True when the greedy token under knockout differs from the baseline token (sequence: at any "
+        "token of the teacher-forced answer)."
+    )
     answer_token_id: Int64 = column("Vocabulary id of the baseline's first answer token.")
-    blocked_token_id: Int64 = column("Vocabulary id of the greedy (argmax) token under knockout.")
-    n_source: Int32 = column("Number of positions in the flow's source group for this sample.")
-    n_target: Int32 = column("Number of positions in the flow's target group for this sample.")
+    blocked_token_id: Int64 = column("Vocabulary id of the greedy (argmax) token under knockout at the last position.")
+    n_source: Int32 = column("Number of source positions of the flow for this sample (its routes' together).")
+    n_target: Int32 = column("Number of target positions of the flow for this sample (its routes' together).")
     engine: str = column("Knockout engine that computed the row: 'fast' or 'reference'.")
+    metric: str = column(
+        "The run's metric: 'first-token' (the paper's), 'sequence' or 'kl' (its effect is in column kl).",
+        added="first-token",
+    )
+    window_style: str = column(
+        "How the point's layers were chosen: centred (the paper's), start, cumulative-up, cumulative-down, "
+        "inverse, or fixed (a flow's @A-B range).",
+        added="centred",
+    )
+    kl: float = column(
+        "KL divergence of the next-token distribution at the last position, clean || knocked out (nats).",
+        added=float("nan"),
+    )
+    n_answer_tokens: Int32 = column("Answer tokens the metric reads (sequence: the greedy answer's; else 1).", added=1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -185,7 +217,7 @@ TABLES: Mapping[str, TableSpec] = MappingProxyType({
     spec.name: spec
     for spec in (
         TableSpec("samples", SampleRow, ("sample_id",), core=True),
-        TableSpec("errors", ErrorRow, ("sample_id",), core=True),
+        TableSpec("errors", ErrorRow, ("sample_id", "flow"), core=True),
         TableSpec("flows", FlowRow, ("sample_id", "flow", "layer")),
         TableSpec("controls", ControlRow, ("sample_id", "flow", "draw", "layer")),
         TableSpec("lens", LensRow, ("sample_id", "readout", "group", "position", "layer", "form")),
@@ -257,15 +289,16 @@ def tables_markdown() -> str:
         "Each table of a run directory is a Parquet file `<table>.parquet` (and batches under `parts/`",
         "while a run is being written). Every column is non-nullable; its description below is also",
         "stored in the Parquet schema metadata (`doc`). The key columns identify a row: a run never",
-        "holds two rows with the same key.",
+        "holds two rows with the same key. A column added after runs were written says what those runs'",
+        "rows read back with. `errors` shows the current errors: a sample or flow computed by a later",
+        "rerun (`--retry-errors`) no longer shows its old error.",
     ]
     for spec in TABLES.values():
         lines += ["", f"## `{spec.name}`", "", spec.row.__doc__.strip().splitlines()[0], ""]
         lines += [f"Row class: `{spec.row.__name__}`. Key: {', '.join(f'`{k}`' for k in spec.key)}.", ""]
         lines += ["| column | type | description |", "| --- | --- | --- |"]
-        lines += [
-            f"| `{f.name}` | `{str(f.type).replace('item: ', '')}` | {column_doc(f).replace('|', '&#124;')} |"
-            for f in spec.schema
-        ]
+        for c in spec.columns:
+            doc = c.doc + ("" if c.added is ORIGINAL else f" (Added later: older runs read `{c.added!r}`.)")
+            lines.append(f"| `{c.name}` | `{str(c.type).replace('item: ', '')}` | {doc.replace('|', '&#124;')} |")
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from vlmflow.analysis.claims import ClaimResult, ClaimThresholds, evaluate_cell,
 from vlmflow.analysis.evidence import CellEvidence, cell_evidence
 from vlmflow.analysis.stats import Bootstrap, CurveSummary, common_samples, summarise_curve
 from vlmflow.errors import ConfigError
-from vlmflow.positions.groups import Flow
+from vlmflow.positions.routes import Flow
 from vlmflow.results.store import RunStore
 from vlmflow.study.config import ReportEntry, analysis_settings
 from vlmflow.study.directory import StudyDir

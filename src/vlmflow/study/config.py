@@ -41,7 +41,8 @@ from vlmflow.experiments.runner import DataSpec
 from vlmflow.experiments.settings import ControlSettings, Engine, FlowSettings, LensSettings, Readout
 from vlmflow.experiments.windows import default_window
 from vlmflow.load_spec import LoadSpec
-from vlmflow.positions.groups import PAPER_FLOWS, Flow
+from vlmflow.positions.groups import Group
+from vlmflow.positions.routes import PAPER_FLOWS, Flow
 from vlmflow.settings import declared, read_config, read_value
 
 T = TypeVar("T")
@@ -175,7 +176,7 @@ class StudyConfig:
     @property
     def control_flows(self) -> tuple[Flow, ...]:
         """The paper flows whose source is the related patches (each gets a random-patch control)."""
-        return tuple(f for f in self.flows if f.source.value == "related")
+        return tuple(f for f in self.flows if f.is_simple and f.source == Group.RELATED and isinstance(f.target, Group))
 
 
 def describe_model(spec: LoadSpec) -> str:

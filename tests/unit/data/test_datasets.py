@@ -35,5 +35,5 @@ def test_csv_path_and_missing_path(tmp_path):
     assert task == "QueryAttr" and result.samples == [sample]
     result, task = load_samples(str(path))
     assert task == "QueryAttr"
-    with pytest.raises(ConfigError, match="neither an existing CSV file.*gqa:QueryAttr"):
+    with pytest.raises(ConfigError, match="neither an existing data file.*gqa:QueryAttr"):
         load_samples(tmp_path / "nope.csv")

@@ -31,8 +31,10 @@ CHOOSE_ATTR = {"data": "gqa:ChooseAttr", "images": None, "limit": None, "sha256"
 QUERY_ATTR = {"data": "gqa:QueryAttr", "images": None, "limit": None, "sha256": "0a61bdd561748f9c"}
 PAPER = ["question->last", "image->last", "last->last", "image->question", "related->question", "other->question"]
 
-# (spec, its run directory name, its identity): the names and identities the code gave before the
-# settings were declared (device, permissions and chunk sizes are not part of the identity).
+# (spec, its run directory name, its identity): the identities the code gave before the settings were
+# declared (device, permissions and chunk sizes are not part of the identity), and the names. The names
+# of runs with flows hash the identity without the flows since a run's flow set may grow (OLD_NAMES:
+# the names before; such a run is found by its identity, see test_a_run_named_before_...).
 CASES = {
     "flows": (
         RunSpec(
@@ -42,7 +44,7 @@ CASES = {
             FlowSettings(flows=("image->last", "question->last"), window=9, keep_all=True, engine="reference",
                          max_new_tokens=4, max_fold_queries=64),
         ),
-        "llava-1.5-7b-hf-gqa-ChooseAttr-4e8abecf",
+        "llava-1.5-7b-hf-gqa-ChooseAttr-26ec116d",
         {
             "experiment": "flows", "schema_version": 1,
             "data": {**CHOOSE_ATTR, "images": "imgs", "limit": 5},
@@ -54,7 +56,7 @@ CASES = {
     ),
     "default": (
         RunSpec(LoadSpec("m"), DataSpec("gqa:ChooseAttr")),
-        "m-gqa-ChooseAttr-ae19555a",
+        "m-gqa-ChooseAttr-e2139efa",
         {
             "experiment": "flows", "schema_version": 1, "data": CHOOSE_ATTR, "model": DEFAULT_MODEL,
             "settings": {"engine": "fast", "flows": PAPER, "keep_all": False, "max_new_tokens": 12, "window": None},
@@ -63,7 +65,7 @@ CASES = {
     "controls": (
         RunSpec(LoadSpec("m", device="cpu"), DataSpec("gqa:QueryAttr"),
                 ControlSettings(draws=3, flow_settings=FlowSettings(window=3, keep_all=True))),
-        "m-gqa-QueryAttr-e5e9173b",
+        "m-gqa-QueryAttr-e0c52059",
         {
             "experiment": "controls", "schema_version": 1, "data": QUERY_ATTR, "model": DEFAULT_MODEL,
             "settings": {"draws": 3, "engine": "fast", "flows": ["random->question"], "keep_all": True,
@@ -88,11 +90,34 @@ CASES = {
 }  # fmt: skip
 
 
+OLD_NAMES = {
+    "flows": "llava-1.5-7b-hf-gqa-ChooseAttr-4e8abecf",
+    "default": "m-gqa-ChooseAttr-ae19555a",
+    "controls": "m-gqa-QueryAttr-e5e9173b",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_identity_and_run_name_are_as_before(case):
     spec, name, identity = CASES[case]
     assert json.loads(json.dumps(spec.identity())) == identity
     assert spec.run_name() == name
+
+
+@pytest.mark.parametrize("case", list(OLD_NAMES))
+def test_a_run_named_before_flows_could_grow_is_found_by_its_identity(case, tmp_path):
+    from vlmflow.experiments.run_dir import find_run_dir
+
+    spec, name, identity = CASES[case]
+    stored = {**identity, "provenance": {}}
+    stored["model"] = {**identity["model"], "resolved_dtype": "float32", "fingerprint": "abc"}  # known after loading
+    for folder, spec_json in ((OLD_NAMES[case], stored), (name[:-8] + "00000000", {**stored, "schema_version": 0})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "spec.json").write_text(json.dumps(spec_json))
+    assert find_run_dir(spec, tmp_path) == tmp_path / OLD_NAMES[case]
+    # Another identity (here another window) is not that run.
+    other = RunSpec(spec.model, spec.data, FlowSettings(window=2))
+    assert find_run_dir(other, tmp_path) == tmp_path / other.run_name()
 
 
 def test_where_and_with_which_permissions_a_model_runs_is_not_identity():

@@ -19,7 +19,7 @@ import pytest
 from vlmflow.errors import ConfigError
 from vlmflow.positions.groups import Flow, Group
 from vlmflow.results import schema
-from vlmflow.results.schema import Int32, RowError, TableSpec, column, column_doc
+from vlmflow.results.schema import ORIGINAL, Int32, RowError, TableSpec, column, column_doc
 from vlmflow.results.store import PARTS_DIR, RunStore
 from vlmflow.results.tables import (
     TABLES,
@@ -47,7 +47,7 @@ def _flow_row(sample_id: str = "q1", flow: Flow = IMAGE_LAST, layer: int = 0, **
     values = dict(
         sample_id=sample_id, task="ChooseAttr", flow=flow, layer=layer, layers_blocked=[layer], window=1,
         p_base=0.5, p_blocked=0.25, rel_change=-50.0, logprob_diff=-math.log(2), answer_changed=False,
-        answer_token_id=7, blocked_token_id=7, n_source=16, n_target=1, engine="fast",
+        answer_token_id=7, blocked_token_id=7, n_source=16, n_target=1, engine="fast", kl=0.125,
     )
     return FlowRow(**{**values, **changes})
 
@@ -64,13 +64,25 @@ def _sample_row(sample_id: str = "q1", kept: bool = True) -> SampleRow:
 
 
 @pytest.mark.parametrize("name", list(TABLES))
-def test_derived_schema_equals_the_schema_of_files_written_before(name: str):
+def test_derived_schema_keeps_every_column_of_files_written_before(name: str):
+    """Columns are only ever added (each with the value older rows read back with), never changed."""
     on_disk = pq.read_schema(V1_RUN / f"{name}.parquet")
-    derived = TABLES[name].schema
-    assert on_disk.names == derived.names
-    assert [f.type for f in on_disk] == [f.type for f in derived]
+    spec = TABLES[name]
+    derived = spec.schema
+    for field in on_disk:
+        assert field.type == derived.field(field.name).type, field.name
     assert not any(f.nullable for f in on_disk) and not any(f.nullable for f in derived)
-    assert [column_doc(f) for f in on_disk] == [column_doc(f) for f in derived]
+    added = [c.name for c in spec.columns if c.added is not ORIGINAL]
+    assert sorted(set(derived.names) - set(on_disk.names)) == sorted(added)
+
+
+def test_the_columns_added_since_and_what_older_rows_read_back_with():
+    added = {name: {c.name: c.added for c in spec.columns if c.added is not ORIGINAL} for name, spec in TABLES.items()}
+    assert added["errors"] == {"flow": ""}
+    flows = added["flows"]
+    assert {k: v for k, v in flows.items() if k != "kl"} == {"metric": "first-token", "window_style": "centred", "n_answer_tokens": 1}
+    assert math.isnan(flows["kl"]) and added["controls"].keys() == flows.keys()
+    assert not any(added[name] for name in ("samples", "lens", "lens_top", "attention"))
 
 
 def test_every_table_is_declared_with_a_key_and_documented_columns():
@@ -191,6 +203,10 @@ def test_a_run_written_before_reads_every_table_and_resumes(tmp_path: Path):
     assert not (run / PARTS_DIR).exists()
     assert store.tables() == sorted(TABLES)
     assert store.read("controls")["draw"].tolist() == [0, 0, 1, 1]
+    flows = store.read("flows")
+    assert set(flows["metric"]) == {"first-token"} and set(flows["window_style"]) == {"centred"}
+    assert flows["kl"].isna().all() and set(flows["n_answer_tokens"]) == {1}
+    assert set(store.read("errors")["flow"]) == {""} and list(store.read("errors")["sample_id"]) == ["s3"]
     assert store.read("lens")["token"].iloc[0] == "▁red"
     assert store.done_sample_ids() == {"s1", "s2", "s3"}
 

@@ -26,7 +26,7 @@ from vlmflow.analysis.claims.landmarks import (
 )
 from vlmflow.analysis.evidence import CellEvidence, capitalization
 from vlmflow.analysis.stats import find_dips
-from vlmflow.positions.groups import Flow
+from vlmflow.positions.routes import Flow
 
 
 def _baseline_accuracy(th: ClaimThresholds, ev: CellEvidence) -> ClaimResult:

@@ -10,7 +10,7 @@ import numpy as np
 from vlmflow.analysis.claims.checklist import Claim, ClaimResult, ClaimThresholds, Status
 from vlmflow.analysis.evidence import CellEvidence
 from vlmflow.analysis.stats import Curve, Dip, find_dips
-from vlmflow.positions.groups import PAPER_FLOWS
+from vlmflow.positions.routes import PAPER_FLOWS
 
 #: The paper's six flows, in its order.
 Q2L, I2L, L2L, I2Q, R2Q, O2Q = PAPER_FLOWS

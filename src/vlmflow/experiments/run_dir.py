@@ -1,0 +1,213 @@
+"""Opening a run directory for computing, and closing it: what is left to do, and the summary.
+
+:func:`open_run` is where every executor (this process, a Ray cluster) starts: it finds or creates
+the run directory (:meth:`RunSpec.run_name <vlmflow.experiments.runner.RunSpec.run_name>`; a run
+written before the name left out the flows is found by its identity), records the data's malformed
+lines and the routes no sample of a task can resolve (:mod:`vlmflow.experiments.route_check`), and
+lists the work left (:mod:`vlmflow.experiments.pending`). :func:`finish_run` summarises and
+consolidates the directory (idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmflow.data.sample import Sample
+from vlmflow.experiments.pending import Work, pending
+from vlmflow.experiments.route_check import (
+    RouteProblem,
+    check_routes,
+    route_error_rows,
+    skipped_flows,
+    task_of,
+)
+from vlmflow.results.tables import ErrorRow
+
+if TYPE_CHECKING:
+    from vlmflow.experiments.runner import RunOutcome, RunSpec
+
+log = logging.getLogger(__name__)
+
+#: summary.json lists at most this many error rows (all of them are in errors.parquet).
+MAX_SUMMARY_ERRORS = 100
+
+
+@dataclass
+class OpenRun:
+    """A run directory opened for computing: its store and the work still to do.
+
+    Attributes:
+        todo: the work items (:class:`~vlmflow.experiments.pending.Work`), in data order.
+        tables: the experiment's own tables, written (empty if need be) when the run finishes.
+        route_problems: flows no sample of a task can resolve (recorded as ``errors`` rows).
+    """
+
+    path: Path
+    store: Any  # RunStore (imported lazily)
+    todo: list[Work]
+    images: Path
+    total: int
+    tables: tuple[str, ...] = ()
+    route_problems: list[RouteProblem] = field(default_factory=list)
+
+
+def open_run(
+    spec: RunSpec,
+    out: Path | str,
+    stored: dict[str, Any],
+    data: tuple[list[Sample], list[ErrorRow], Path],
+) -> OpenRun:
+    """Create or resume the run directory of ``spec`` under ``out`` for ``stored`` (its ``spec.json``).
+
+    ``data`` is :func:`~vlmflow.experiments.runner.load_data`'s result. Commits the read errors and
+    route errors not yet recorded and returns the work left, in data order.
+
+    Raises:
+        ConfigError: no flow can be resolved for any sample (found from the data), or the
+            directory holds another run.
+    """
+    from vlmflow.results.store import RunStore
+
+    samples, read_errors, images = data
+    experiment = spec.experiment
+    flows = tuple(getattr(experiment, "flows", ())) if hasattr(experiment, "with_flows") else ()
+    problems = check_routes(samples, flows) if flows else []
+    for problem in problems:
+        log.warning("configuration error: %s", problem.message)
+    path = find_run_dir(spec, Path(out))
+    store = RunStore.open(path, stored, growing=spec.growing_keys())
+    done = store.done_sample_ids()
+    _commit_new_errors(store, [e for e in read_errors if e.sample_id not in done] + route_error_rows(problems))
+    skip = skipped_flows(problems)
+    todo = pending(store, samples, experiment, skipped=lambda s: skip.get(task_of(s), set()))
+    # A new sample of a task every flow of which is a route error has nothing to compute.
+    idle = [
+        ErrorRow(sample_id=s.sample_id, stage="route", reason=f"no flow of this run can be resolved for task {task_of(s) or 'all'}")
+        for s in samples
+        if s.sample_id not in done and flows and set(map(str, flows)) <= skip.get(task_of(s), set())
+    ]
+    _commit_new_errors(store, idle)
+    log.info("%s: %d samples, %d work items left", path, len(samples), len(todo))
+    return OpenRun(
+        path=path,
+        store=store,
+        todo=todo,
+        images=images,
+        total=len(samples),
+        tables=tuple(getattr(experiment, "tables", ())),
+        route_problems=problems,
+    )
+
+
+def find_run_dir(spec: RunSpec, out: Path) -> Path:
+    """``out/<run name>``; without an explicit name, an existing run of the same identity under ``out``
+    whose name was made another way (before growing flow sets, its name hashed the flows too)."""
+    path = out / spec.run_name()
+    if spec.name or path.exists() or not out.is_dir():
+        return path
+    from vlmflow.results.identity import identity_of, read_spec, spec_differences, without_keys
+    from vlmflow.results.store import SPEC_FILE
+
+    keys = spec.growing_keys()
+    wanted = without_keys(spec.identity(), keys)
+    prefix = path.name.rsplit("-", 1)[0] + "-"
+    for candidate in sorted(out.iterdir()):
+        if not candidate.name.startswith(prefix) or not (candidate / SPEC_FILE).is_file():
+            continue
+        try:
+            stored = without_keys(identity_of(read_spec(candidate / SPEC_FILE)), keys)
+        except Exception:  # noqa: BLE001 - an unreadable neighbour is simply not this run
+            continue
+        # The stored identity holds what the model resolved to (dtype, fingerprint) too: compare
+        # the keys this spec knows before loading.
+        if not spec_differences(_known(stored, wanted), wanted):
+            log.info("resuming %s (a run of the same identity)", candidate)
+            return candidate
+    return path
+
+
+def _known(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> Any:
+    """``stored`` restricted to the keys ``wanted`` has (recursively)."""
+    if not isinstance(stored, Mapping) or not isinstance(wanted, Mapping):
+        return stored
+    return {k: _known(stored[k], wanted[k]) for k in wanted if k in stored}
+
+
+def _commit_new_errors(store: Any, rows: list[ErrorRow]) -> None:
+    """Commit the error rows whose (sample, flow) is not recorded with the same reason already."""
+    if not rows:
+        return
+    current = store.read("errors")
+    known = {(r.sample_id, r.flow, r.reason) for r in current.itertuples()} if len(current) else set()
+    fresh = [r for r in rows if (r.sample_id, r.flow, r.reason) not in known]
+    if fresh:
+        store.commit({"errors": fresh})
+
+
+def finish_run(run: OpenRun, elapsed: float, computed: int) -> RunOutcome:
+    """Summarise and consolidate the run directory (idempotent); the end of every executor.
+
+    The experiment's tables are written even when empty (a run that kept no sample has an empty
+    ``flows.parquet``).
+    """
+    from vlmflow.experiments.runner import RunOutcome
+
+    summary = summarise(run.store, elapsed, computed=computed)
+    run.store.finalize(summary, tables=run.tables)
+    return RunOutcome(path=run.path, summary=summary)
+
+
+def summarise(store: Any, elapsed: float, computed: int) -> dict[str, Any]:
+    """Counts and accuracy of a run directory (all committed samples, not only this session's).
+
+    ``errors`` counts the samples that failed whole, ``flow_errors`` the (sample, flow) pairs that
+    failed while the sample's other flows were computed, ``route_errors`` lists the flows no sample of
+    a task can resolve.
+    """
+    samples = store.read("samples")
+    errors = store.read("errors")
+    flows = store.read("flows") if "flows" in store.tables() else None
+    n = len(samples)
+    whole = errors[errors["flow"] == ""] if len(errors) else errors
+    routes = errors[(errors["stage"] == "route") & (errors["flow"] != "")] if len(errors) else errors
+    summary: dict[str, Any] = {
+        "samples": n,
+        "correct": int(samples["correct"].sum()) if n else 0,
+        "kept": int(samples["kept"].sum()) if n else 0,
+        "errors": len(whole),
+        "flow_errors": len(errors) - len(whole) - len(routes),
+        "route_errors": [str(r) for r in routes["reason"]] if len(routes) else [],
+        "flow_rows": 0 if flows is None else len(flows),
+        "accuracy": float(samples["correct"].mean()) if n else None,
+        "computed_this_session": computed,
+        "seconds_this_session": round(elapsed, 3),
+    }
+    if len(errors):
+        summary["errors_by_stage"] = {str(k): int(v) for k, v in errors["stage"].value_counts().items()}
+        listed = errors.sort_values(["sample_id", "flow"]).head(MAX_SUMMARY_ERRORS)
+        summary["error_rows"] = [
+            {"sample_id": str(r.sample_id), "flow": str(r.flow), "stage": str(r.stage), "reason": str(r.reason)}
+            for r in listed.itertuples()
+        ]
+    if flows is not None and len(flows):
+        summary["flows"] = _per_flow(samples, flows)
+    return summary
+
+
+def _per_flow(samples: Any, flows: Any) -> dict[str, Mapping[str, Any]]:
+    """Per flow, the strongest mean effect over kept samples and where it is."""
+    kept_ids = set(samples.loc[samples["kept"], "sample_id"])
+    kept = flows[flows["sample_id"].isin(kept_ids)]
+    per_flow: dict[str, Mapping[str, Any]] = {}
+    for flow, frame in kept.groupby("flow"):
+        if set(frame["metric"]) == {"kl"}:
+            curve = frame.groupby("layer")["kl"].mean()
+            per_flow[str(flow)] = {"max_mean_kl": float(curve.max()), "layer_of_max": int(curve.idxmax())}
+        else:
+            curve = frame.groupby("layer")["rel_change"].mean()
+            per_flow[str(flow)] = {"min_mean_rel_change": float(curve.min()), "layer_of_min": int(curve.idxmin())}
+    return per_flow
