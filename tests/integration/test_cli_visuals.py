@@ -104,27 +104,14 @@ def test_the_commands_data_path_gives_frame_and_image_items_whose_routes_are_exa
         assert (ref - clean).abs().max() > 1e-3, f"{group.value}[{index}]->{target.value} changed nothing"
 
 
-# These two need the group grammar (``GROUP[i]`` over the items the families fill) of the routes
-# work; until it lands, the command line refuses the indexed groups and the tests fail on exactly
-# that (GrammarMissing). Once it lands they pass, and strict xfail turns that into a failure:
-# remove the markers then.
-class GrammarMissing(Exception):
-    """The command line does not know ``GROUP[i]`` yet."""
-
-
-GRAMMAR = pytest.mark.xfail(raises=GrammarMissing, strict=True, reason="needs GROUP[i] from the group grammar (issue 19)")
-
-
+# The must-show runs of the group grammar over the items the families fill: GROUP[i] on the command line.
 def _indexed_flows(args: list[str], run: Path, capsys) -> pd.DataFrame:
     capsys.readouterr()
     code = main(["flows", *args, *RUN, "--out", str(run.parent), "--name", run.name])
-    if code != 0 and "unknown position group" in capsys.readouterr().err:
-        raise GrammarMissing
-    assert code == 0
+    assert code == 0, capsys.readouterr().err
     return pd.read_parquet(run / "flows.parquet")
 
 
-@GRAMMAR
 def test_video_flows_with_frame_zero_to_last(tiny_qwen, tmp_path, capsys):
     csv = _video_set(tmp_path / "video", capsys)
     flows = _indexed_flows(["--model", str(tiny_qwen), "--data", str(csv), "-f", "frame[0]->last", "-f", "frame[1]->last"],
@@ -133,7 +120,6 @@ def test_video_flows_with_frame_zero_to_last(tiny_qwen, tmp_path, capsys):
     assert flows.loc[flows["flow"] == "frame[0]->last", "rel_change"].abs().max() > 1e-3
 
 
-@GRAMMAR
 def test_two_image_flows_with_image_one_to_question(tiny_qwen, tmp_path, capsys):
     csv = _two_image_set(tmp_path / "two")
     flows = _indexed_flows(
