@@ -29,7 +29,8 @@ from vlmflow.errors import ConfigError
 from vlmflow.experiments.settings import FlowSettings, LensSettings
 from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.positions.routes import Flow
-from vlmflow.settings import build, route_keywords, settings_keywords
+from vlmflow.settings import build
+from vlmflow.settings_keywords import route_keywords, settings_keywords
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmflow.errors import ConfigError
-from vlmflow.settings import Settings, build, route_keywords, setting
+from vlmflow.settings import Settings, build, setting
+from vlmflow.settings_keywords import route_keywords
 
 __all__ = ["DTYPE_CHOICES", "MASKABLE_ATTENTION", "PATCH_RULES", "LoadSpec", "load_spec"]
 

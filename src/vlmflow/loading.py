@@ -26,7 +26,7 @@ from vlmflow.aliases import resolve_model_name
 from vlmflow.errors import ConfigError
 from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.prompts import PromptTemplate, get_template
-from vlmflow.settings import settings_keywords
+from vlmflow.settings_keywords import settings_keywords
 
 log = logging.getLogger(__name__)
 

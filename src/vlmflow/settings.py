@@ -11,7 +11,7 @@ A settings type is a frozen dataclass deriving from :class:`Settings` whose fiel
   and ``"grows"``: see :func:`setting`);
 * the command line generates its options from them (:mod:`vlmflow.cli.options`);
 * the Python API routes keywords to them by name and shows them in its signatures
-  (:func:`route_keywords`, :func:`settings_keywords`);
+  (:mod:`vlmflow.settings_keywords`);
 * the study config reads its keys through them (:func:`read_config`, :func:`read_value`).
 
 Adding an option is one :func:`setting` line (plus its docs and tests). This module imports no
@@ -35,7 +35,6 @@ vlmflow.settings.SettingError: size must be >= 1, got 0
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,13 +55,10 @@ __all__ = [
     "identity",
     "read_config",
     "read_value",
-    "route_keywords",
     "setting",
-    "settings_keywords",
 ]
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 _KEY = "vlmflow.setting"
 #: The identity kinds besides ``True``/``False`` (see :func:`setting`).
 Identity = Literal["inline", "if-set", "grows"]
@@ -309,63 +305,6 @@ def build(
         if exc.field not in by_attr:
             raise
         raise exc.at(name(by_attr[exc.field]), index=index) from None
-
-
-# --- the API -----------------------------------------------------------------------------------------
-
-
-def route_keywords(function: str, keywords: Mapping[str, Any], *classes: type) -> list[dict[str, Any]]:
-    """Split ``keywords`` by settings type: per class in ``classes``, the keywords naming one of its fields.
-
-    Raises:
-        TypeError: a keyword names no field (the message lists the valid ones).
-
-    >>> from vlmflow.load_spec import LoadSpec
-    >>> from vlmflow.experiments.settings import FlowSettings
-    >>> route_keywords("run_flows", {"dtype": "float16", "window": 9}, LoadSpec, FlowSettings)
-    [{'dtype': 'float16'}, {'window': 9}]
-    """
-    table = {d.key: i for i, cls in enumerate(classes) for d in declared(cls) if d.keyword}
-    out: list[dict[str, Any]] = [{} for _ in classes]
-    for key, value in keywords.items():
-        if key not in table:
-            raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; valid: {', '.join(table)}")
-        out[table[key]][key] = value
-    return out
-
-
-def settings_keywords(*classes: type) -> Callable[[F], F]:
-    """Show the keywords a function routes to ``classes`` in its signature and docstring.
-
-    The function takes them as ``**keywords`` (see :func:`route_keywords`); its ``__signature__``
-    lists each declared field instead, with its type and default, so ``help()``, notebooks and
-    IDEs see them, and its docstring gets one line per field (its declared help).
-    """
-
-    def decorate(function: F) -> F:
-        signature = inspect.signature(function)
-        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        taken = {p.name for p in own}
-        added = []
-        lines = []
-        for cls in classes:
-            for d in declared(cls):
-                if not d.keyword:
-                    continue
-                if d.key in taken:
-                    raise TypeError(f"{function.__name__}: keyword {d.key!r} of {cls.__name__} is taken")
-                taken.add(d.key)
-                hint = bool if d.invert else d.hint
-                added.append(inspect.Parameter(d.key, inspect.Parameter.KEYWORD_ONLY, default=d.user_default, annotation=hint))
-                lines.append(f"        {d.key}: {d.help}")
-        function.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
-        names = ", ".join(f":class:`~{c.__module__}.{c.__name__}`" for c in classes)
-        function.__doc__ = (function.__doc__ or "").rstrip() + (
-            f"\n\n    Settings keywords (fields of {names}):\n" + "\n".join(lines) + "\n"
-        )
-        return function
-
-    return decorate
 
 
 # --- config files -----------------------------------------------------------------------------------

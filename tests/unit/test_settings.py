@@ -20,10 +20,9 @@ from vlmflow.settings import (
     declared,
     read_config,
     read_value,
-    route_keywords,
     setting,
-    settings_keywords,
 )
+from vlmflow.settings_keywords import route_keywords, settings_keywords
 
 
 class Colour(StrEnum):

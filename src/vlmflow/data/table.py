@@ -65,8 +65,9 @@ def read_table(path: Path | str) -> ReadResult:
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
     ...     _ = Path(d, "qa.csv").write_text("image,question,answer,id\\ncat.jpg,What is it?,a cat,7\\n")
-    ...     read_table(Path(d, "qa.csv")).samples[0]
-    Sample(sample_id='7', image_id='cat', question='What is it?', answer='a cat', task=None, true_option=None, false_option=None, objects=(), image_size=None)
+    ...     s = read_table(Path(d, "qa.csv")).samples[0]
+    >>> s.sample_id, s.image_id, s.question, s.answer, s.task, s.objects
+    ('7', 'cat', 'What is it?', 'a cat', None, ())
     """
     path = Path(path)
     if not path.is_file():
