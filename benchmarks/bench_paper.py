@@ -358,11 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         return text
 
     print("\nsummary: " + "; ".join(summary(r) for r in results))
-    if args.device.type == "cuda" and not args.quick:
+    if not args.quick:
         per_sample = {
             r["shape"].name: (_median((r["batch"] or r["suite"]).vlmflow), _median(r["suite"].baseline)) for r in results
         }
-        grid.report(grid.project(per_sample), "GPU")
+        grid.report(grid.project(per_sample), "GPU" if args.device.type == "cuda" else "CPU")
+        if args.device.type != "cuda":
+            print(f"  (this CPU at widths / {args.divisor}, {args.threads} thread(s): a CPU projection, not a GPU measurement)")
     print("load average at the end: " + " ".join(f"{x:.1f}" for x in __import__("os").getloadavg()))
 
 

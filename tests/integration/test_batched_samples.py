@@ -140,13 +140,42 @@ def test_every_order_of_a_batch_gives_each_sample_its_own_rows(family, tmp_path)
     alone = {p.sample.sample_id: analyse_sample(family, p, settings) for p in prepared}
     for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3]):
         for result in analyse_samples(family, [prepared[i] for i in order], settings):
-            reference = alone[result.sample.sample_id]
-            assert result.sample.answer_token_id == reference.sample.answer_token_id
-            assert result.sample.prediction == reference.sample.prediction
-            assert math.isclose(result.sample.p_base, reference.sample.p_base, abs_tol=1e-5)
-            got = torch.tensor([r.p_blocked for r in result.rows])
-            torch.testing.assert_close(got, torch.tensor([r.p_blocked for r in reference.rows]), atol=1e-5, rtol=0)
-            assert [(r.flow, r.layer) for r in result.rows] == [(r.flow, r.layer) for r in reference.rows]
+            _assert_own_rows(result, alone[result.sample.sample_id])
+
+
+def _assert_own_rows(result, reference) -> None:
+    """A sample's batched result equals the one it gets alone: answer, clean probability, every row."""
+    assert result.sample.answer_token_id == reference.sample.answer_token_id
+    assert result.sample.prediction == reference.sample.prediction
+    assert math.isclose(result.sample.p_base, reference.sample.p_base, abs_tol=1e-5)
+    got = torch.tensor([r.p_blocked for r in result.rows])
+    torch.testing.assert_close(got, torch.tensor([r.p_blocked for r in reference.rows]), atol=1e-5, rtol=0)
+    assert [(r.flow, r.layer) for r in result.rows] == [(r.flow, r.layer) for r in reference.rows]
+
+
+def test_knockout_rows_handed_to_the_wrong_sample_are_caught(tiny_loaded, tmp_path):
+    """The check above can fail: an engine that hands two samples each other's knockout logits (same
+    shapes, so nothing crashes) fails it, while the clean rows still agree."""
+    loaded = tiny_loaded("sp-gqa", "sdpa")
+    _, samples = mixed_samples(tmp_path / "data", n=2)
+    prepared = [prepare_sample(loaded, s, image) for s, image in samples]
+    settings = _settings(2)
+    alone = {p.sample.sample_id: analyse_sample(loaded, p, settings) for p in prepared}
+    engine = batched_flows.ENGINES[settings.engine]
+    original = engine.knockout_logits_batch
+
+    def swapped(loaded, requests, max_fold_queries):
+        out = original(loaded, requests, max_fold_queries)
+        assert len(out) == 2 and out[0].shape == out[1].shape
+        return out[::-1]
+
+    with mock.patch.object(engine, "knockout_logits_batch", swapped):
+        results = analyse_samples(loaded, prepared, settings)
+    for result in results:
+        reference = alone[result.sample.sample_id]
+        assert math.isclose(result.sample.p_base, reference.sample.p_base, abs_tol=1e-5)
+        with pytest.raises(AssertionError):
+            _assert_own_rows(result, reference)
 
 
 def test_a_failing_sample_costs_only_its_own_rows(tiny_loaded, tmp_path):
