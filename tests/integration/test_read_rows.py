@@ -88,3 +88,39 @@ def test_a_plan_reads_at_most_the_rows_it_computes():
     assert plan_fold([Knockout(edges, (0,))], CausalPattern(), t0=3, n=6, n_layers=2, read_rows=2).last_rows_only
     with pytest.raises(ValueError, match="can read 1..2 trailing rows, not 3"):
         plan_fold([Knockout(edges, (0,))], CausalPattern(), t0=4, n=6, n_layers=2, read_rows=3)
+
+
+@pytest.mark.parametrize("strategy", ["shared-prefix", "accelerator"])
+def test_several_samples_read_their_own_last_rows_in_one_batch(tiny_loaded, tmp_path, strategy):
+    """Batched folds and clean passes (samples of different lengths, some reading R rows, one reading
+    the last row only) give each sample the rows it gets alone, which equal the reference's."""
+    from test_batched_samples import mixed_samples  # samples of different lengths and answers
+
+    from vlmflow.knockout.fast import FoldRequest, clean_runs, fast_logits_batch
+    from vlmflow.knockout.strategy import AcceleratorFold, SharedPrefixFold
+
+    loaded = tiny_loaded("sp-gqa", "sdpa")
+    decoder = loaded.decoder
+    chosen = AcceleratorFold() if strategy == "accelerator" else SharedPrefixFold()
+    _, samples = mixed_samples(tmp_path / "data", n=3)
+    prepared = [prepare_sample(loaded, s, image) for s, image in samples]
+    rows = [3, 1, 2]
+    knockouts = [_knockouts(loaded, p) for p in prepared]
+    starts = [
+        min(s for s in affected_starts(decoder.attention_pattern(p.encoded), loaded.n_layers, p.encoded.seq_len, k) if s >= 0)
+        for p, k in zip(prepared, knockouts, strict=True)
+    ]
+    assert len({p.encoded.seq_len for p in prepared}) == 3
+    cleans = clean_runs(decoder, [p.encoded for p in prepared], capture_from=starts, read_rows=3)
+    requests = [
+        FoldRequest(p.encoded, c, k, None if r == 1 else r) for p, c, k, r in zip(prepared, cleans, knockouts, rows, strict=True)
+    ]
+    together = fast_logits_batch(decoder, requests[::-1], strategy=chosen)[::-1]  # reversed: a row in the wrong sample shows
+    for p, k, start, r, got in zip(prepared, knockouts, starts, rows, together, strict=True):
+        alone = clean_run(decoder, p.encoded, capture_from=start, read_rows=3)
+        torch.testing.assert_close(alone.row_logits, cleans[prepared.index(p)].row_logits, atol=1e-5, rtol=0)
+        one = fast_logits(decoder, p.encoded, alone, k, rows=None if r == 1 else r, strategy=chosen)
+        assert got.shape == one.shape == ((len(k), r, one.shape[-1]) if r > 1 else (len(k), one.shape[-1]))
+        torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(one, -1), atol=1e-5, rtol=0)
+        ref = reference_logits(decoder, p.encoded, k, rows=None if r == 1 else r)
+        torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(ref, -1), atol=1e-5, rtol=0)

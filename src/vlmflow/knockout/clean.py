@@ -120,15 +120,15 @@ def clean_runs(
     capture_from: Sequence[int],
     max_new_tokens: int = 0,
     stop_ids: Collection[int] = (),
-    read_rows: Sequence[int] | None = None,
+    read_rows: int | Sequence[int] = 1,
 ) -> list[CleanRun]:
     """The clean runs of several samples, computed together: one call per decoder layer for all of them.
 
     Each sample's result is the one it gets alone (its prompt's queries never read another's keys
     or a padding key); ``capture_from[b]`` is sample ``b``'s first kept position. With
     ``max_new_tokens > 0`` each sample's answer is decoded greedily until it produces a token in
-    ``stop_ids`` or reaches ``max_new_tokens`` tokens. ``read_rows[b] = R > 1`` also keeps the logits
-    of sample ``b``'s last ``R`` positions (``row_logits``; only without generation).
+    ``stop_ids`` or reaches ``max_new_tokens`` tokens. ``read_rows`` ``R > 1`` (one for all, or one per sample) also keeps
+    the logits of each sample's last ``R`` positions (``row_logits``; only without generation).
 
     >>> runs = clean_runs(decoder, [a, b], capture_from=[600, 590], max_new_tokens=3)   # doctest: +SKIP
     >>> [run.generated.tolist() for run in runs]                                       # doctest: +SKIP
@@ -137,7 +137,7 @@ def clean_runs(
     if len(encodeds) != len(capture_from) or not encodeds:
         raise ValueError(f"clean_runs needs one capture_from per sample, got {len(capture_from)} for {len(encodeds)} samples")
     lengths = [e.seq_len for e in encodeds]
-    reads = [1] * len(encodeds) if read_rows is None else list(read_rows)
+    reads = [read_rows] * len(encodeds) if isinstance(read_rows, int) else list(read_rows)
     for start, n, read in zip(capture_from, lengths, reads, strict=True):
         if not 0 <= start < n:
             raise ValueError(f"capture_from {start} is outside the prompt's {n} positions")
