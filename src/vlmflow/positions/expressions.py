@@ -29,7 +29,7 @@ Union(left=Difference(left=<Group.QUESTION: 'question'>, right=<Group.TRUE_OPTIO
 >>> parse_expression("qestion")
 Traceback (most recent call last):
 ...
-vlmflow.errors.ConfigError: group expression 'qestion': unknown position group 'qestion' at character 1; expected one of: image, question, last, related, other, padding, other_content, image_base, image_grid, image_newline, true_option, false_option, object_word, system, suffix, random, question_without_options, related_in_grid, grid_without_related, grid_with_newlines, other_with_newlines, or a form such as text:"WORDS" (docs/routes.md)
+vlmflow.errors.ConfigError: group expression 'qestion': unknown position group 'qestion' at character 1; expected one of: image, question, last, related, other, padding, other_content, image_base, image_grid, image_newline, true_option, false_option, object_word, system, suffix, random, frame, tile, question_without_options, related_in_grid, grid_without_related, grid_with_newlines, other_with_newlines, or a form such as text:"WORDS" (docs/routes.md)
 """
 
 from __future__ import annotations
