@@ -3,7 +3,10 @@
 Configuration problems (unreadable data file, unknown model family, a flow that names an unknown
 group, a missing images folder) stop the run before any sample is computed. Per-sample problems
 become rows of the ``errors`` table and the run goes on. Results are committed sample by sample, so
-an interrupted run resumes where it stopped; rerunning the same spec skips finished samples.
+an interrupted run resumes where it stopped; rerunning the same spec skips finished samples (and
+says so: a notice, :mod:`vlmflow.notices`). Ctrl-C raises :class:`~vlmflow.errors.RunInterrupted`
+saying how far the run got. One process at a time computes a run directory: its lock
+(:mod:`vlmflow.results.lock`) refuses a second one, naming the first.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any, Protocol
 import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_image
-from vlmflow.errors import ConfigError, SampleError
+from vlmflow.errors import ConfigError, RunInterrupted, SampleError
 from vlmflow.experiments.prepare import PreparedSample, open_image, prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
+from vlmflow.notices import notice
+from vlmflow.quiet import quiet_libraries
 from vlmflow.results.tables import ErrorRow, Row
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,9 @@ SCHEMA_VERSION = 1
 SEED = 0
 #: summary.json lists at most this many error rows (all of them are in errors.parquet).
 MAX_SUMMARY_ERRORS = 100
-ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
+#: ``progress(done, total, message)``: samples of the run done so far (those of earlier sessions
+#: included), of all its samples.
+ProgressCallback = Callable[[int, int, str], None]
 
 
 #: The old name of :class:`~vlmflow.load_spec.LoadSpec` (how to load the model; the model part of a run spec).
@@ -103,11 +110,57 @@ class RunSpec:
         }
 
     def run_name(self) -> str:
+        """The run directory's name: ``name`` if given, else ``EXPERIMENT-MODEL-DATA-HASH``.
+
+        The hash is of the identity (:meth:`identity`), so another setting is another directory.
+
+        >>> RunSpec(LoadSpec("llava-hf/llava-1.5-7b-hf"), DataSpec("gqa:ChooseAttr")).run_name()
+        'flows-llava-1.5-7b-hf-gqa-ChooseAttr-...'
+        """
+        if self.name:
+            return self.name
+        return f"{_slug(self.experiment.name)}-{self.legacy_run_name()}"
+
+    def legacy_run_name(self) -> str:
+        """The name vlmflow gave run directories before it began with the experiment (``MODEL-DATA-HASH``);
+        :func:`run_path` still resumes a directory of that name."""
         if self.name:
             return self.name
         blob = json.dumps(self.identity(), sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{_slug(self.model.name)}-{_slug(self.data.data)}-{digest}"
+
+
+def run_path(spec: RunSpec, out: Path | str) -> Path:
+    """The run directory of ``spec`` under ``out``: ``out/<run name>``, or the directory of the same
+    run under its older name (:meth:`RunSpec.legacy_run_name`) when only that one exists.
+
+    Raises:
+        ConfigError: ``out`` (or a folder above it) is a file.
+    """
+    out = Path(out)
+    check_folder(out, "output folder")
+    path = out / spec.run_name()
+    legacy = out / spec.legacy_run_name()
+    if not path.exists() and legacy != path and (legacy / "spec.json").is_file():
+        return legacy
+    return path
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Raise :class:`ConfigError` when ``path`` or a folder above it exists and is not a folder.
+
+    >>> check_folder(Path("README.md/runs"), "output folder")   # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.ConfigError: output folder 'README.md/runs': 'README.md' is a file, not a folder
+    """
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == path else f": {str(folder)!r}"
+                raise ConfigError(f"{what} {str(path)!r}{where} is a file, not a folder")
+            return
 
 
 @dataclass
@@ -255,40 +308,74 @@ def run_to_store(
     Before any sample (and before the run directory is created), the model is checked with
     :func:`~vlmflow.experiments.selftest.run_self_test` through the experiment's engine; a failure
     stops the run with :class:`~vlmflow.experiments.selftest.SelfTestError`. ``self_test=False``
-    skips it (for benchmarks that time the samples alone).
+    skips it (for benchmarks that time the samples alone). Another process computing the same run
+    directory makes it refuse (:class:`~vlmflow.results.lock.RunLockedError`); Ctrl-C raises
+    :class:`~vlmflow.errors.RunInterrupted`.
 
     >>> spec = RunSpec(LoadSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))   # doctest: +SKIP
     >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
-    PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
+    PosixPath('runs/flows-tiny-llava-ChooseAttr-1a2b3c4d')
     """
     from vlmflow.experiments.selftest import run_self_test
+    from vlmflow.results.lock import check_unlocked
 
     data = load_data(spec.data)
-    loaded = loaded or load_model(spec.model)
-    report = run_self_test(loaded, spec.experiment.engine) if self_test else None
-    torch.manual_seed(SEED)
-    run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
-    started = time.perf_counter()
-    count = 0
-    if progress:
-        progress(0, len(run.todo), "starting")
-    for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
-        run.store.commit(tables)
-        count += 1
-        if progress:
-            progress(count, len(run.todo), "")
-    return finish_run(run, time.perf_counter() - started, computed=count)
+    check_unlocked(run_path(spec, out))  # before minutes of loading a model
+    with quiet_libraries():
+        loaded = loaded or load_model(spec.model)
+        report = run_self_test(loaded, spec.experiment.engine) if self_test else None
+        torch.manual_seed(SEED)
+        run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
+        try:
+            started = time.perf_counter()
+            count = 0
+            announce(run, progress)
+            try:
+                for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
+                    run.store.commit(tables)
+                    count += 1
+                    if progress:
+                        progress(run.done_before + count, run.total, "")
+            except KeyboardInterrupt as exc:
+                raise RunInterrupted(run.path, done=run.done_before + count, total=run.total) from exc
+            return finish_run(run, time.perf_counter() - started, computed=count)
+        finally:
+            run.close()
 
 
 @dataclass
 class OpenRun:
-    """A run directory opened for computing: its store and the samples still to do."""
+    """A run directory opened for computing: its store, the samples still to do, and its lock.
+
+    ``total``: all samples of the run; ``done_before``: those committed before this session.
+    """
 
     path: Path
     store: Any  # RunStore (imported lazily)
     todo: list[Sample]
     images: Path
     total: int
+    lock: Any = None  # RunLock held while computing (imported lazily)
+
+    @property
+    def done_before(self) -> int:
+        return self.total - len(self.todo)
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def announce(run: OpenRun, progress: ProgressCallback | None) -> None:
+    """Say a resumed run resumes (a notice), and start the progress at the samples already done."""
+    if run.done_before and run.todo:
+        notice("resuming %s: %d of %d samples already done", run.path, run.done_before, run.total)
+    elif run.done_before:
+        notice("%s is complete (%d samples): nothing to compute", run.path, run.total)
+    if progress:
+        progress(run.done_before, run.total, "resuming" if run.done_before else "starting")
 
 
 def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -307,23 +394,32 @@ def open_run(
     stored: dict[str, Any],
     data: tuple[list[Sample], list[ErrorRow], Path],
 ) -> OpenRun:
-    """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`).
+    """Create or resume ``out/<run name>`` for ``stored`` (see :func:`stored_spec`), holding its lock.
 
     ``data`` is :func:`load_data`'s result. Commits the read errors not yet committed and returns
-    the samples not yet done, in data order. Any executor (this process, a Ray cluster) starts here.
+    the samples not yet done, in data order. Any executor (this process, a Ray cluster) starts here
+    and calls :meth:`OpenRun.close` when done (the lock is the coordinator's: other writers of the
+    same run, such as Ray replicas, commit without it).
     """
+    from vlmflow.results.lock import RunLock
     from vlmflow.results.store import RunStore
 
     samples, read_errors, images = data
-    path = Path(out) / spec.run_name()
-    store = RunStore.open(path, stored)
-    done = store.done_sample_ids()
-    fresh_read_errors = [e for e in read_errors if e.sample_id not in done]
-    if fresh_read_errors:
-        store.commit({"errors": fresh_read_errors})
+    path = run_path(spec, out)
+    lock = RunLock(path)
+    lock.acquire()
+    try:
+        store = RunStore.open(path, stored)
+        done = store.done_sample_ids()
+        fresh_read_errors = [e for e in read_errors if e.sample_id not in done]
+        if fresh_read_errors:
+            store.commit({"errors": fresh_read_errors})
+    except BaseException:
+        lock.release()
+        raise
     todo = [s for s in samples if s.sample_id not in done]
     log.info("%s: %d samples, %d already done", path, len(samples), len(samples) - len(todo))
-    return OpenRun(path=path, store=store, todo=todo, images=images, total=len(samples))
+    return OpenRun(path=path, store=store, todo=todo, images=images, total=len(samples), lock=lock)
 
 
 def finish_run(run: OpenRun, elapsed: float, computed: int) -> RunOutcome:
