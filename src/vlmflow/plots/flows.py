@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
+from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, legend_outside, save_figure, wrapped
 from vlmflow.positions.groups import Flow, Group
 from vlmflow.results.tables import flows_of
 
@@ -81,20 +81,23 @@ def flow_colors(flows: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None) -> list[str]:
+def draw_flows(
+    ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None, *, legend: str | None = "below"
+) -> list[str]:
     """Draw the flow curves (mean relative change of the answer probability, %) on ``ax``; return the flows drawn.
 
-    ``flows`` is the ``flows`` table (one row per sample, flow and layer).
+    ``flows`` is the ``flows`` table (one row per sample, flow and layer). ``legend``: where the
+    legend goes, outside the plotting area (``"below"`` or ``"right"``; None: no legend).
     """
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
     table = curves(flows[flows["flow"].isin(order)], "flow", "rel_change")
     labels = {name: flow.label for name, flow in flows_of(order).items()}
     drawn = draw_curves(ax, table, "flow", order, labels=labels, colors=flow_colors(order))
-    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.axhline(0.0, color="grey", linewidth=0.5, zorder=0)
     ax.set_ylabel("Change in probability (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if drawn:
-        ax.legend(loc="lower left", fontsize="small", frameon=False)
+    if drawn and legend is not None:
+        legend_outside(ax, legend, ncols=min(len(drawn), 3))
     return drawn
 
 
@@ -120,7 +123,7 @@ def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Seq
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
     panels = flow_panels(order) if order else [("no flows", [])]
     tasks = _task_names(flows)
-    fig = Figure(figsize=(4.4 * len(panels), 3.6 * len(tasks) + 0.4), layout="constrained")
+    fig = Figure(figsize=(4.4 * len(panels), 4.1 * len(tasks) + 0.5), layout="constrained")
     axes = fig.subplots(len(tasks), len(panels), squeeze=False, sharex=True, sharey="row")
     last_layer = int(flows["layer"].max()) if len(flows) else 0
     for row, task in enumerate(tasks):
@@ -129,17 +132,16 @@ def plot_flows(flows: pd.DataFrame, *, title: str | None = None, flow_order: Seq
         for col, (panel, names) in enumerate(panels):
             ax = axes[row][col]
             draw_flows(ax, frame, names)
-            ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="small")
-            ax.set_xlim(0, max(last_layer, 1))
+            ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="medium")
+            ax.set_xlim(-0.3, max(last_layer, 1) + 0.3)  # the end points' markers whole
             if col:
                 ax.set_ylabel("")
-            if row == len(tasks) - 1:
-                ax.set_xlabel("Layer (centre of the knocked-out window)")
+            ax.set_xlabel("Layer (centre of the knocked-out window)")
     if title is None:
         windows = sorted({int(w) for w in flows["window"]}) if "window" in flows.columns and len(flows) else []
         k = f"window of {'/'.join(map(str, windows))} layers, " if windows else ""
         title = f"Attention knockout: {k}{flows['sample_id'].nunique()} samples, {last_layer + 1} layers"
-    fig.suptitle(title, fontsize="medium")
+    fig.suptitle(wrapped(title, fig.get_figwidth(), 12.0), fontsize="large")
     return fig
 
 

@@ -50,9 +50,20 @@ def test_summary_finds_the_largest_drop_its_interval_and_the_significant_band():
     assert summary.peak_layer == 5
     assert summary.peak_low < summary.peak < summary.peak_high < 0
     assert summary.peak_layer_low <= 5 <= summary.peak_layer_high
-    (band,) = summary.bands
-    assert band[0] <= 3 and band[1] >= 7 and band[0] >= 1 and band[1] <= 9
+    (band,) = summary.bands  # a drop of at least 5% (layers 3..7 of the truth) and an interval below 0
+    assert 3 <= band[0] <= 4 and 6 <= band[1] <= 7
     assert format_bands(summary.bands) == f"{band[0]}-{band[1]}"
+    assert summary.drop
+
+
+def test_a_tiny_drop_with_a_tight_interval_is_no_effect():
+    """A -0.007% mean is 'significant' by its interval alone; it is not a drop, and has no band."""
+    matrix = -0.007 + np.random.default_rng(2).normal(0.0, 0.001, size=(40, 6))
+    curve = bootstrap_curve(matrix, range(6), 6)
+    assert (curve.high < 0).all()  # the interval alone would call every layer significant
+    summary = summarise_curve(curve)
+    assert summary.bands == () and not summary.drop
+    assert summary.as_dict()["drop"] is False
 
 
 def test_no_band_when_nothing_is_significant():
