@@ -17,6 +17,7 @@ from vlmflow.cli.common import (
     setup_logging,
 )
 from vlmflow.cli.options import settings_options
+from vlmflow.cli.usage import examples
 from vlmflow.experiments.settings import FlowSettings
 from vlmflow.load_spec import LoadSpec
 
@@ -67,4 +68,10 @@ def flows(
 
 def register(app: typer.Typer) -> None:
     """Add ``flows`` to ``app``."""
-    app.command("flows")(flows)
+    app.command(
+        "flows",
+        epilog=examples(
+            "vlmflow organism scenes scenes && vlmflow flows -m organism -d scenes/scenes_ChooseAttr.csv --window 1",
+            'vlmflow flows -m llava-hf/llava-1.5-7b-hf -d gqa:ChooseAttr --images gqa/images -f "image->last" -f "question->last"',
+        ),
+    )(flows)

@@ -9,11 +9,16 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.usage import examples
 
-organism_app = typer.Typer(help="The model organism: a small LLaVA trained on synthetic shape scenes.", no_args_is_help=True)
+organism_app = typer.Typer(
+    help="The model organism: a small LLaVA trained on synthetic shape scenes.",
+    no_args_is_help=True,
+    epilog=examples("vlmflow organism eval", "vlmflow organism scenes scenes --per-task 20"),
+)
 
 
-@organism_app.command("train")
+@organism_app.command("train", epilog=examples("vlmflow organism train --out my-organism", "vlmflow organism train --out quick --steps 200 --minutes 5"))
 def train_command(
     out: Path = typer.Option(Path("organism-checkpoint"), "--out", "-o", help="Checkpoint folder to write."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, scenes and task draws."),
@@ -55,7 +60,7 @@ def train_command(
     console.print(f"trained in {result.seconds / 60:.1f} min; checkpoint: [bold]{out}[/] (recipe and table in {RECIPE_FILE})")
 
 
-@organism_app.command("eval")
+@organism_app.command("eval", epilog=examples("vlmflow organism eval", "vlmflow organism eval --model my-organism --per-task 50"))
 def eval_command(
     model: str = typer.Option("organism", "--model", "-m", help="Organism checkpoint folder (default: the shipped one)."),
     per_task: int = typer.Option(100, "--per-task", help="Held-out questions per task type."),
@@ -74,7 +79,7 @@ def eval_command(
     _print_table(table)
 
 
-@organism_app.command("path")
+@organism_app.command("path", epilog=examples("vlmflow organism path", "ls $(vlmflow organism path)"))
 def path_command() -> None:
     """Print the folder of the shipped organism checkpoint."""
     from vlmflow.organism import organism_path
@@ -82,7 +87,7 @@ def path_command() -> None:
     console.print(str(organism_path()), highlight=False)
 
 
-@organism_app.command("scenes")
+@organism_app.command("scenes", epilog=examples("vlmflow organism scenes scenes", "vlmflow organism scenes scenes --per-task 50 --seed 1"))
 def scenes_command(
     out: Path = typer.Argument(..., help="Folder to write the task CSVs and images into."),
     per_task: int = typer.Option(20, "--per-task", "-n", help="Questions per task type."),
