@@ -43,7 +43,6 @@ from vlmflow.experiments.lens import LensSettings, summarise_lens
 from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_path, run_to_store, stored_spec
 from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import ALIAS
-from vlmflow.organism.demo_folder import claim_folder, replace_if_other
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
 from vlmflow.positions.groups import PAPER_FLOWS
@@ -104,6 +103,7 @@ def run_demo(
         loaded: an already loaded model (then ``model`` only names it in the run specs).
         plot: write the figures (PNG) into each run's ``figures`` folder.
     """
+    from vlmflow.organism.demo_folder import claim_folder
     from vlmflow.results.lock import RunLock
 
     out = Path(out)
@@ -124,6 +124,8 @@ def _run_demo(
     loaded: LoadedModel | None,
     plot: bool,
 ) -> DemoResult:
+    from vlmflow.organism.demo_folder import replace_if_other
+
     scenes = out / "scenes"
     files = write_scene_set(scenes, per_task, seed, tasks)
     spec_model = ModelSpec(model, dtype="float32", device="cpu")
