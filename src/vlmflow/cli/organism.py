@@ -18,7 +18,7 @@ organism_app = typer.Typer(
 )
 
 
-@organism_app.command("train", epilog=examples("vlmflow organism train --out my-organism", "vlmflow organism train --out quick --steps 200 --minutes 5"))
+@organism_app.command("train")
 def train_command(
     out: Path = typer.Option(Path("organism-checkpoint"), "--out", "-o", help="Checkpoint folder to write."),
     seed: int = typer.Option(0, "--seed", help="Seeds weights, scenes and task draws."),
@@ -60,7 +60,7 @@ def train_command(
     console.print(f"trained in {result.seconds / 60:.1f} min; checkpoint: [bold]{out}[/] (recipe and table in {RECIPE_FILE})")
 
 
-@organism_app.command("eval", epilog=examples("vlmflow organism eval", "vlmflow organism eval --model my-organism --per-task 50"))
+@organism_app.command("eval")
 def eval_command(
     model: str = typer.Option("organism", "--model", "-m", help="Organism checkpoint folder (default: the shipped one)."),
     per_task: int = typer.Option(100, "--per-task", help="Held-out questions per task type."),
@@ -79,7 +79,7 @@ def eval_command(
     _print_table(table)
 
 
-@organism_app.command("path", epilog=examples("vlmflow organism path", "ls $(vlmflow organism path)"))
+@organism_app.command("path")
 def path_command() -> None:
     """Print the folder of the shipped organism checkpoint."""
     from vlmflow.organism import organism_path
@@ -87,7 +87,7 @@ def path_command() -> None:
     console.print(str(organism_path()), highlight=False)
 
 
-@organism_app.command("scenes", epilog=examples("vlmflow organism scenes scenes", "vlmflow organism scenes scenes --per-task 50 --seed 1"))
+@organism_app.command("scenes")
 def scenes_command(
     out: Path = typer.Argument(..., help="Folder to write the task CSVs and images into."),
     per_task: int = typer.Option(20, "--per-task", "-n", help="Questions per task type."),
@@ -110,6 +110,17 @@ def _print_table(table: dict[str, dict]) -> None:
     logging.getLogger(__name__).debug("table %s", json.dumps(table))
 
 
+#: The examples of each ``vlmflow organism`` subcommand's help page.
+EXAMPLES = {
+    "train": examples("vlmflow organism train --out my-organism", "vlmflow organism train --out quick --steps 200 --minutes 5"),
+    "eval": examples("vlmflow organism eval", "vlmflow organism eval --model my-organism --per-task 50"),
+    "path": examples("vlmflow organism path", "ls $(vlmflow organism path)"),
+    "scenes": examples("vlmflow organism scenes scenes", "vlmflow organism scenes scenes --per-task 50 --seed 1"),
+}
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``organism`` to ``app``."""
+    """Add ``organism`` to ``app``, each subcommand with its examples."""
+    for info in organism_app.registered_commands:
+        info.epilog = info.epilog or EXAMPLES.get(str(info.name))
     app.add_typer(organism_app, name="organism")
