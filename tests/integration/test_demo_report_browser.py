@@ -15,10 +15,10 @@ from test_report_browser import browser_page  # noqa: F401 - the fixture is used
 
 from support.runs import write_flows_run, write_lens_run
 from vlmflow.organism.demo import DemoResult, summary_markdown
-from vlmflow.organism.demo_report import write_demo_report
 from vlmflow.plots.flows import write_flow_figures
 from vlmflow.plots.lens import write_lens_figures
 from vlmflow.positions.groups import PAPER_FLOWS
+from vlmflow.report.demo import write_demo_report
 
 
 def _demo_folder(folder: Path) -> DemoResult:

@@ -42,6 +42,9 @@ def demo(
             progress=update,
             plot=plot,
         )
+    from vlmflow.report.demo import write_demo_report
+
+    write_demo_report(result)
     json_path, md_path = result.summary_files
     console.print(md_path.read_text(), highlight=False, markup=False)
     console.print(f"demo directory: {result.path}", highlight=False, markup=False)

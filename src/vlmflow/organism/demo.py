@@ -6,7 +6,7 @@ with the ordinary runner (one run directory each), and writes ``summary.json`` a
 per task, the organism's accuracy, the strongest drop of every flow (mean % change of the answer's
 probability, and at which layer; "no drop" when it stays within
 :data:`~vlmflow.analysis.stats.EFFECT_THRESHOLD`), and the layer where the answer first becomes the
-lens' top-1. ``report.html`` (:mod:`vlmflow.organism.demo_report`) puts it together for a reader:
+lens' top-1. ``vlmflow demo`` then writes ``report.html`` (:func:`vlmflow.report.demo.write_demo_report`):
 what to notice, the table, the figures.
 
 The folder is the demo's own (:mod:`vlmflow.organism.demo_folder`): rerun with other options, the
@@ -158,9 +158,6 @@ def _run_demo(
     json_path, md_path = result.summary_files
     json_path.write_text(json.dumps(result.summary, indent=2) + "\n")
     md_path.write_text(summary_markdown(result.summary) + "\n")
-    from vlmflow.organism.demo_report import write_demo_report
-
-    write_demo_report(result)
     return result
 
 

@@ -1,5 +1,8 @@
 """``report.html`` of ``vlmflow demo``: what to notice, the summary and the figures, on one page.
 
+``vlmflow demo`` writes it after :func:`~vlmflow.organism.demo.run_demo` (the report layer reads the
+organism's results, never the other way round).
+
 Self-contained (figures as ``data:`` URIs, the study report's stylesheet inline), so it opens from
 anywhere. Its parts:
 
