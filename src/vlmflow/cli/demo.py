@@ -50,8 +50,8 @@ def demo(
     console.print(f"demo directory: {result.path}", highlight=False, markup=False)
     console.print(f"summary: {md_path} and {json_path}", highlight=False, markup=False)
     if result.figures:
-        folders = sorted({str(path.parent) for path in result.figures})
-        console.print(f"figures: {len(result.figures)} PNGs in {folders[0]} and {len(folders) - 1} more figures/ folders", highlight=False, markup=False)
+        example = result.figures[0].parent
+        console.print(f"figures: {len(result.figures)} PNGs in the runs' figures/ folders (e.g. {example})", highlight=False, markup=False)
     console.print(f"report: {result.report}  (open it in a browser)", highlight=False, markup=False)
 
 

@@ -25,7 +25,6 @@ import html
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.analysis.stats import EFFECT_THRESHOLD
@@ -88,7 +87,7 @@ def what_to_notice(summary: Mapping[str, Any]) -> list[str]:
     The model answers 4 of 4 questions correctly (100%); as in the paper, the flow curves use the correctly answered ones only.
     Cutting <b>question ↛ last</b> hurts the answer most: down to -80% (ChooseAttr, at layer 2).
     <b>image ↛ last</b> has no effect in any task type (the answer's probability changes by less than 5% at every layer), yet <b>image ↛ question</b> does: the image reaches the answer through the question's positions, not directly.
-    The answer becomes the logit lens' most likely token at layer 4 (median over task types) of 6, after the last drop at layer 2: the flows that matter act before the answer appears.
+    The answer becomes the logit lens' most likely token at layer 4 of 6, after the last drop at layer 2: the flows that matter act before the answer appears.
     This model has 6 layers and a window of 1 layer; the paper's LLaVA models have 32-40 and a window of 9. Compare which flows matter and in which order, not the layer numbers.
     """
     tasks: Mapping[str, Any] = summary.get("tasks", {})
@@ -122,10 +121,12 @@ def what_to_notice(summary: Mapping[str, Any]) -> list[str]:
         notes.append(line + ".")
     lens = [t["lens_first_top1"]["raw"] for t in tasks.values() if (t.get("lens_first_top1") or {}).get("raw") is not None]
     if lens:
-        first = median(lens)
-        line = f"The answer becomes the logit lens' most likely token at layer {first:g} (median over task types) of {summary.get('n_layers')}"
+        low, high = min(lens), max(lens)  # each a median over the task's samples
+        depth = summary.get("n_layers")
+        where = f"at layer {low:g} of {depth}" if low == high else f"between layers {low:g} and {high:g} of {depth}, depending on the task type"
+        line = f"The answer becomes the logit lens' most likely token {where}"
         last_drop = max((d[3] for d in drops), default=None)
-        if last_drop is not None and first > last_drop:
+        if last_drop is not None and low > last_drop:
             line += f", after the last drop at layer {last_drop}: the flows that matter act before the answer appears"
         notes.append(line + ".")
     if summary.get("planted"):
