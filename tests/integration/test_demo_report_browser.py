@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_report_browser import browser_page  # noqa: F401 - the fixture is used by name
+from test_report_browser import browser_page, open_offline  # noqa: F401 - the fixture is used by name
 
 from support.runs import write_flows_run, write_lens_run
 from vlmflow.organism.demo import DemoResult, summary_markdown
@@ -49,19 +49,7 @@ def _demo_folder(folder: Path) -> DemoResult:
 def test_the_demo_report_loads_offline_and_says_what_to_notice_first(browser_page, tmp_path, test_artifacts):  # noqa: F811
     result = _demo_folder(tmp_path / "demo")
     shots = test_artifacts / "demo-report"
-    shots.mkdir(parents=True, exist_ok=True)
-    page = browser_page.new_page(viewport={"width": 1400, "height": 1000})
-    problems: list[str] = []
-    requests: list[str] = []
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type in ("error", "warning") else None)
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    page.on("request", lambda request: requests.append(request.url))
-    page.goto(result.report.as_uri(), wait_until="load")
-    page.screenshot(path=str(shots / "demo-report-top.png"))
-    page.screenshot(path=str(shots / "demo-report-full.png"), full_page=True)
-
-    assert problems == []
-    assert [u for u in requests if not u.startswith(("data:", "file:"))] == []  # works offline
+    page = open_offline(browser_page, result.report, shots, "demo-report")  # no console error, nothing fetched
     assert [h.inner_text() for h in page.locator("main h2").all()] == ["What to notice", "Summary", "Figures", "Files"]
     notes = page.locator("#notice li").all_inner_texts()
     assert notes[0].startswith("The model answers 3 of 3 questions correctly (100%)")
