@@ -83,7 +83,7 @@ def usage_message(exc: Any) -> str:
         elif choices:
             message += f"; commands: {', '.join(choices)}"
         return message
-    message = " ".join(_with_value(exc, message).split())  # one line
+    message = " ".join(_with_value(exc, message).split()).rstrip(".")  # one line, no full stop (as the others)
     return message[:1].lower() + message[1:] if message[:2] != message[:2].upper() else message
 
 
