@@ -81,3 +81,14 @@ def _entry_point_resolver(name: str) -> Resolver | None:
             raise ConfigError(f"model alias {name!r} ({entry.value}) is not a callable resolver")
         return resolver
     return None
+
+
+def alias_names() -> list[str]:
+    """Every model alias known here: registered in this process or declared by an entry point.
+
+    >>> "organism" in alias_names()
+    True
+    """
+    from importlib.metadata import entry_points
+
+    return sorted({*_registered, *(entry.name for entry in entry_points(group=ENTRY_POINT_GROUP))})

@@ -54,9 +54,9 @@ class Run:
     Tables are read from disk on every access, so a run still being written (by another process)
     shows its latest committed samples.
 
-    >>> run = Run("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")       # doctest: +SKIP
+    >>> run = Run("runs/flows-llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")  # doctest: +SKIP
     >>> run                                                         # doctest: +SKIP
-    Run('runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d': flows, 1000 samples, 874 kept, 0 errors)
+    Run('runs/flows-llava-1.5-7b-hf-ChooseAttr-1a2b3c4d': flows, 1000 samples, 874 kept, 0 errors)
     >>> run.curves().query("flow == 'image->question'").head()       # doctest: +SKIP
     """
 
@@ -204,7 +204,7 @@ def load_run(path: Path | str) -> Run:
     """Open a run directory written by ``vlmflow flows``/``lens`` or :func:`run_flows`.
 
     >>> import vlmflow
-    >>> run = vlmflow.load_run("runs/llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")   # doctest: +SKIP
+    >>> run = vlmflow.load_run("runs/flows-llava-1.5-7b-hf-ChooseAttr-1a2b3c4d")  # doctest: +SKIP
     >>> run.flows.head()                                                     # doctest: +SKIP
     """
     return Run(path)
@@ -240,7 +240,7 @@ def run_flows(
             the paper's six flows, window by model depth, the fast engine).
         images: folder of ``{img_id}.jpg``/``.png`` (default: beside the CSV).
         out: parent folder of run directories; the run goes to ``out/<name>``.
-        name: run directory name (default: derived from the model, data and a hash of the spec).
+        name: run directory name (default: ``flows-MODEL-DATA-HASH``, the hash of the run's identity).
         limit: only the first ``limit`` samples.
         progress: ``True`` for a progress bar (tqdm), or a ``progress(done, total, message)`` callback.
         ray: run on a Ray cluster: ``"auto"``, ``"local"``, an address, or
@@ -417,14 +417,20 @@ def _execute(
 
 
 class _tqdm_progress:
-    """A tqdm bar (notebook-aware) driven by the runner's ``progress(done, total, message)``."""
+    """A tqdm bar (notebook-aware) driven by the runner's ``progress(done, total, message)``.
+
+    The bar appears at the first update, when the number of samples is known (none while the data
+    is read and the model loads, so an error then is not preceded by an empty bar).
+    """
 
     def __enter__(self) -> ProgressCallback:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(unit="sample", desc="vlmflow")
+        self.bar: Any = None
 
         def update(done: int, total: int, message: str) -> None:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=done, unit="sample", desc="vlmflow")
             self.bar.total = total
             self.bar.n = done
             self.bar.refresh()
@@ -432,4 +438,5 @@ class _tqdm_progress:
         return update
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

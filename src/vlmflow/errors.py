@@ -43,3 +43,20 @@ class SampleError(VlmflowError, ValueError):
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) stopped a run; what was committed is kept and rerunning resumes it.
+
+    A :class:`KeyboardInterrupt`, so whatever stops on Ctrl-C still stops (a notebook, a study that
+    would otherwise go on to its next run); the message says how far the run got.
+
+    >>> str(RunInterrupted("runs/x", done=5, total=12))
+    "interrupted after 5 of 12 samples of 'runs/x'; rerun the same command to resume"
+    """
+
+    def __init__(self, path: object, *, done: int, total: int) -> None:
+        self.path, self.done, self.total = path, done, total
+        super().__init__(
+            f"interrupted after {done} of {total} samples of {str(path)!r}; rerun the same command to resume"
+        )

@@ -6,10 +6,12 @@ from safetensors files, and ``trust_remote_code`` is off unless asked for.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from vlmflow.adapters.decoder import DecoderMap
 from vlmflow.adapters.family import ModelFamily
 from vlmflow.adapters.pipeline import InputPipeline
 from vlmflow.adapters.registry import family_for_architecture
-from vlmflow.aliases import resolve_model_name
+from vlmflow.aliases import alias_names, resolve_model_name
 from vlmflow.errors import ConfigError
 from vlmflow.load_spec import LoadSpec, load_spec
 from vlmflow.prompts import PromptTemplate, get_template
@@ -144,12 +146,55 @@ def load_model(spec: LoadSpec | str | Path, **fields: Any) -> LoadedModel:
     >>> loaded.family.family                                    # doctest: +SKIP
     'llava'
     """
+    from vlmflow.quiet import quiet_libraries
+
     spec = load_spec(spec, fields, "load_model")
     name_or_path = resolve_model_name(spec.name)
+    check_model_path(name_or_path)
     torch_device = resolve_device(spec.device)
     torch_dtype = parse_dtype(spec.dtype, torch_device)
-    with hub_access(spec.allow_hub):
+    with hub_access(spec.allow_hub), quiet_libraries():
         return _load(replace(spec, name=str(name_or_path)), torch_dtype, torch_device)
+
+
+#: A Hugging Face model id: ``name`` or ``owner/name`` of letters, digits, ``-``, ``_`` and ``.``.
+_HUB_ID = re.compile(r"^(?![-.])[\w.-]{1,96}(?<![-.])(/(?![-.])[\w.-]{1,96}(?<![-.]))?$")
+
+
+def check_model_path(name: str) -> None:
+    """Refuse a model name that can only mean a local folder when there is no such folder.
+
+    A name that is not a Hugging Face id (``./tiyn``, ``/models/x``, ``a/b/c``), or whose first
+    part is a folder here (``models/tiyn`` next to ``models/``), names a folder: when it does not
+    exist the error says so (and which folder of that place comes close), instead of a hub error.
+
+    >>> check_model_path("./no-such-checkpoint")
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.ConfigError: no such directory: './no-such-checkpoint'
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ConfigError(f"model {name!r} is a file; a checkpoint is a folder (config.json, weights, processor files)")
+    first = Path(name).parts[0] if Path(name).parts else ""
+    if not _HUB_ID.match(name) or ("/" in name and Path(first).is_dir()):
+        raise ConfigError(f"no such directory: {name!r}{_did_you_mean(path)}")
+
+
+def _did_you_mean(path: Path, extra: Sequence[str] = ()) -> str:
+    """`` (did you mean 'x'?)`` with the closest folder beside ``path`` (or name in ``extra``)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        folders = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")] if parent.is_dir() else []
+    except OSError:
+        folders = []
+    close = difflib.get_close_matches(path.name, [*folders, *extra], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    shown = close[0] if close[0] not in folders or parent == Path(".") else str(parent / close[0])
+    return f" (did you mean {shown!r}?)"
 
 
 @contextmanager
@@ -200,6 +245,12 @@ def _load(spec: LoadSpec, torch_dtype: torch.dtype, torch_device: torch.device) 
             hint = ""
         else:
             hint = " (offline mode: pass allow_hub=True / --allow-hub to download it)"
+            if not Path(source).exists():
+                # The hub library's text speaks of connecting to the hub, which offline mode never tried.
+                exc = OSError(
+                    "no such directory, model alias or model in the Hugging Face cache"
+                    + _did_you_mean(Path(source), alias_names() if "/" not in source else ())
+                )
         raise ConfigError(f"cannot load model config from {source!r}{hint}: {exc}") from exc
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:

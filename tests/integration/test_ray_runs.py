@@ -221,7 +221,8 @@ def test_local_ray_run_equals_the_single_process_run_and_each_resumes_the_other(
     stats = executor.last_stats
     assert outcome.summary["computed_this_session"] == N_SAMPLES - 3
     assert stats.workers == 2 and len(stats.worker_pids) == 2 and os.getpid() not in stats.worker_pids
-    assert seen[-1] == (N_SAMPLES - 3, N_SAMPLES - 3) and all(t == N_SAMPLES - 3 for _, t in seen)
+    # The progress counts the run's samples, those done before the interruption included.
+    assert seen[0] == (3, N_SAMPLES) and seen[-1] == (N_SAMPLES, N_SAMPLES) and all(t == N_SAMPLES for _, t in seen)
     assert_same_results(outcome.path, reference)
     assert_no_duplicate_rows_on_disk(outcome.path)
     # ... and a single-process rerun finds nothing left to do.

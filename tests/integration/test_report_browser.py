@@ -72,9 +72,9 @@ def report(tmp_path_factory, tiny_checkpoint, tiny_loaded) -> Path:
     return write_report(folder / "out", formats=("svg",))
 
 
-def check_report(browser, report: Path, shots: Path) -> None:
-    """Load ``report`` and check it: no console error, nothing fetched, every section there and
-    filled, a verdict per claim, figures rendered, images decoded; screenshots into ``shots``."""
+def open_offline(browser, report: Path, shots: Path, prefix: str = "report"):
+    """Open ``report`` in a new page, screenshot it (``PREFIX-top.png``, ``PREFIX-full.png`` into
+    ``shots``), check that it loaded without a console error and fetched nothing; return the page."""
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     problems: list[str] = []
@@ -84,11 +84,17 @@ def check_report(browser, report: Path, shots: Path) -> None:
     page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
     page.on("request", lambda request: requests.append(request.url))
     page.goto(report.as_uri(), wait_until="load")
-    page.screenshot(path=str(shots / "report-top.png"))
-    page.screenshot(path=str(shots / "report-full.png"), full_page=True)
-
+    page.screenshot(path=str(shots / f"{prefix}-top.png"))
+    page.screenshot(path=str(shots / f"{prefix}-full.png"), full_page=True)
     assert problems == []
     assert [u for u in requests if not u.startswith(("data:", "file:"))] == []  # works offline
+    return page
+
+
+def check_report(browser, report: Path, shots: Path) -> None:
+    """Load ``report`` and check it: no console error, nothing fetched, every section there and
+    filled, a verdict per claim, figures rendered, images decoded; screenshots into ``shots``."""
+    page = open_offline(browser, report, shots)
     assert page.title().startswith("vlmflow study")
     for sid, title in SECTIONS:
         section = page.locator(f"section#{sid}")

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The toolkit: inputs, positions, model families, the knockout engine, experiments, result
     # tables, the Python API and its figures, distributed runs, tiny random checkpoints.
     "core": (
-        "vlmflow", "vlmflow.errors", "vlmflow.settings", "vlmflow.settings_keywords", "vlmflow.load_spec", "vlmflow.aliases", "vlmflow.prompts", "vlmflow.inputs",
+        "vlmflow", "vlmflow.errors", "vlmflow.notices", "vlmflow.quiet", "vlmflow.settings", "vlmflow.settings_keywords", "vlmflow.load_spec", "vlmflow.aliases", "vlmflow.prompts", "vlmflow.inputs",
         "vlmflow.data", "vlmflow.positions",
         "vlmflow.adapters", "vlmflow.knockout", "vlmflow.loading", "vlmflow.results", "vlmflow.experiments",
         "vlmflow.plots", "vlmflow.distributed", "vlmflow.api", "vlmflow.tiny",

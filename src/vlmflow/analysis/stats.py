@@ -6,8 +6,12 @@ confidence interval at every layer. Samples, not layer points, are resampled: on
 picks samples with replacement and takes all their layers, so the intervals of derived quantities
 (the layer of the largest drop) respect the correlation between layers.
 
-Bands are *pointwise*: a layer is in the significant band when its own interval lies below zero
-(no correction for looking at many layers; the report says so).
+An *effect* needs a size as well as a sign: a flow has an effect at a layer when its mean change
+reaches :data:`EFFECT_THRESHOLD` (5% of the answer's probability) there, and "no effect" means the
+mean stays within that at every layer, however narrow its interval (a -0.007% mean with a tight
+interval is no effect). Bands are layers with a clear drop: the mean is at least the threshold
+below zero *and* the layer's own interval lies below zero. Both are pointwise (no correction for
+looking at many layers; the report says so).
 
 >>> m = np.array([[-10.0, -1.0], [-12.0, 1.0], [-11.0, 0.0]])
 >>> c = bootstrap_curve(m, layers=[0, 1], n_layers=2)
@@ -22,6 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+#: The smallest mean change (in % of the answer's probability) that counts as an effect of a flow.
+EFFECT_THRESHOLD = 5.0
 
 
 @dataclass(frozen=True)
@@ -111,14 +118,18 @@ def frame_curve(frame: pd.DataFrame, value: str, n_layers: int | None = None, bo
     return bootstrap_curve(matrix, layers, depth, boot)
 
 
-def significant_bands(curve: Curve, *, below: bool = True) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive layers whose interval lies below (or above) zero.
+def significant_bands(curve: Curve, *, below: bool = True, min_effect: float = 0.0) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive layers whose interval lies below (or above) zero and whose mean
+    is at least ``min_effect`` away from zero.
 
-    >>> c = Curve(np.arange(5), np.zeros(5), np.zeros(5), np.array([1, -1, -1, 1, -1.0]), 9, 5, np.zeros((0, 5)))
-    >>> significant_bands(c)
-    [(1, 2), (4, 4)]
+    >>> c = Curve(np.arange(5), np.array([-9, -9, -2, 0, -9.0]), np.zeros(5), np.array([1, -1, -1, 1, -1.0]), 9, 5, np.zeros((0, 5)))
+    >>> significant_bands(c), significant_bands(c, min_effect=5.0)
+    ([(1, 2), (4, 4)], [(1, 1), (4, 4)])
     """
-    hit = curve.high < 0 if below else curve.low > 0
+    if below:
+        hit = (curve.high < 0) & (curve.mean <= -min_effect)
+    else:
+        hit = (curve.low > 0) & (curve.mean >= min_effect)
     bands: list[tuple[int, int]] = []
     start = None
     for i, flag in enumerate(hit):
@@ -144,13 +155,14 @@ def format_bands(bands: Iterable[tuple[int, int]]) -> str:
 
 @dataclass(frozen=True)
 class CurveSummary:
-    """The per-flow summary: where the largest drop is, how big, how sure, and where it is significant.
+    """The per-flow summary: where the largest drop is, how big, how sure, and where it is clear.
 
     Attributes:
         peak_layer: layer of the largest drop (the curve's minimum).
         peak_layer_low / peak_layer_high: bootstrap interval of that layer (argmin per resample).
         peak, peak_low, peak_high: mean and interval at ``peak_layer``.
-        bands: significant bands (pointwise interval below zero).
+        bands: layers with a clear drop (mean at least :data:`EFFECT_THRESHOLD` below zero and
+            pointwise interval below zero).
     """
 
     n: int
@@ -172,7 +184,13 @@ class CurveSummary:
             "peak": self.peak,
             "peak_ci": [self.peak_low, self.peak_high],
             "significant_bands": [list(b) for b in self.bands],
+            "drop": self.drop,
         }
+
+    @property
+    def drop(self) -> bool:
+        """Whether the largest drop reaches :data:`EFFECT_THRESHOLD` (else: "no drop")."""
+        return self.peak <= -EFFECT_THRESHOLD
 
 
 def summarise_curve(curve: Curve, confidence: float = 0.95) -> CurveSummary | None:
@@ -201,7 +219,7 @@ def summarise_curve(curve: Curve, confidence: float = 0.95) -> CurveSummary | No
         peak=float(curve.mean[i]),
         peak_low=float(curve.low[i]),
         peak_high=float(curve.high[i]),
-        bands=tuple(significant_bands(curve)),
+        bands=tuple(significant_bands(curve, min_effect=EFFECT_THRESHOLD)),
     )
 
 

@@ -1,4 +1,4 @@
-"""What every CLI command shares: the console, logging set-up and the progress bar."""
+"""What every CLI command shares: the consoles, logging and notices, errors, and the progress bar."""
 
 from __future__ import annotations
 
@@ -22,28 +22,53 @@ from rich.progress import (
 if TYPE_CHECKING:
     from vlmflow.distributed import RayOptions
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# soft_wrap: long paths and messages are never cut into lines by the console (the terminal wraps them).
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+class _NoticeHandler(logging.Handler):
+    """Prints the library's user-facing notices (:mod:`vlmflow.notices`) as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(record.getMessage(), highlight=False, markup=False)
 
 
 def setup_logging(verbose: bool) -> None:
-    """Route library logs through rich; quiet transformers' own progress bars and notices."""
+    """Route library logs through rich (INFO with ``verbose``, else WARNING) and print notices.
+
+    Other libraries' bars and notices stay quiet inside vlmflow's calls unless ``verbose``
+    (:func:`vlmflow.quiet.quiet_libraries` follows the ``vlmflow`` logger's level).
+    """
+    from vlmflow.notices import NOTICE_LOGGER
+
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)], force=True
     )
-    try:
-        from transformers.utils import logging as hf_logging
+    notices = logging.getLogger(NOTICE_LOGGER)
+    notices.handlers = [_NoticeHandler()]
+    notices.setLevel(logging.INFO)
+    notices.propagate = False
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+
+def print_error(message: str, *, hint: str | None = None) -> None:
+    """``error: MESSAGE`` on stderr (one line however long; the terminal wraps it), then ``hint`` if any."""
+    err_console.print("error: ", style="bold red", end="", highlight=False)
+    err_console.print(message, highlight=False, markup=False)
+    if hint:
+        err_console.print(hint, highlight=False, markup=False)
 
 
 @contextmanager
 def progress_bar(unit: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A rich progress bar; yields ``update(done, total, message)``."""
+    """A rich progress bar started at the first update; yields ``update(done, total, message)``.
+
+    Nothing is drawn before the work starts, so an error found while checking the configuration or
+    loading the model is printed alone. Ctrl-C inside the block stops the bar, prints what the
+    interruption left (``interrupted after N of M samples ...`` when a run says so) and exits with
+    status 130.
+    """
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -52,13 +77,32 @@ def progress_bar(unit: str) -> Iterator[Callable[[int, int, str], None]]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        task = progress.add_task("running", total=None)
+    progress = Progress(*columns, console=err_console, transient=False)
+    task: list[Any] = []
 
-        def update(done: int, total: int, message: str) -> None:
-            progress.update(task, completed=done, total=total, description=message or "running")
+    def update(done: int, total: int, message: str) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task("running", total=total))
+        progress.update(task[0], completed=done, total=total, description=message or "running")
 
+    def stop() -> None:
+        if task:  # a bar never started prints nothing, not even a blank line
+            progress.stop()
+
+    try:
         yield update
+    except KeyboardInterrupt as exc:
+        stop()
+        from vlmflow.errors import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):
+            err_console.print(str(exc), highlight=False, markup=False)
+        else:
+            err_console.print("interrupted before the first sample was computed", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        stop()
 
 
 def print_errors(summary: Mapping[str, Any], shown: int = 3) -> None:

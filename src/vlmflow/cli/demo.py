@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.usage import examples
 
 
 def demo(
@@ -19,7 +20,11 @@ def demo(
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write the figures."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
-    """Generate shape scenes, run the paper's six flows and the logit lens on the organism, write figures and a summary."""
+    """Generate shape scenes, run the paper's six flows and the logit lens on the organism, write figures, a summary and report.html.
+
+    The output folder is the demo's own: rerun with other options, the demo replaces what it wrote
+    there; with the same options it resumes. It refuses a folder it did not write.
+    """
     setup_logging(verbose)
     import torch
 
@@ -37,14 +42,26 @@ def demo(
             progress=update,
             plot=plot,
         )
+    from vlmflow.report.demo import write_demo_report
+
+    write_demo_report(result)
     json_path, md_path = result.summary_files
-    console.print(md_path.read_text(), soft_wrap=True, highlight=False, markup=False)
-    console.print(f"demo directory: [bold]{result.path}[/]", soft_wrap=True)
-    console.print(f"summary: {md_path} and {json_path}", highlight=False, soft_wrap=True)
-    for path in result.figures:
-        console.print(f"figure: {path}", highlight=False, soft_wrap=True)
+    console.print(md_path.read_text(), highlight=False, markup=False)
+    console.print(f"demo directory: {result.path}", highlight=False, markup=False)
+    console.print(f"summary: {md_path} and {json_path}", highlight=False, markup=False)
+    if result.figures:
+        example = result.figures[0].parent
+        console.print(f"figures: {len(result.figures)} PNGs in the runs' figures/ folders (e.g. {example})", highlight=False, markup=False)
+    console.print(f"report: {result.report}  (open it in a browser)", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``demo`` to ``app``."""
-    app.command("demo")(demo)
+    app.command(
+        "demo",
+        epilog=examples(
+            "vlmflow demo                       # about a minute on CPU; open runs/demo/report.html",
+            "vlmflow demo --quick               # 3 questions per task type",
+            "vlmflow demo --model organism --out runs/demo-organism",
+        ),
+    )(demo)

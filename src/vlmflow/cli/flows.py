@@ -18,6 +18,7 @@ from vlmflow.cli.common import (
     setup_logging,
 )
 from vlmflow.cli.options import settings_options
+from vlmflow.cli.usage import examples
 from vlmflow.experiments.settings import FlowSettings
 from vlmflow.load_spec import LoadSpec
 
@@ -80,4 +81,10 @@ def run_exit_code(summary: dict) -> int:
 
 def register(app: typer.Typer) -> None:
     """Add ``flows`` to ``app``."""
-    app.command("flows")(flows)
+    app.command(
+        "flows",
+        epilog=examples(
+            "vlmflow organism scenes scenes && vlmflow flows -m organism -d scenes/scenes_ChooseAttr.csv --window 1",
+            'vlmflow flows -m llava-hf/llava-1.5-7b-hf -d gqa:ChooseAttr --images gqa/images -f "image->last" -f "question->last"',
+        ),
+    )(flows)

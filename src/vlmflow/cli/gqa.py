@@ -7,11 +7,16 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, setup_logging
+from vlmflow.cli.usage import examples
+
+_BUILD = "vlmflow gqa build -q val_balanced_questions.json --scene-graphs val_sceneGraphs.json -o tasks"
+_STATS = "vlmflow gqa stats gqa:all"
 
 gqa_app = typer.Typer(
     name="gqa",
     help="GQA tasks: build them from the official GQA files, summarise task files.",
     no_args_is_help=True,
+    epilog=examples(_BUILD, _STATS),
 )
 
 
@@ -27,12 +32,12 @@ def _parse_tasks(names: list[str] | None) -> list:
         raise ConfigError(str(exc)) from None
 
 
-@gqa_app.command("build")
+@gqa_app.command("build", epilog=examples(_BUILD, "vlmflow gqa build -q val_balanced_questions.json --scene-graphs val_sceneGraphs.json --images gqa/images -t ChooseAttr -o tasks"))
 def build(
     questions: list[Path] = typer.Option(
         ..., "--questions", "-q", help="GQA questions json ({split}_balanced_questions.json, _all_ or shards; repeatable)."
     ),
-    scene_graphs: Path = typer.Option(..., "--scene-graphs", "-g", help="GQA {split}_sceneGraphs.json."),
+    scene_graphs: Path = typer.Option(..., "--scene-graphs", help="GQA {split}_sceneGraphs.json."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write one CSV per task into."),
     images: Path | None = typer.Option(
         None, "--images", help="GQA images folder: skip questions whose image is missing or has another size."
@@ -105,7 +110,7 @@ def _image_checker(images: Path):  # noqa: ANN202 - returns the build_tasks call
     return check
 
 
-@gqa_app.command("stats")
+@gqa_app.command("stats", epilog=examples(_STATS, "vlmflow gqa stats tasks/GQA_val_ChooseAttr.csv --mode resize"))
 def stats(
     data: list[str] = typer.Argument(..., help="Task CSV files or gqa:TASK specs; gqa:all for the six packaged files."),
     mode: str = typer.Option("pad", "--mode", help="Image preprocessing: pad (LLaVA-1.5), resize, crop, or anyres (LLaVA-NeXT)."),

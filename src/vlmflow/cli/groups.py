@@ -8,6 +8,7 @@ import typer
 
 from vlmflow.cli.common import console, setup_logging
 from vlmflow.cli.options import settings_options
+from vlmflow.cli.usage import examples
 from vlmflow.load_spec import LoadSpec
 
 
@@ -39,4 +40,10 @@ def groups(
 
 def register(app: typer.Typer) -> None:
     """Add ``groups`` to ``app``."""
-    app.command("groups")(groups)
+    app.command(
+        "groups",
+        epilog=examples(
+            "vlmflow organism scenes scenes && vlmflow groups -m organism -d scenes/scenes_ChooseAttr.csv",
+            "vlmflow groups -m organism -d scenes/scenes_ChooseAttr.csv --sample 1000000 -g 'text:\"red\"' -g 'question[0:2]'",
+        ),
+    )(groups)

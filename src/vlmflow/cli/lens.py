@@ -18,6 +18,7 @@ from vlmflow.cli.common import (
     setup_logging,
 )
 from vlmflow.cli.options import settings_options
+from vlmflow.cli.usage import examples
 from vlmflow.experiments.settings import LensSettings
 from vlmflow.load_spec import LoadSpec
 
@@ -45,10 +46,9 @@ def lens(
     setup_logging(verbose)
     on_ray = ray_options(ray, workers, shard_size)
     from vlmflow.api import run_lens
-    from vlmflow.errors import ConfigError
 
-    if flows_run is not None and not flows_run.is_dir():
-        raise ConfigError(f"--flows-run {str(flows_run)!r} is not a directory")
+    if flows_run is not None:
+        _check_flows_run(flows_run, data)
     with progress_bar("samples") as update:
         run = run_lens(
             load, data, settings=settings, images=images, out=out, name=name, limit=limit, progress=update, ray=on_ray
@@ -66,6 +66,19 @@ def lens(
 
         for path in write_lens_figures(run.path, flows_run=flows_run):
             console.print(f"figure: {path}")
+
+
+def _check_flows_run(flows_run: Path, data: str) -> None:
+    """Refuse ``--flows-run`` before any work when it is not a flows run over the same data."""
+    from vlmflow.errors import ConfigError
+    from vlmflow.experiments.runner import data_digest
+    from vlmflow.plots.lens import check_same_data
+    from vlmflow.results.store import RunStore
+
+    if not flows_run.is_dir():
+        raise ConfigError(f"--flows-run {str(flows_run)!r} is not a directory")
+    spec = RunStore.load(flows_run).spec
+    check_same_data(spec, {"data": {"data": data, "sha256": data_digest(data)}}, str(flows_run), "this lens run")
 
 
 def _print_first_top1(run_dir: Path) -> None:
@@ -90,4 +103,10 @@ def _print_first_top1(run_dir: Path) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``lens`` to ``app``."""
-    app.command("lens")(lens)
+    app.command(
+        "lens",
+        epilog=examples(
+            "vlmflow organism scenes scenes && vlmflow lens -m organism -d scenes/scenes_ChooseAttr.csv --group question",
+            "vlmflow lens -m llava-hf/llava-1.5-7b-hf -d gqa:ChooseAttr --images gqa/images --flows-run runs/flows-llava-1.5-7b-hf-gqa-ChooseAttr-1a2b3c4d",
+        ),
+    )(lens)

@@ -7,6 +7,7 @@ import json
 import typer
 
 from vlmflow.cli.common import console
+from vlmflow.cli.usage import examples
 
 #: Aspects shown per family, in this order (keys of :attr:`ModelFamily.support <vlmflow.adapters.family.ModelFamily.support>`).
 ASPECTS = ("prompt", "groups", "box mapping", "attention", "fast engine", "verified")
@@ -73,4 +74,4 @@ def models(
 
 def register(app: typer.Typer) -> None:
     """Add ``models`` to ``app``."""
-    app.command("models")(models)
+    app.command("models", epilog=examples("vlmflow models", "vlmflow models --json"))(models)

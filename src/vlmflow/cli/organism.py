@@ -9,8 +9,13 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.usage import examples
 
-organism_app = typer.Typer(help="The model organism: a small LLaVA trained on synthetic shape scenes.", no_args_is_help=True)
+organism_app = typer.Typer(
+    help="The model organism: a small LLaVA trained on synthetic shape scenes.",
+    no_args_is_help=True,
+    epilog=examples("vlmflow organism eval", "vlmflow organism scenes scenes --per-task 20"),
+)
 
 
 @organism_app.command("train")
@@ -130,6 +135,17 @@ def _print_table(table: dict[str, dict]) -> None:
     logging.getLogger(__name__).debug("table %s", json.dumps(table))
 
 
+#: The examples of each ``vlmflow organism`` subcommand's help page.
+EXAMPLES = {
+    "train": examples("vlmflow organism train --out my-organism", "vlmflow organism train --out quick --steps 200 --minutes 5"),
+    "eval": examples("vlmflow organism eval", "vlmflow organism eval --model my-organism --per-task 50"),
+    "path": examples("vlmflow organism path", "ls $(vlmflow organism path)"),
+    "scenes": examples("vlmflow organism scenes scenes", "vlmflow organism scenes scenes --per-task 50 --seed 1"),
+}
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``organism`` to ``app``."""
+    """Add ``organism`` to ``app``, each subcommand with its examples."""
+    for info in organism_app.registered_commands:
+        info.epilog = info.epilog or EXAMPLES.get(str(info.name))
     app.add_typer(organism_app, name="organism")

@@ -7,16 +7,16 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, setup_logging
-from vlmflow.plots.flows import write_flow_figures
+from vlmflow.cli.usage import examples
 
-__all__ = ["plot", "register", "write_flow_figures"]
+__all__ = ["plot", "register"]
 
 
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory written by `vlmflow flows` or `vlmflow lens`."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the figures (default: RUN_DIR/figures)."),
     format: list[str] | None = typer.Option(
-        None, "--format", "-f", help="png, pdf or svg (repeatable or comma-separated). Default: png and pdf."
+        None, "--format", help="png, pdf or svg (repeatable or comma-separated). Default: png and pdf."
     ),
     flows_run: Path | None = typer.Option(
         None, "--flows-run", help="For a lens run: a flows run over the same data, to draw flows over the lens."
@@ -32,6 +32,7 @@ def plot(
     setup_logging(False)
     from vlmflow.errors import ConfigError
     from vlmflow.plots.common import DEFAULT_FORMATS, check_formats
+    from vlmflow.plots.flows import write_flow_figures
     from vlmflow.plots.lens import write_lens_figures
     from vlmflow.results.store import RunStore
 
@@ -48,4 +49,10 @@ def plot(
 
 def register(app: typer.Typer) -> None:
     """Add ``plot`` to ``app``."""
-    app.command("plot")(plot)
+    app.command(
+        "plot",
+        epilog=examples(
+            "vlmflow plot runs/flows-organism-scenes_ChooseAttr-1a2b3c4d",
+            "vlmflow plot runs/lens-organism-scenes_ChooseAttr-5e6f7a8b --flows-run runs/flows-organism-scenes_ChooseAttr-1a2b3c4d --format svg",
+        ),
+    )(plot)

@@ -15,6 +15,7 @@ from vlmflow.cli.common import (
     ray_options,
     setup_logging,
 )
+from vlmflow.cli.usage import examples
 
 
 def reproduce(
@@ -67,19 +68,32 @@ def reproduce(
 def report(
     study_dir: Path = typer.Argument(..., help="A study directory written by `vlmflow reproduce`."),
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write. Default: STUDY_DIR/report.html."),
-    formats: str = typer.Option("png,pdf,svg", "--formats", help="Formats of the static figures under STUDY_DIR/figures (comma-separated)."),
+    format: list[str] | None = typer.Option(
+        None, "--format", help="png, pdf or svg, for the figures under STUDY_DIR/figures (repeatable or comma-separated). Default: all three."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Write one self-contained HTML report (works offline) of a study, and its figures as PNG/PDF/SVG."""
     setup_logging(verbose)
     from vlmflow.plots.common import check_formats
+    from vlmflow.report.figures import FORMATS
     from vlmflow.report.html import write_report
 
-    path = write_report(study_dir, out=out, formats=check_formats(formats.split(",")))
+    formats = check_formats([f for item in format for f in item.split(",") if f.strip()]) if format else FORMATS
+    path = write_report(study_dir, out=out, formats=formats)
     console.print(f"report: [bold]{path}[/]")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``reproduce`` and ``report`` to ``app``."""
-    app.command("reproduce")(reproduce)
-    app.command("report")(report)
+    app.command(
+        "reproduce",
+        epilog=examples(
+            "vlmflow reproduce organism --out studies/organism",
+            "vlmflow reproduce my-study.yaml --dry-run",
+        ),
+    )(reproduce)
+    app.command(
+        "report",
+        epilog=examples("vlmflow report studies/organism", "vlmflow report studies/organism --format png --out report.html"),
+    )(report)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from vlmflow.cli.common import console, setup_logging
+from vlmflow.cli.usage import examples
 
 
 def tiny_model(
@@ -39,4 +40,10 @@ def tiny_model(
 
 def register(app: typer.Typer) -> None:
     """Add ``tiny-model`` to ``app``."""
-    app.command("tiny-model")(tiny_model)
+    app.command(
+        "tiny-model",
+        epilog=examples(
+            "vlmflow tiny-model tiny-llava",
+            "vlmflow tiny-model tiny-llava && vlmflow flows -m tiny-llava -d my_task.csv --images my_images --keep-all",
+        ),
+    )(tiny_model)

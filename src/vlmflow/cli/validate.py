@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from vlmflow.cli.common import console, progress_bar, setup_logging
+from vlmflow.cli.usage import examples
 
 
 def validate(
@@ -93,4 +94,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``validate`` to ``app``."""
-    app.command("validate")(validate)
+    app.command(
+        "validate",
+        epilog=examples("vlmflow validate", "vlmflow validate --model organism-planted --window 1 --window 3 --out runs/validate"),
+    )(validate)

@@ -30,16 +30,19 @@ from typing import Any
 
 from vlmflow.distributed.cluster import Placement, RayOptions, connected, plan_placement, shard_size_for
 from vlmflow.distributed.worker import ProgressTracker, ShardResult, ShardWorker
-from vlmflow.errors import VlmflowError
+from vlmflow.errors import RunInterrupted, VlmflowError
 from vlmflow.experiments.pending import Work
 from vlmflow.experiments.runner import (
+    OpenRun,
     ProgressCallback,
     RunOutcome,
     RunSpec,
+    announce,
     check_data,
     finish_run,
     load_data,
     open_run,
+    run_path,
     run_to_store,
 )
 from vlmflow.load_spec import LoadSpec
@@ -144,8 +147,11 @@ class RayExecutor:
         Same result, run directory and summary as :func:`~vlmflow.experiments.runner.run_to_store`;
         ``out`` must be reachable at the same path from every node.
         """
+        from vlmflow.results.lock import check_unlocked
+
         data = load_data(spec.data)  # bad data fails here, before any replica starts
         check_data(spec.experiment, data[0])
+        check_unlocked(run_path(spec, out))  # so does a run directory another process is computing
         ray = self._connect()
         placement = plan_placement(ray.cluster_resources(), self.options, spec.model.device)
         model = _replica_model(spec.model, placement)
@@ -165,13 +171,26 @@ class RayExecutor:
             "worker_gpus": placement.num_gpus,
             "worker_cpus": placement.num_cpus,
         }
-        run = open_run(spec, out, stored, data)
+        run = open_run(spec, out, stored, data)  # the driver holds the run's lock; replicas commit without it
+        try:
+            return self._run_open(spec, run, placement, progress)
+        finally:
+            run.close()
+
+    def _run_open(
+        self, spec: RunSpec, run: OpenRun, placement: Placement, progress: ProgressCallback | None
+    ) -> RunOutcome:
         size = shard_size_for(len(run.todo), placement.workers, self.options.shard_size)
         shards = [run.todo[i : i + size] for i in range(0, len(run.todo), size)]
         self.last_stats = RayRunStats(shards=len(shards), shard_size=size, workers=len(self._pool))
         started = time.perf_counter()
+        announce(run, progress)
         if shards:
-            self._dispatch(spec, str(run.path.resolve()), str(run.images.resolve()), shards, progress)
+            try:
+                self._dispatch(spec, str(run.path.resolve()), str(run.images.resolve()), shards, run.done_before, progress)
+            except KeyboardInterrupt as exc:
+                done = len(run.store.done_sample_ids() & {w.sample.sample_id for w in run.todo})
+                raise RunInterrupted(run.path, done=run.done_before + done, total=run.total) from exc
         done = run.store.done_sample_ids()
         missing = [w.sample.sample_id for w in run.todo if w.sample.sample_id not in done]
         if missing:
@@ -187,11 +206,13 @@ class RayExecutor:
         run_dir: str,
         images: str,
         shards: Sequence[Sequence[Work]],
+        done_before: int,
         progress: ProgressCallback | None,
     ) -> None:
         ray = self._ray
         stats = self.last_stats
-        total = sum(len(s) for s in shards)
+        todo = sum(len(s) for s in shards)
+        total = done_before + todo
         tracker = ray.remote(ProgressTracker).options(num_cpus=0).remote()
         queue: deque[tuple[int, bool]] = deque((i, False) for i in range(len(shards)))
         in_flight: dict[Any, tuple[_Replica, int]] = {}
@@ -212,8 +233,6 @@ class RayExecutor:
                     )
                     in_flight[ref] = (replica, index)
 
-        if progress:
-            progress(0, total, "starting")
         idle_since = time.monotonic()
         try:
             feed()
@@ -254,7 +273,7 @@ class RayExecutor:
                         stats.retried_shards.append(index)
                 feed()
                 if progress:
-                    progress(ray.get(tracker.count.remote()), total, "")
+                    progress(done_before + ray.get(tracker.count.remote()), total, "")
         except BaseException:
             self._kill_pool()  # running shards cannot be interrupted otherwise
             raise

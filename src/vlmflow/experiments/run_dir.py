@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmflow.data.sample import Sample
+from vlmflow.errors import ConfigError
 from vlmflow.experiments.pending import Work, pending
 from vlmflow.experiments.route_check import (
     RouteProblem,
@@ -38,12 +39,14 @@ MAX_SUMMARY_ERRORS = 100
 
 @dataclass
 class OpenRun:
-    """A run directory opened for computing: its store and the work still to do.
+    """A run directory opened for computing: its store, the work still to do, and its lock.
 
     Attributes:
         todo: the work items (:class:`~vlmflow.experiments.pending.Work`), in data order.
+        total: all samples of the run.
         tables: the experiment's own tables, written (empty if need be) when the run finishes.
         route_problems: flows no sample of a task can resolve (recorded as ``errors`` rows).
+        lock: the :class:`~vlmflow.results.lock.RunLock` held while computing (released by :meth:`close`).
     """
 
     path: Path
@@ -53,6 +56,18 @@ class OpenRun:
     total: int
     tables: tuple[str, ...] = ()
     route_problems: list[RouteProblem] = field(default_factory=list)
+    lock: Any = None
+
+    @property
+    def done_before(self) -> int:
+        """Samples committed before this session (whole samples still to do are not)."""
+        return self.total - len({w.sample.sample_id for w in self.todo if not w.extends})
+
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def open_run(
@@ -61,15 +76,20 @@ def open_run(
     stored: dict[str, Any],
     data: tuple[list[Sample], list[ErrorRow], Path],
 ) -> OpenRun:
-    """Create or resume the run directory of ``spec`` under ``out`` for ``stored`` (its ``spec.json``).
+    """Create or resume the run directory of ``spec`` under ``out`` for ``stored`` (its ``spec.json``),
+    holding its lock.
 
     ``data`` is :func:`~vlmflow.experiments.runner.load_data`'s result. Commits the read errors and
-    route errors not yet recorded and returns the work left, in data order.
+    route errors not yet recorded and returns the work left, in data order. Every executor calls
+    :meth:`OpenRun.close` when done (the lock is the coordinator's: other writers of the same run,
+    such as Ray replicas, commit without it).
 
     Raises:
         ConfigError: no flow can be resolved for any sample (found from the data), or the
             directory holds another run.
+        RunLockedError: another process is computing this run.
     """
+    from vlmflow.results.lock import RunLock
     from vlmflow.results.store import RunStore
 
     samples, read_errors, images = data
@@ -79,18 +99,24 @@ def open_run(
     for problem in problems:
         log.warning("configuration error: %s", problem.message)
     path = find_run_dir(spec, Path(out))
-    store = RunStore.open(path, stored, growing=spec.growing_keys())
-    done = store.done_sample_ids()
-    _commit_new_errors(store, [e for e in read_errors if e.sample_id not in done] + route_error_rows(problems))
-    skip = skipped_flows(problems)
-    todo = pending(store, samples, experiment, skipped=lambda s: skip.get(task_of(s), set()))
-    # A new sample of a task every flow of which is a route error has nothing to compute.
-    idle = [
-        ErrorRow(sample_id=s.sample_id, stage="route", reason=f"no flow of this run can be resolved for task {task_of(s) or 'all'}")
-        for s in samples
-        if s.sample_id not in done and flows and set(map(str, flows)) <= skip.get(task_of(s), set())
-    ]
-    _commit_new_errors(store, idle)
+    lock = RunLock(path)
+    lock.acquire()
+    try:
+        store = RunStore.open(path, stored, growing=spec.growing_keys())
+        done = store.done_sample_ids()
+        _commit_new_errors(store, [e for e in read_errors if e.sample_id not in done] + route_error_rows(problems))
+        skip = skipped_flows(problems)
+        todo = pending(store, samples, experiment, skipped=lambda s: skip.get(task_of(s), set()))
+        # A new sample of a task every flow of which is a route error has nothing to compute.
+        idle = [
+            ErrorRow(sample_id=s.sample_id, stage="route", reason=f"no flow of this run can be resolved for task {task_of(s) or 'all'}")
+            for s in samples
+            if s.sample_id not in done and flows and set(map(str, flows)) <= skip.get(task_of(s), set())
+        ]
+        _commit_new_errors(store, idle)
+    except BaseException:
+        lock.release()
+        raise
     log.info("%s: %d samples, %d work items left", path, len(samples), len(todo))
     return OpenRun(
         path=path,
@@ -100,13 +126,47 @@ def open_run(
         total=len(samples),
         tables=tuple(getattr(experiment, "tables", ())),
         route_problems=problems,
+        lock=lock,
     )
 
 
-def find_run_dir(spec: RunSpec, out: Path) -> Path:
-    """``out/<run name>``; without an explicit name, an existing run of the same identity under ``out``
-    whose name was made another way (before growing flow sets, its name hashed the flows too)."""
+def run_path(spec: RunSpec, out: Path | str) -> Path:
+    """The run directory of ``spec`` under ``out``: ``out/<run name>``, or the directory of the same
+    run under its older name (:meth:`RunSpec.legacy_run_name`) when only that one exists.
+
+    Raises:
+        ConfigError: ``out`` (or a folder above it) is a file.
+    """
+    out = Path(out)
+    check_folder(out, "output folder")
     path = out / spec.run_name()
+    legacy = out / spec.legacy_run_name()
+    if not path.exists() and legacy != path and (legacy / "spec.json").is_file():
+        return legacy
+    return path
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Raise :class:`ConfigError` when ``path`` or a folder above it exists and is not a folder.
+
+    >>> check_folder(Path("README.md/runs"), "output folder")   # doctest: +SKIP
+    Traceback (most recent call last):
+    ...
+    vlmflow.errors.ConfigError: output folder 'README.md/runs': 'README.md' is a file, not a folder
+    """
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == path else f": {str(folder)!r}"
+                raise ConfigError(f"{what} {str(path)!r}{where} is a file, not a folder")
+            return
+
+
+def find_run_dir(spec: RunSpec, out: Path) -> Path:
+    """:func:`run_path`; without an explicit name, an existing run of the same identity under ``out``
+    whose name was made another way (before growing flow sets, its name hashed the flows too; before
+    names began with the experiment, it had no prefix)."""
+    path = run_path(spec, out)
     if spec.name or path.exists() or not out.is_dir():
         return path
     from vlmflow.results.identity import identity_of, read_spec, spec_differences, without_keys
@@ -114,9 +174,9 @@ def find_run_dir(spec: RunSpec, out: Path) -> Path:
 
     keys = spec.growing_keys()
     wanted = without_keys(spec.identity(), keys)
-    prefix = path.name.rsplit("-", 1)[0] + "-"
+    prefixes = tuple({name.rsplit("-", 1)[0] + "-" for name in (spec.run_name(), spec.legacy_run_name())})
     for candidate in sorted(out.iterdir()):
-        if not candidate.name.startswith(prefix) or not (candidate / SPEC_FILE).is_file():
+        if not candidate.name.startswith(prefixes) or not (candidate / SPEC_FILE).is_file():
             continue
         try:
             stored = without_keys(identity_of(read_spec(candidate / SPEC_FILE)), keys)

@@ -3,7 +3,10 @@
 Configuration problems (unreadable data file, unknown model family, a flow that names an unknown
 group, a missing images folder) stop the run before any sample is computed. Per-sample problems
 become rows of the ``errors`` table and the run goes on. Results are committed sample by sample, so
-an interrupted run resumes where it stopped; rerunning the same spec skips finished samples.
+an interrupted run resumes where it stopped; rerunning the same spec skips finished samples (and
+says so: a notice, :mod:`vlmflow.notices`). Ctrl-C raises :class:`~vlmflow.errors.RunInterrupted`
+saying how far the run got. One process at a time computes a run directory: its lock
+(:mod:`vlmflow.results.lock`) refuses a second one, naming the first.
 """
 
 from __future__ import annotations
@@ -24,14 +27,24 @@ from typing import Any, Protocol
 import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_frames, find_image
-from vlmflow.errors import ConfigError, SampleError
+from vlmflow.errors import ConfigError, RunInterrupted, SampleError
 from vlmflow.experiments.batching import batched_tables, free_memory, memory_error_tables
 from vlmflow.experiments.pending import Work, work_tables
 from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
-from vlmflow.experiments.run_dir import MAX_SUMMARY_ERRORS, OpenRun, finish_run, open_run, summarise
+from vlmflow.experiments.run_dir import (
+    MAX_SUMMARY_ERRORS,
+    OpenRun,
+    check_folder,
+    finish_run,
+    open_run,
+    run_path,
+    summarise,
+)
 from vlmflow.experiments.settings import Engine, FlowSettings
 from vlmflow.load_spec import LoadSpec
 from vlmflow.loading import LoadedModel, load_model
+from vlmflow.notices import notice
+from vlmflow.quiet import quiet_libraries
 from vlmflow.results.tables import ErrorRow, Row
 
 __all__ = [
@@ -42,12 +55,15 @@ __all__ = [
     "OpenRun",
     "RunOutcome",
     "RunSpec",
+    "announce",
     "check_data",
+    "check_folder",
     "check_model",
     "finish_run",
     "iter_samples",
     "load_data",
     "open_run",
+    "run_path",
     "run_to_store",
     "stored_spec",
     "summarise",
@@ -57,7 +73,9 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SEED = 0
-ProgressCallback = Callable[[int, int, str], None]  # (done, total, message)
+#: ``progress(done, total, message)``: samples of the run done so far (those of earlier sessions
+#: included), of all its samples.
+ProgressCallback = Callable[[int, int, str], None]
 
 
 #: The old name of :class:`~vlmflow.load_spec.LoadSpec` (how to load the model; the model part of a run spec).
@@ -131,8 +149,21 @@ class RunSpec:
         return tuple(("settings", key) for key in growing(self.experiment)) if isinstance(self.experiment, Settings) else ()
 
     def run_name(self) -> str:
-        """The run directory's name: ``--name``, else model, data and a hash of the identity (without
-        what may grow, so a rerun with more flows finds the same directory)."""
+        """The run directory's name: ``name`` if given, else ``EXPERIMENT-MODEL-DATA-HASH``.
+
+        The hash is of the identity (:meth:`identity`) without what may grow, so another setting is
+        another directory and a rerun with more flows finds the same one.
+
+        >>> RunSpec(LoadSpec("llava-hf/llava-1.5-7b-hf"), DataSpec("gqa:ChooseAttr")).run_name()
+        'flows-llava-1.5-7b-hf-gqa-ChooseAttr-...'
+        """
+        if self.name:
+            return self.name
+        return f"{_slug(self.experiment.name)}-{self.legacy_run_name()}"
+
+    def legacy_run_name(self) -> str:
+        """The name vlmflow gave run directories before it began with the experiment (``MODEL-DATA-HASH``);
+        :func:`~vlmflow.experiments.run_dir.run_path` still resumes a directory of that name."""
         if self.name:
             return self.name
         from vlmflow.results.identity import without_keys
@@ -325,31 +356,52 @@ def run_to_store(
     Before any sample (and before the run directory is created), the model is checked with
     :func:`~vlmflow.experiments.selftest.run_self_test` through the experiment's engine; a failure
     stops the run with :class:`~vlmflow.experiments.selftest.SelfTestError`. ``self_test=False``
-    skips it (for benchmarks that time the samples alone).
+    skips it (for benchmarks that time the samples alone). Another process computing the same run
+    directory makes it refuse (:class:`~vlmflow.results.lock.RunLockedError`); Ctrl-C raises
+    :class:`~vlmflow.errors.RunInterrupted`.
 
     >>> spec = RunSpec(LoadSpec("tiny-llava"), DataSpec("scenes/ChooseAttr.csv"))   # doctest: +SKIP
     >>> run_to_store(spec, "runs").path                                              # doctest: +SKIP
-    PosixPath('runs/tiny-llava-ChooseAttr-1a2b3c4d')
+    PosixPath('runs/flows-tiny-llava-ChooseAttr-1a2b3c4d')
     """
     from vlmflow.experiments.selftest import run_self_test
+    from vlmflow.results.lock import check_unlocked
 
     data = load_data(spec.data)
+    data = load_data(spec.data)
     check_data(spec.experiment, data[0])  # before the model loads
-    loaded = loaded or load_model(spec.model)
-    check_model(spec.experiment, loaded)
-    report = run_self_test(loaded, spec.experiment.engine) if self_test else None
-    torch.manual_seed(SEED)
-    run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
-    started = time.perf_counter()
-    count = 0
+    check_unlocked(run_path(spec, out))  # before minutes of loading a model
+    with quiet_libraries():
+        loaded = loaded or load_model(spec.model)
+        check_model(spec.experiment, loaded)
+        report = run_self_test(loaded, spec.experiment.engine) if self_test else None
+        torch.manual_seed(SEED)
+        run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
+        try:
+            started = time.perf_counter()
+            count = 0
+            announce(run, progress)
+            try:
+                for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
+                    run.store.commit(tables)
+                    count += 1
+                    if progress:
+                        progress(min(run.total, run.done_before + count), run.total, "")
+            except KeyboardInterrupt as exc:
+                raise RunInterrupted(run.path, done=run.done_before + count, total=run.total) from exc
+            return finish_run(run, time.perf_counter() - started, computed=count)
+        finally:
+            run.close()
+
+
+def announce(run: OpenRun, progress: ProgressCallback | None) -> None:
+    """Say a resumed run resumes (a notice), and start the progress at the samples already done."""
+    if run.done_before and run.todo:
+        notice("resuming %s: %d of %d samples already done", run.path, run.done_before, run.total)
+    elif run.done_before:
+        notice("%s is complete (%d samples): nothing to compute", run.path, run.total)
     if progress:
-        progress(0, len(run.todo), "starting")
-    for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
-        run.store.commit(tables)
-        count += 1
-        if progress:
-            progress(count, len(run.todo), "")
-    return finish_run(run, time.perf_counter() - started, computed=count)
+        progress(run.done_before, run.total, "resuming" if run.done_before else "starting")
 
 
 def stored_spec(spec: RunSpec, loaded: LoadedModel, self_test: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -4,7 +4,13 @@
 then for every task type runs the paper's six attention-knockout flows and the logit-lens readout
 with the ordinary runner (one run directory each), and writes ``summary.json`` and ``summary.md``:
 per task, the organism's accuracy, the strongest drop of every flow (mean % change of the answer's
-probability, and at which layer), and the layer where the answer first becomes the lens' top-1.
+probability, and at which layer; "no drop" when it stays within
+:data:`~vlmflow.analysis.stats.EFFECT_THRESHOLD`), and the layer where the answer first becomes the
+lens' top-1. ``vlmflow demo`` then writes ``report.html`` (:func:`vlmflow.report.demo.write_demo_report`):
+what to notice, the table, the figures.
+
+The folder is the demo's own (:mod:`vlmflow.organism.demo_folder`): rerun with other options, the
+demo replaces what it wrote there; it never writes into a folder it did not create.
 
 By default it runs the planted-route organism (``organism-planted``), whose routes are known by
 construction: its flow figures shade each flow's planted band, and the summary says, per flow and
@@ -18,7 +24,7 @@ Layout of the demo directory::
       flows_<Task>/       a flows run directory per task (figures/flows_<Task>.png: the six flows)
       lens_<Task>/        a lens run directory per task (figures/lens_raw.png, lens_normed.png,
                           flows_over_lens.png)
-      summary.json, summary.md
+      summary.json, summary.md, report.html
 
 >>> result = run_demo("runs/demo")      # doctest: +SKIP
 >>> sorted(result.runs)[:1]             # doctest: +SKIP
@@ -34,11 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmflow.analysis.stats import EFFECT_THRESHOLD
 from vlmflow.data.sample import TaskType
 from vlmflow.data.scene_sets import write_scene_set
 from vlmflow.experiments.flows import FlowSettings
 from vlmflow.experiments.lens import LensSettings, summarise_lens
-from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_to_store
+from vlmflow.experiments.runner import DataSpec, ModelSpec, RunSpec, run_path, run_to_store, stored_spec
 from vlmflow.loading import LoadedModel, load_model
 from vlmflow.organism import PLANTED_ALIAS
 from vlmflow.plots.flows import write_flow_figures
@@ -72,6 +79,11 @@ class DemoResult:
     def summary_files(self) -> tuple[Path, Path]:
         return self.path / "summary.json", self.path / "summary.md"
 
+    @property
+    def report(self) -> Path:
+        """``report.html``: what to notice, the summary and the figures, in one self-contained page."""
+        return self.path / "report.html"
+
 
 def run_demo(
     out: str | Path,
@@ -88,7 +100,8 @@ def run_demo(
     """Generate scenes, run flows and lens per task on ``model``, write the summary.
 
     Args:
-        out: demo folder (created; rerunning resumes the finished runs).
+        out: demo folder (created; rerunning resumes it; rerun with other options, the demo
+            replaces what it wrote there; a folder the demo did not write is refused).
         per_task: scene questions per task type.
         seed: scene seed.
         window: layers per knockout window.
@@ -98,7 +111,29 @@ def run_demo(
         loaded: an already loaded model (then ``model`` only names it in the run specs).
         plot: write the figures (PNG) into each run's ``figures`` folder.
     """
+    from vlmflow.organism.demo_folder import claim_folder
+    from vlmflow.results.lock import RunLock
+
     out = Path(out)
+    options = {"per_task": per_task, "seed": seed, "window": window, "model": model, "tasks": [t.value for t in tasks]}
+    with RunLock(out):
+        claim_folder(out, options)
+        return _run_demo(out, per_task, seed, window, model, tasks, progress, loaded, plot)
+
+
+def _run_demo(
+    out: Path,
+    per_task: int,
+    seed: int,
+    window: int,
+    model: str,
+    tasks: tuple[TaskType, ...],
+    progress: ProgressCallback | None,
+    loaded: LoadedModel | None,
+    plot: bool,
+) -> DemoResult:
+    from vlmflow.organism.demo_folder import replace_if_other
+
     scenes = out / "scenes"
     files = write_scene_set(scenes, per_task, seed, tasks)
     spec_model = ModelSpec(model, dtype="float32", device="cpu")
@@ -129,6 +164,7 @@ def run_demo(
                 if progress:
                     progress(offset + count, total, label)
 
+            replace_if_other(out, run_path(spec, out), stored_spec(spec, loaded))
             outcome = run_to_store(spec, out, progress=update, loaded=loaded)
             result.runs[task.value][name] = outcome.path
             done += per_task
@@ -154,10 +190,7 @@ def summarise_demo(result: DemoResult, loaded: LoadedModel, routes: PlantedRoute
         entry: dict[str, Any] = {
             "samples": flows_summary["samples"],
             "correct": flows_summary["correct"],
-            "flows": {
-                flow: {"min_mean_rel_change": round(v["min_mean_rel_change"], 1), "layer": v["layer_of_min"]}
-                for flow, v in flows_summary.get("flows", {}).items()
-            },
+            "flows": {flow: _drop(v) for flow, v in flows_summary.get("flows", {}).items()},
         }
         lens_store = RunStore.load(runs["lens"])
         if "lens" in lens_store.tables():
@@ -209,25 +242,43 @@ def planted_recovery(result: DemoResult, routes: PlantedRoutes, window: int, n_l
     }
 
 
+def _drop(flow: dict[str, Any]) -> dict[str, Any]:
+    """A flow's strongest mean drop; its layer only when it is a drop (at least the threshold)."""
+    change = float(flow["min_mean_rel_change"])
+    drop = change <= -EFFECT_THRESHOLD
+    return {"min_mean_rel_change": round(change, 1), "layer": flow["layer_of_min"] if drop else None, "drop": drop}
+
+
+def drop_cell(entry: dict[str, Any] | None) -> str:
+    """One table cell: ``-67 @ 0`` (a drop of 67% at layer 0) or ``no drop``.
+
+    >>> drop_cell({"min_mean_rel_change": -67.2, "layer": 0, "drop": True}), drop_cell({"min_mean_rel_change": -0.004, "layer": None, "drop": False})
+    ('-67 @ 0', 'no drop')
+    """
+    if entry is None:
+        return "-"
+    if not entry.get("drop", entry["min_mean_rel_change"] <= -EFFECT_THRESHOLD):
+        return "no drop"
+    return f"{entry['min_mean_rel_change']:+.0f} @ {entry['layer']}"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The summary as a Markdown table: one row per task, one column per flow (``min % @ layer``)."""
     flows = [str(f) for f in PAPER_FLOWS]
     lines = [
         f"# vlmflow demo: {Path(str(summary['model'])).name} ({summary['n_layers']} layers), window {summary['window']}",
         "",
-        "Strongest mean change of the answer's probability when a flow is blocked (%, at layer), "
-        "and the first layer where the answer is the logit lens' top-1 (raw readout, median).",
+        "Strongest mean drop of the answer's probability when a flow is blocked (%, at layer; \"no drop\": the "
+        f"mean change stays within {EFFECT_THRESHOLD:g}% at every layer), and the first layer where the answer is "
+        "the logit lens' top-1 (raw readout, median over samples).",
         "",
         "| task | correct | " + " | ".join(flows) + " | lens top-1 |",
         "|---" * (len(flows) + 3) + "|",
     ]
     for task, entry in summary["tasks"].items():
-        cells = []
-        for flow in flows:
-            value = entry["flows"].get(flow)
-            cells.append(f"{value['min_mean_rel_change']:+.0f} @ {value['layer']}" if value else "-")
+        cells = [drop_cell(entry["flows"].get(flow)) for flow in flows]
         first = (entry.get("lens_first_top1") or {}).get("raw")
-        lens_cell = "-" if first is None else f"{first:g}"
+        lens_cell = "never" if first is None else f"{first:g}"
         lines.append(f"| {task} | {entry['correct']}/{entry['samples']} | " + " | ".join(cells) + f" | {lens_cell} |")
     if summary.get("planted"):
         lines += [

@@ -8,6 +8,7 @@ make them in threads or notebooks without side effects.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from vlmflow.errors import ConfigError
 FIGURE_FORMATS: tuple[str, ...] = ("png", "pdf", "svg")
 #: Formats written when none are asked for: PNG to look at, PDF for papers.
 DEFAULT_FORMATS: tuple[str, ...] = ("png", "pdf")
+#: Marker of each curve by its position in the drawing order, hollow, so curves lying on top of
+#: each other (e.g. several flows flat at 0) all stay visible.
+MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 
 
 def mean_ci(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -86,10 +90,45 @@ def draw_curves(
         color = (colors or {}).get(key, f"C{i % 10}")
         style = (styles or {}).get(key, "-")
         label = (labels or {}).get(key, str(key))
-        ax.plot(line["layer"], line["mean"], color=color, linestyle=style, label=label)
+        ax.plot(
+            line["layer"], line["mean"], color=color, linestyle=style, label=label,
+            marker=MARKERS[i % len(MARKERS)], markersize=_marker_size(len(line)), markerfacecolor="none",
+        )  # fmt: skip
         ax.fill_between(line["layer"], line["low"], line["high"], color=color, alpha=0.15, linewidth=0)
         drawn.append(key)
     return drawn
+
+
+def _marker_size(points: int) -> float:
+    """Smaller markers on longer curves (a 40-layer curve stays a line, a 6-layer one shows its points)."""
+    return 6.0 if points <= 10 else 4.0 if points <= 24 else 2.5
+
+
+def legend_outside(ax: Axes, where: str = "right", ncols: int = 1) -> None:
+    """The axes' legend outside the plotting area, so it never hides a curve.
+
+    ``where``: ``"right"`` (beside the axes, top-aligned) or ``"below"`` (under the x label).
+    With a ``layout="constrained"`` figure the figure makes room for it.
+    """
+    if where == "right":
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="medium", frameon=False, borderaxespad=0.0)
+    else:
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=ncols, fontsize="medium", frameon=False,
+            borderaxespad=0.0, columnspacing=1.2, handlelength=2.4,
+        )  # fmt: skip
+
+
+def wrapped(text: str, width_inches: float, fontsize: float = 10.0) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at ``fontsize`` points (titles never cut off).
+
+    >>> print(wrapped("Answer at the last position: raw readout (no final norm below the top layer)", 3.0))
+    Answer at the last position: raw
+    readout (no final norm below the top
+    layer)
+    """
+    per_line = max(20, int(width_inches * 72 / (0.55 * fontsize)))  # an average glyph is ~0.55 em wide
+    return textwrap.fill(text, per_line)
 
 
 def check_formats(formats: Sequence[str]) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, save_figure
+from vlmflow.plots.common import DEFAULT_FORMATS, curves, draw_curves, legend_outside, save_figure, wrapped
 from vlmflow.positions.groups import Group
 from vlmflow.positions.routes import Flow
 from vlmflow.results.tables import flows_of
@@ -122,22 +122,25 @@ def flow_colors(flows: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def draw_flows(ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None) -> list[str]:
+def draw_flows(
+    ax: Axes, flows: pd.DataFrame, flow_order: Sequence[str] | None = None, *, legend: str | None = "below"
+) -> list[str]:
     """Draw the flow curves (mean effect of the metric: relative change of its probability in %, or the
     KL divergence) on ``ax``; return the flows drawn.
 
-    ``flows`` is the ``flows`` table (one row per sample, flow and layer).
+    ``flows`` is the ``flows`` table (one row per sample, flow and layer). ``legend``: where the
+    legend goes, outside the plotting area (``"below"`` or ``"right"``; None: no legend).
     """
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
     column, axis_label = effect_column(flows)
     table = curves(flows[flows["flow"].isin(order)], "flow", column)
     labels = {name: flow.label for name, flow in flows_of(order).items()}
     drawn = draw_curves(ax, table, "flow", order, labels=labels, colors=flow_colors(order))
-    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.axhline(0.0, color="grey", linewidth=0.5, zorder=0)
     ax.set_ylabel(axis_label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if drawn:
-        ax.legend(loc="lower left", fontsize="small", frameon=False)
+    if drawn and legend is not None:
+        legend_outside(ax, legend, ncols=min(len(drawn), 3))
     return drawn
 
 
@@ -178,7 +181,7 @@ def plot_flows(
     order = list(flow_order) if flow_order is not None else list(dict.fromkeys(flows["flow"]))
     panels = flow_panels(order) if order else [("no flows", [])]
     tasks = _task_names(flows)
-    fig = Figure(figsize=(4.4 * len(panels), 3.6 * len(tasks) + 0.4), layout="constrained")
+    fig = Figure(figsize=(4.4 * len(panels), 4.1 * len(tasks) + 0.5), layout="constrained")
     axes = fig.subplots(len(tasks), len(panels), squeeze=False, sharex=True, sharey="row")
     last_layer = int(flows["layer"].max()) if len(flows) else 0
     x_max = min(max(last_layer, 1), PAPER_LAST_LAYER) if paper_axes else max(last_layer, 1)
@@ -189,12 +192,11 @@ def plot_flows(
         for col, (panel, names) in enumerate(panels):
             ax = axes[row][col]
             draw_flows(ax, frame, names)
-            ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="small")
-            ax.set_xlim(0, x_max)
+            ax.set_title(f"{task}: {panel} ({n} samples)" if task else f"{panel} ({n} samples)", fontsize="medium")
+            ax.set_xlim(-0.3, x_max + 0.3)  # the end points' markers whole
             if col:
                 ax.set_ylabel("")
-            if row == len(tasks) - 1:
-                ax.set_xlabel(style_label(frame) + (f", cut at {PAPER_LAST_LAYER}" if cut else ""))
+            ax.set_xlabel(style_label(frame) + (f", cut at {PAPER_LAST_LAYER}" if cut else ""))
         if paper_axes:
             paper_y_ticks(axes[row][0])
     if title is None:
@@ -204,7 +206,7 @@ def plot_flows(
     if paper_axes:
         shown = f"layers {PAPER_LAST_LAYER + 1}-{last_layer} cut, " if cut else ""
         title += f"\npaper's axes: {shown}y ticks ≤ 0"
-    fig.suptitle(title, fontsize="medium")
+    fig.suptitle("\n".join(wrapped(line, fig.get_figwidth(), 12.0) for line in title.split("\n")), fontsize="large")
     return fig
 
 

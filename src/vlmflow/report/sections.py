@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from vlmflow.analysis.claims import CLAIMS, Status
-from vlmflow.analysis.stats import CurveSummary, format_bands
+from vlmflow.analysis.stats import EFFECT_THRESHOLD, CurveSummary, format_bands
 from vlmflow.positions.groups import Group
 from vlmflow.positions.routes import Flow
 from vlmflow.report.figures import plot_control, plot_cross_model, save_figure
@@ -170,9 +170,11 @@ class SectionBuilder:
 
     def statistics(self) -> str:
         parts = [
-            "<p class=\"note\">Per flow: the layer of the largest drop (with the bootstrap interval of that layer), the "
-            "drop's size with its interval, and the band of layers where the drop is significant (pointwise interval below "
-            "0; not corrected for the number of layers).</p>"
+            "<p class=\"note\">Per flow: the largest drop of the answer's probability (mean change with its 95% bootstrap "
+            f"interval) and its layer (with the interval of that layer), and the layers with a clear drop: a mean drop of at "
+            f"least {EFFECT_THRESHOLD:g}% whose interval lies below 0 (pointwise, not corrected for the number of layers). "
+            f"A flow whose mean change stays within {EFFECT_THRESHOLD:g}% at every layer has no drop, however narrow its "
+            "interval.</p>"
         ]
         for cell in self.cells():
             if not cell.summaries:
@@ -185,6 +187,10 @@ class SectionBuilder:
     def _summary_row(flow: Flow, s: CurveSummary | None, tokens: float | None) -> list[Any]:
         if s is None:
             return [flow, 0, "–", "–", "–", "–", "–"]
+        blocked = "–" if tokens is None else f"{tokens:.0f}"
+        if not s.drop:
+            no_drop = f"no drop (within {EFFECT_THRESHOLD:g}%)"
+            return [flow, s.n, no_drop, _fmt(s.peak), f"[{_fmt(s.peak_low)}, {_fmt(s.peak_high)}]", "none", blocked]
         return [
             flow,
             s.n,
@@ -192,7 +198,7 @@ class SectionBuilder:
             _fmt(s.peak),
             f"[{_fmt(s.peak_low)}, {_fmt(s.peak_high)}]",
             format_bands(s.bands),
-            "–" if tokens is None else f"{tokens:.0f}",
+            blocked,
         ]
 
     def controls(self) -> str:
@@ -331,4 +337,6 @@ class SectionBuilder:
         return out
 
 
-_SUMMARY_HEADER = ["flow", "samples", "layer of largest drop [CI]", "drop (%)", "95% CI", "significant band", "tokens blocked"]
+_SUMMARY_HEADER = [
+    "flow", "samples", "layer of largest drop [CI]", "largest drop (%)", "95% CI", f"layers with a drop ≥ {EFFECT_THRESHOLD:g}%", "tokens blocked",
+]  # fmt: skip

@@ -50,9 +50,20 @@ def test_summary_finds_the_largest_drop_its_interval_and_the_significant_band():
     assert summary.peak_layer == 5
     assert summary.peak_low < summary.peak < summary.peak_high < 0
     assert summary.peak_layer_low <= 5 <= summary.peak_layer_high
-    (band,) = summary.bands
-    assert band[0] <= 3 and band[1] >= 7 and band[0] >= 1 and band[1] <= 9
+    (band,) = summary.bands  # a drop of at least 5% (layers 3..7 of the truth) and an interval below 0
+    assert 3 <= band[0] <= 4 and 6 <= band[1] <= 7
     assert format_bands(summary.bands) == f"{band[0]}-{band[1]}"
+    assert summary.drop
+
+
+def test_a_tiny_drop_with_a_tight_interval_is_no_effect():
+    """A -0.007% mean is 'significant' by its interval alone; it is not a drop, and has no band."""
+    matrix = -0.007 + np.random.default_rng(2).normal(0.0, 0.001, size=(40, 6))
+    curve = bootstrap_curve(matrix, range(6), 6)
+    assert (curve.high < 0).all()  # the interval alone would call every layer significant
+    summary = summarise_curve(curve)
+    assert summary.bands == () and not summary.drop
+    assert summary.as_dict()["drop"] is False
 
 
 def test_no_band_when_nothing_is_significant():
@@ -83,3 +94,18 @@ def test_dips_are_separate_only_when_the_curve_recovers():
 def test_common_samples():
     assert common_samples({"a": ["1", "2", "3"], "b": ["2", "3"], "c": ["3", "2", "9"]}) == {"2", "3"}
     assert common_samples({}) == set()
+
+
+def test_the_study_report_says_no_drop_instead_of_a_layer_and_a_band():
+    """The report's per-flow row: a flat flow reads "no drop", with no layer and no band; a real drop
+    keeps its layer and band."""
+    from vlmflow.positions.groups import Flow
+    from vlmflow.report.sections import SectionBuilder
+
+    flat = bootstrap_curve(-0.007 + np.random.default_rng(2).normal(0.0, 0.001, size=(40, 6)), range(6), 6)
+    row = SectionBuilder._summary_row(Flow.parse("image->last"), summarise_curve(flat), 576.0)
+    assert row[2] == "no drop (within 5%)" and row[5] == "none" and row[6] == "576"
+    deep = np.zeros((40, 6))
+    deep[:, 2] = -50.0 + np.random.default_rng(3).normal(0.0, 1.0, size=40)
+    row = SectionBuilder._summary_row(Flow.parse("question->last"), summarise_curve(bootstrap_curve(deep, range(6), 6)), None)
+    assert row[2].startswith("2") and row[5] == "2" and row[6] == "–"

@@ -99,9 +99,12 @@ OLD_NAMES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_identity_and_run_name_are_as_before(case):
+    """The identity and its hash are as before, so existing run directories resume: new ones are named
+    ``EXPERIMENT-<the old name>``, and the old name is still found (see test_resume)."""
     spec, name, identity = CASES[case]
     assert json.loads(json.dumps(spec.identity())) == identity
-    assert spec.run_name() == name
+    assert spec.legacy_run_name() == name
+    assert spec.run_name() == f"{spec.experiment.name}-{name}"
 
 
 @pytest.mark.parametrize("case", list(OLD_NAMES))

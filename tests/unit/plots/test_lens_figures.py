@@ -67,3 +67,50 @@ def test_position_heat_map_and_attention_figure_build():
     ])
     ax = plot_attention_mass(attention, "last").axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["image", "question"]
+
+
+def _extent(artist, fig):
+    return artist.get_window_extent(fig.canvas.get_renderer())
+
+
+def test_the_lens_figure_is_legible_at_its_size():
+    """The title is whole inside the figure, the legend lies outside the plotting area (it hides no
+    curve), and curves at 0 % and 100 % stay off the frame."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_lens(_lens(), "raw")
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    figure_box = fig.bbox
+    title = _extent(ax.title, fig)
+    assert figure_box.x0 <= title.x0 and title.x1 <= figure_box.x1 and title.y1 <= figure_box.y1
+    legend = _extent(ax.get_legend(), fig)
+    assert legend.x0 >= ax.get_window_extent().x1  # beside the axes, not over them
+    assert legend.x1 <= figure_box.x1
+    low, high = ax.get_ylim()
+    assert low < 0 and high > 100
+
+
+def test_flat_curves_keep_their_own_hollow_markers():
+    flows = pd.DataFrame([
+        {"sample_id": s, "flow": flow, "layer": layer, "rel_change": 0.0}
+        for s in ("s0", "s1") for flow in ("image->last", "question->last", "image->question") for layer in range(4)
+    ])  # fmt: skip
+    fig = plot_flows_over_lens(flows, _lens())
+    lines = [line for line in fig.axes[0].get_lines() if line.get_label() and not line.get_label().startswith("_")]
+    assert len({line.get_marker() for line in lines}) == len(lines) == 3
+    assert all(line.get_markerfacecolor() == "none" for line in lines)
+
+
+def test_the_position_heat_map_labels_rows_with_their_tokens():
+    lens = _lens(n_samples=2)
+    lens = pd.concat([lens.assign(position=10 + k) for k in range(3)], ignore_index=True)
+    lens.loc[:, "group"] = "question"
+    tokens = pd.DataFrame([
+        {"sample_id": f"s{s}", "position": 10 + k, "input_token": token}
+        for s in range(2) for k, token in enumerate(("▁Is", "▁the", "▁square" if s == 0 else "▁circle"))
+    ])  # fmt: skip
+    ax = plot_lens_positions(lens, "question", "answer", "normed", tokens=tokens).axes[0]
+    labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert labels[:2] == ["0 Is", "1 the"]  # every sample has this token here
+    assert labels[2] in ("2 square (1/2)", "2 circle (1/2)")  # the most common token and how many have it
