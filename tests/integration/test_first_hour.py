@@ -59,7 +59,7 @@ def _assert_usage_error(done: subprocess.CompletedProcess, *expected: str) -> No
         (["flows"], ["error: missing option '--model'", "see 'vlmflow flows --help'"]),
         (["flows", "-m", "x", "-d", "y", "--window", "abc"], ["invalid value for '--window'", "'abc' is not an integer"]),
         (["flwos"], ["no such command 'flwos' (did you mean 'flows'?)"]),
-        (["flows", "--windw", "3", "-m", "x", "-d", "y"], ["no such option '--windw' (did you mean '--window'?)"]),
+        (["flows", "--windw", "3", "-m", "x", "-d", "y"], ["no such option '--windw' (did you mean '--window'"]),
         (["gqa", "bild"], ["no such command 'bild' (did you mean 'build'?)", "see 'vlmflow gqa --help'"]),
         (["flows", "-m", "x", "-d", "y", "--engine", "turbo"], ["--engine: unknown engine 'turbo'; valid: fast, reference"]),
         (["plot"], ["missing argument 'RUN_DIR'"]),

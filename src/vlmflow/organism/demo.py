@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 DEMO_SEED = 2025
 #: Layers per knockout window on the organism (6 decoder layers; the paper blocks ~22% of depth).
 DEMO_WINDOW = 1
-#: A flow planted nowhere counts as recovered when its mean change stays below this (%) at every layer.
-NEAR_ZERO = 5.0
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -236,7 +234,7 @@ def planted_recovery(result: DemoResult, routes: PlantedRoutes, window: int, n_l
             "peak": round(score.peak_value, 1),
             "peak_layer": score.peak_layer,
             "precision": None if score.precision is None else round(score.precision, 3),
-            "recovered": bool(score.peak_in_band) if score.band else score.max_abs < NEAR_ZERO,
+            "recovered": bool(score.peak_in_band) if score.band else score.max_abs < EFFECT_THRESHOLD,
         }
         for flow, score in table.flows.items()
     }
@@ -296,6 +294,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             if entry["band"]:
                 verdict = f"yes: peak in the {entry['band_names']} band" if entry["recovered"] else "no: peak outside the band"
             else:
-                verdict = f"yes: below {NEAR_ZERO:g}% everywhere" if entry["recovered"] else f"no: reaches {NEAR_ZERO:g}% or more"
-            lines.append(f"| {flow} | {entry['band_names']} | {entry['peak']:+.0f} @ {entry['peak_layer']} | {precision} | {verdict} |")
+                verdict = f"yes: below {EFFECT_THRESHOLD:g}% everywhere" if entry["recovered"] else f"no: reaches {EFFECT_THRESHOLD:g}% or more"
+            strongest = f"{entry['peak']:+.0f} @ {entry['peak_layer']}" if abs(entry["peak"]) >= EFFECT_THRESHOLD else "no drop"
+            lines.append(f"| {flow} | {entry['band_names']} | {strongest} | {precision} | {verdict} |")
     return "\n".join(lines)
