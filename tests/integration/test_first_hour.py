@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -232,7 +233,8 @@ def test_loading_is_quiet_unless_verbose_and_the_api_bar_counts_samples(tiny_che
     )
     api = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
     assert api.returncode == 0, api.stderr
-    assert "0sample" not in api.stderr and "Loading weights" not in api.stderr
+    # The bar before its first sample read "vlmflow: 0sample"; a rate such as "14.60sample/s" is fine.
+    assert not re.search(r"(?<![\d.])0 ?sample(?!/s)", api.stderr) and "Loading weights" not in api.stderr
     assert "1/1" in api.stderr
 
 
