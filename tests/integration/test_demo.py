@@ -49,6 +49,7 @@ def test_demo_quick_writes_runs_figures_and_summary(tmp_path, capsys):
     assert "Planted routes recovered" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_demo_on_the_plain_organism_keeps_its_summary(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--model", "organism", "--per-task", "1", "--out", str(out), "--no-plot"]) == 0

@@ -99,6 +99,7 @@ def test_every_help_page_has_an_example_and_no_type_placeholders(tmp_path):
     assert vlmflow("flows", "-h", cwd=tmp_path).stdout == vlmflow("flows", "--help", cwd=tmp_path).stdout
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_old_option_spellings_still_work_with_a_note(tmp_path):
     """``-f`` is ``--flow`` wherever it exists; plot's ``-f`` (format) and report's ``--formats`` still work."""
     write_flows_run(tmp_path / "run", data="a.csv")
@@ -115,6 +116,7 @@ def test_old_option_spellings_still_work_with_a_note(tmp_path):
 # --- 2 and 7. the demo: reruns with other options, its own folder, report.html --------------------------------
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -241,6 +243,7 @@ def test_loading_is_quiet_unless_verbose_and_the_api_bar_counts_samples(tiny_che
 # --- 5. messages that say what is wrong ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_a_mistyped_model_path_and_an_out_file(tiny_checkpoint, data, tmp_path):
     model = tiny_checkpoint("sp-gqa")
     (tmp_path / "models" / "tiny").mkdir(parents=True)
@@ -288,6 +291,7 @@ def test_run_folders_say_the_experiment_and_old_names_still_resume(tiny_checkpoi
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([old.name, names[1]])
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_plotted_figures_and_heat_map_labels(tmp_path):
     lens = write_lens_run(tmp_path / "lens", data="a.csv", groups=("question",))
     done = vlmflow("plot", "lens", "--format", "png", cwd=tmp_path)

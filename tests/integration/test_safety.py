@@ -135,6 +135,7 @@ _NETWORK_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_nothing_reaches_the_network_without_allow_hub_and_checkpoint_code_runs_only_when_asked(
     tiny_checkpoint, tmp_path, one_sample_csv
 ):

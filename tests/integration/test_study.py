@@ -121,6 +121,7 @@ def test_random_control_is_a_knockout_of_size_matched_non_related_patches(tiny_l
     assert len(set(drawn)) > 1  # the draws differ
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_report_is_written_with_every_section_and_static_figures(study: Path):
     from vlmflow.report.html import SECTIONS, write_report
 
@@ -144,6 +145,7 @@ def test_report_is_written_with_every_section_and_static_figures(study: Path):
     assert summary["n"] == 3 and summary["peak_ci"][0] <= summary["peak"] <= summary["peak_ci"][1]
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_cli_reproduce_and_report(tmp_path: Path, tiny_checkpoint):
     from vlmflow.cli.main import main
 

@@ -152,6 +152,7 @@ def test_written_files_read_back(tmp_path):
         assert back.samples == report.samples[task]
 
 
+@pytest.mark.slow  # a CLI subprocess: over 3 s
 def test_cli_build_and_stats(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
