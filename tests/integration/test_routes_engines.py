@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import make_scene_sample
-from vlmflow.experiments.flows import analyse_sample, stop_ids
+from vlmflow.experiments.flows import analyse_sample
 from vlmflow.experiments.metrics import answer_tokens
 from vlmflow.experiments.prepare import prepare_sample
 from vlmflow.experiments.settings import Engine, FlowSettings, Metric, WindowStyle
@@ -120,7 +120,7 @@ def test_every_metric_fast_equals_reference(family, name, metric):
     _same_rows(fast.rows, ref.rows)
     assert {r.metric for r in fast.rows} == {metric.value}
     if metric is Metric.SEQUENCE:
-        assert {r.n_answer_tokens for r in fast.rows} == {len(answer_tokens(fast.clean.generated.tolist(), stop_ids(loaded)))}
+        assert {r.n_answer_tokens for r in fast.rows} == {len(answer_tokens(fast.clean.generated.tolist(), loaded.stop_token_ids))}
     else:
         assert {r.n_answer_tokens for r in fast.rows} == {1}
 
@@ -130,7 +130,7 @@ def test_the_sequence_metric_reads_the_whole_teacher_forced_answer(family):
     forward; with one answer token it is the first-token probability."""
     loaded, prepared = family("llava")
     result = _rows(loaded, prepared, flows=("question->last",), window=2, metric=Metric.SEQUENCE)
-    answer = answer_tokens(result.clean.generated.tolist(), stop_ids(loaded))
+    answer = answer_tokens(result.clean.generated.tolist(), loaded.stop_token_ids)
     # The tiny model's greedy answer runs to max_new_tokens: several tokens.
     assert len(answer) > 1 and {r.n_answer_tokens for r in result.rows} == {len(answer)}
     ids = torch.cat([prepared.encoded.input_ids, torch.tensor(answer[:-1])])

@@ -34,7 +34,7 @@ from vlmflow.knockout.fast import release_cached_memory
 from vlmflow.loading import LoadedModel
 from vlmflow.results.tables import ErrorRow, Row
 
-__all__ = ["MAX_AUTO_BATCH", "auto_batch_size", "batched_tables", "error_tables", "free_memory", "memory_error_tables", "per_sample_bytes"]
+__all__ = ["MAX_AUTO_BATCH", "auto_batch_size", "batched_tables", "error_tables", "free_memory", "memory_error_tables", "memory_reason", "per_sample_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,19 @@ def error_tables(sample_id: str, exc: SampleError) -> Tables:
     return {"errors": [ErrorRow(sample_id=sample_id, stage=exc.stage, reason=exc.reason)]}
 
 
+def memory_reason(exc: BaseException) -> str:
+    """The ``errors`` reason of a sample that ran out of memory even alone at the smallest fold.
+
+    >>> memory_reason(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\\nmore"))
+    'out of memory even at the smallest fold size: CUDA out of memory. Tried to allocate 2 GiB'
+    """
+    text = str(exc).strip()
+    return f"out of memory even at the smallest fold size: {text.splitlines()[0] if text else 'no details'}"
+
+
 def memory_error_tables(sample_id: str, exc: BaseException) -> Tables:
     """The ``errors`` row of a sample that ran out of memory even alone at the smallest fold."""
-    text = str(exc).strip()
-    reason = f"out of memory even at the smallest fold size: {text.splitlines()[0] if text else 'no details'}"
+    reason = memory_reason(exc)
     log.warning("sample %s skipped: %s", sample_id, reason)
     return {"errors": [ErrorRow(sample_id=sample_id, stage="memory", reason=reason)]}
 

@@ -150,7 +150,7 @@ def _analyse_sequence(loaded: LoadedModel, prepared: PreparedSample, settings: F
     if not sample_row.kept:
         return result
     assert clean.generated is not None
-    answer = answer_tokens(clean.generated.tolist(), stop_ids(loaded))
+    answer = answer_tokens(clean.generated.tolist(), loaded.stop_token_ids)
     if not answer:
         raise SampleError("the greedy answer is empty (the model stops at once), so the sequence metric has nothing to read", stage="answer")
     extended = loaded.inputs.append_tokens(prepared.encoded, answer[:-1])
@@ -163,12 +163,6 @@ def _analyse_sequence(loaded: LoadedModel, prepared: PreparedSample, settings: F
     _check_finite(clean_answer.row_logits, "the clean teacher-forced forward")
     result.rows = knockout_rows(loaded, prepared, clean_answer, sample_row, plan, settings, answer=answer, encoded=extended)
     return result
-
-
-def stop_ids(loaded: LoadedModel) -> set[int]:
-    """The tokens that end a greedy answer (:attr:`LoadedModel.stop_token_ids`: the generation config's
-    end-of-sequence ids and the tokenizer's)."""
-    return set(loaded.stop_token_ids)
 
 
 def clean_capture_start(loaded: LoadedModel, encoded: Encoded, knockouts: Sequence[Knockout]) -> int:

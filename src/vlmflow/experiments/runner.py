@@ -28,7 +28,7 @@ import torch
 
 from vlmflow.data.sample import IMAGE_EXTENSIONS, Sample, find_frames, find_image
 from vlmflow.errors import ConfigError, RunInterrupted, SampleError
-from vlmflow.experiments.batching import batched_tables, free_memory, memory_error_tables
+from vlmflow.experiments.batching import batched_tables, free_memory, memory_reason
 from vlmflow.experiments.pending import Work, work_tables
 from vlmflow.experiments.prepare import PreparedSample, open_visuals, prepare_sample
 from vlmflow.experiments.run_dir import (
@@ -294,8 +294,8 @@ def iter_samples(
         return prepare_sample(loaded, sample, open_visuals(sample, images))
 
     size = getattr(experiment, "batch_size", 1)
-    whole = [item for item in items if not item.extends and item.experiment is None]
-    if hasattr(experiment, "analyse_batch") and (size is None or size > 1) and len(whole) == len(items):
+    whole = all(not item.extends and item.experiment is None for item in items)
+    if hasattr(experiment, "analyse_batch") and (size is None or size > 1) and whole:
         yield from batched_tables(loaded, [item.sample for item in items], prepare, experiment, size)
         return
     for item in items:
@@ -313,7 +313,8 @@ def iter_samples(
         if out_of_memory is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
             free_memory()
-            reason = memory_error_tables(sample.sample_id, out_of_memory)["errors"][0].reason
+            reason = memory_reason(out_of_memory)
+            log.warning("sample %s skipped: %s", sample.sample_id, reason)
             yield {"errors": _failed(item, current, "memory", reason)}
             continue
         yield tables
@@ -379,16 +380,16 @@ def run_to_store(
         run = open_run(spec, out, stored_spec(spec, loaded, report.as_dict() if report is not None else None), data)
         try:
             started = time.perf_counter()
-            count = 0
+            count, before = 0, run.done_before
             announce(run, progress)
             try:
                 for tables in iter_samples(loaded, run.todo, run.images, spec.experiment):
                     run.store.commit(tables)
                     count += 1
                     if progress:
-                        progress(min(run.total, run.done_before + count), run.total, "")
+                        progress(min(run.total, before + count), run.total, "")
             except KeyboardInterrupt as exc:
-                raise RunInterrupted(run.path, done=run.done_before + count, total=run.total) from exc
+                raise RunInterrupted(run.path, done=before + count, total=run.total) from exc
             return finish_run(run, time.perf_counter() - started, computed=count)
         finally:
             run.close()

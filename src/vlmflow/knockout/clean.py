@@ -108,7 +108,7 @@ def clean_run(
         capture_from=[capture_from],
         max_new_tokens=max_new_tokens,
         stop_ids=stop_ids_of(eos_token_id),
-        read_rows=[read_rows],
+        read_rows=read_rows,
     )[0]
 
 
