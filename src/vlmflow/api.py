@@ -331,7 +331,7 @@ def show_groups(
     >>> report = vlmflow.show_groups("organism", "scenes/scenes_ChooseAttr.csv", groups=['text:"red"', "related"])  # doctest: +SKIP
     >>> print(report.table())                                                                            # doctest: +SKIP
     """
-    from vlmflow.experiments.prepare import open_image, prepare_sample
+    from vlmflow.experiments.prepare import open_visuals, prepare_sample
     from vlmflow.experiments.runner import DataSpec, load_data
     from vlmflow.loading import load_model
     from vlmflow.plots.groups import group_report
@@ -343,9 +343,9 @@ def show_groups(
         shown = ", ".join(s.sample_id for s in samples[:5])
         raise ConfigError(f"no sample {sample!r} in {str(data)!r}; its samples begin {shown}")
     loaded = loaded or load_model(model_spec)
-    image = open_image(chosen, folder)
-    prepared = prepare_sample(loaded, chosen, image, check_answer=False)
-    return group_report(loaded, prepared, groups, image=image, out=Path(out) if out is not None else None)
+    visuals = open_visuals(chosen, folder)  # its image, its several images or its video
+    prepared = prepare_sample(loaded, chosen, visuals, check_answer=False)
+    return group_report(loaded, prepared, groups, visuals=visuals, out=Path(out) if out is not None else None)
 
 
 # --- shared by the experiment functions and the CLI ------------------------------------------------------

@@ -128,3 +128,25 @@ def test_two_image_flows_with_image_one_to_question(tiny_qwen, tmp_path, capsys)
     )
     assert len(flows) == 2 * 4
     assert flows.loc[flows["flow"] == "image[1]->question", "rel_change"].abs().max() > 1e-3
+
+
+def test_groups_shows_each_image_and_frame_with_its_own_picture(tiny_qwen, tmp_path, capsys):
+    """`vlmflow groups` opens the sample's images or frames as the run does, and draws each image
+    group on the picture of the image or frame that holds its tokens."""
+    import vlmflow
+
+    csv = _two_image_set(tmp_path / "two")
+    report = vlmflow.show_groups(tiny_qwen, csv, groups=["image", "image[1]"], out=tmp_path / "two-groups",
+                                 device="cpu", dtype="float32")
+    whole, second = report["image"], report["image[1]"]
+    assert len(report.prepared.images) == 2 and set(second.positions) == set(report.prepared.images[1].positions)
+    assert [p.name for p in whole.pictures] == ["q1-image.png", "q1-image-image1.png"]
+    assert [p.name for p in second.pictures] == ["q1-image-1-image1.png"]
+    assert Image.open(second.pictures[0]).size == Image.open(whole.pictures[1]).size
+
+    csv = _video_set(tmp_path / "video", capsys)
+    report = vlmflow.show_groups(tiny_qwen, csv, groups=["frame[1]"], out=tmp_path / "video-groups", device="cpu",
+                                 dtype="float32")
+    frame = report["frame[1]"]
+    assert len(report.prepared.images) == 2 and set(frame.positions) == set(report.prepared.images[1].positions)
+    assert len(frame.pictures) == 1 and frame.pictures[0].name.endswith("-image1.png")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from vlmflow.experiments.prepare import PreparedSample
+    from vlmflow.inputs import Visuals
     from vlmflow.loading import LoadedModel
 
 __all__ = ["GroupView", "GroupsReport", "as_slices", "group_report"]
@@ -92,7 +93,8 @@ class GroupsReport:
     seq_len: int
     groups: list[GroupView]
     prepared: Any = field(repr=False)
-    image: Any = field(default=None, repr=False)
+    #: One picture per image (or frame) of the prompt, in the order of ``prepared.images``.
+    pictures: tuple[Any, ...] = field(default=(), repr=False)
 
     def __getitem__(self, name: str) -> GroupView:
         for view in self.groups:
@@ -112,11 +114,11 @@ class GroupsReport:
 
         view = self[name]
         placed = self.prepared.images[image_index]
-        if placed.layout is None or self.image is None:
+        if placed.layout is None or image_index >= len(self.pictures):
             raise SampleError(f"no patch layout for image {image_index} of this sample", stage="groups")
         rects = patch_rectangles(placed.layout, placed.size)
         tokens = view.image_tokens[image_index] if image_index < len(view.image_tokens) else ()
-        return outline_figure(self.image, rects, tokens, f"{self.sample_id}: {name}")
+        return outline_figure(self.pictures[image_index], rects, tokens, f"{self.sample_id}: {name}")
 
 
 def group_report(
@@ -124,10 +126,12 @@ def group_report(
     prepared: PreparedSample,
     expressions: Sequence[Expr | str] | None = None,
     *,
-    image: Image.Image | None = None,
+    visuals: Image.Image | Visuals | None = None,
     out: Path | None = None,
 ) -> GroupsReport:
-    """The groups of ``prepared`` (every named group, or ``expressions``); with ``out``, a PNG per image group.
+    """The groups of ``prepared`` (every named group, or ``expressions``); with ``out`` and the sample's
+    ``visuals`` (what :func:`~vlmflow.experiments.prepare.open_visuals` opened), a PNG per image or
+    frame that holds some of an image group's tokens.
 
     >>> group_report(loaded, prepared, ['text:"red"', "image[0] & related"]).table()   # doctest: +SKIP
     """
@@ -145,8 +149,9 @@ def group_report(
         chosen = set(positions)
         image_tokens = tuple(tuple(i for i, p in enumerate(img.positions) if p in chosen) for img in prepared.images)
         views.append(GroupView(str(expr), positions, tuple(spelled[p] for p in positions), image_tokens=image_tokens))
-    report = GroupsReport(prepared.sample.sample_id, prepared.encoded.seq_len, views, prepared, image)
-    if out is not None and image is not None:
+    pictures = () if visuals is None else _pictures(visuals, loaded.inputs.visual_blocks(prepared.encoded))
+    report = GroupsReport(prepared.sample.sample_id, prepared.encoded.seq_len, views, prepared, pictures)
+    if out is not None and pictures:
         out.mkdir(parents=True, exist_ok=True)
         for i, view in enumerate(report.groups):
             if not view.is_image_group:
@@ -160,6 +165,17 @@ def group_report(
                 paths.append(path)
             report.groups[i] = GroupView(**{**view.__dict__, "pictures": tuple(paths)})
     return report
+
+
+def _pictures(visuals: Any, blocks: Sequence[Any]) -> tuple[Any, ...]:
+    """The picture each visual block shows: its image, or for a video the first input frame folded into it."""
+    from vlmflow.inputs import Visuals
+
+    if not isinstance(visuals, Visuals):  # one image
+        return (visuals,) * len(blocks)
+    if visuals.video is not None:
+        return tuple(visuals.video.frames[block.sources[0]] for block in blocks)
+    return tuple(visuals.images[block.image] for block in blocks)
 
 
 def _compact(tokens: Sequence[str]) -> list[str]:
